@@ -1,0 +1,39 @@
+# The front door. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-fast lint compile clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the pinned dependencies
+
+run: $(STAMP) ## run the whole pipeline locally on the built-in dataset (kfp.local, CPU)
+	$(BIN)/python pipeline.py run-local $(ARGS)
+
+test: $(STAMP) ## lint, then every test, real training and kfp.local runs included (what CI runs)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## lint, then the tests not marked slow (seconds, no training)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+compile: $(STAMP) ## write pipeline.yaml (KFP IR)
+	$(BIN)/python pipeline.py compile --output pipeline.yaml
+
+clean: ## remove local run outputs and caches (keeps .venv)
+	rm -rf local-run local_outputs pipeline.yaml .pytest_cache .ruff_cache

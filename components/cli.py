@@ -1,0 +1,35 @@
+"""What every entry point shares: logging set-up and turning user errors into one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+log = logging.getLogger("components")
+
+# Exit status for "your input cannot work" (argparse uses 2 for bad flags, we match it).
+USER_ERROR_EXIT = 2
+
+
+def configure_logging(level: str | None = None) -> None:
+    """Called once, by entry points only. `LOG_LEVEL` overrides the default INFO."""
+    logging.basicConfig(
+        level=(level or os.environ.get("LOG_LEVEL", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # TensorFlow's C++ start-up chatter (CUDA probing) hides our own lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
+    """Report an expected error as `error: <message>` and exit 2, without a traceback."""
+    try:
+        yield
+    except errors as error:
+        log.error("error: %s", error)
+        raise SystemExit(USER_ERROR_EXIT) from None

@@ -1,0 +1,217 @@
+"""The TFRecord format of this project, written and read in one place.
+
+A prepared dataset is a folder:
+
+    manifest.json                 # written last: its presence means the folder is complete
+    train-00000.tfrecord ...      # shards per split
+    validation-00000.tfrecord ...
+    test-00000.tfrecord ...
+
+Each record is a `tf.train.Example` with `image/encoded` (JPEG bytes, already resized to
+`image_size` x `image_size`), `image/format`, `image/class/label` (int64 index into the
+manifest's `classes`), `image/class/text`, `image/height`, `image/width` and
+`image/source` (the input path, so a bad prediction can be traced back to its file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+
+
+class DatasetError(RuntimeError):
+    """A prepared dataset is missing, incomplete or does not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_example(encoded: bytes, label: int, class_name: str, height: int, width: int,
+                 source: str, image_format: str = "jpeg") -> bytes:
+    """Serialise one image as a `tf.train.Example`."""
+    import tensorflow as tf
+
+    def _bytes(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _int(value: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    features = {
+        "image/encoded": _bytes(encoded),
+        "image/format": _bytes(image_format.encode()),
+        "image/class/label": _int(label),
+        "image/class/text": _bytes(class_name.encode()),
+        "image/height": _int(height),
+        "image/width": _int(width),
+        "image/source": _bytes(source.encode()),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def parse_example(serialized):
+    """Parse one serialised record into a dict of tensors (used inside `tf.data`)."""
+    import tensorflow as tf
+
+    spec = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string, default_value="jpeg"),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+        "image/class/text": tf.io.FixedLenFeature([], tf.string),
+        "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "image/width": tf.io.FixedLenFeature([], tf.int64),
+        "image/source": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+    return tf.io.parse_single_example(serialized, spec)
+
+
+class ShardWriter:
+    """Writes records of one split into shards of about `target_bytes` each."""
+
+    def __init__(self, folder: Path, split: str, target_bytes: int):
+        self.folder = folder
+        self.split = split
+        self.target_bytes = target_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None
+        self._records = 0
+        self._bytes = 0
+
+    def _open(self) -> None:
+        import tensorflow as tf
+
+        name = f"{self.split}-{len(self.shards):05d}.tfrecord"
+        self.shards.append({"file": name})
+        self._writer = tf.io.TFRecordWriter(str(self.folder / name))
+        self._records = 0
+        self._bytes = 0
+
+    def write(self, record: bytes) -> None:
+        if self._writer is None:
+            self._open()
+        self._writer.write(record)
+        self._records += 1
+        self._bytes += len(record)
+        if self._bytes >= self.target_bytes:
+            self._close()
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        shard = self.shards[-1]
+        shard["records"] = self._records
+        path = self.folder / shard["file"]
+        shard["bytes"] = path.stat().st_size
+        shard["sha256"] = sha256_file(path)
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A verified, prepared dataset folder and what its manifest says about it."""
+
+    folder: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    def count(self, split: str) -> int:
+        return sum(shard["records"] for shard in self.manifest["shards"][split])
+
+    def files(self, split: str) -> list[str]:
+        return [str(self.folder / shard["file"]) for shard in self.manifest["shards"][split]]
+
+
+def load(folder: Path | str, verify: bool = True) -> PreparedDataset:
+    """Open a prepared dataset, refusing one that is incomplete or altered.
+
+    With `verify`, every shard's size and sha256 are checked against the manifest, and its
+    records are counted: a truncated or zero-byte shard reads as fewer records without any
+    error from TensorFlow, so the count is the only reliable check.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise DatasetError(f"prepared dataset folder {folder} does not exist")
+    if not manifest_path.is_file():
+        raise DatasetError(
+            f"{folder} has no {MANIFEST}: preprocessing did not finish there; run preprocess again"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
+                           f"this code reads {FORMAT_VERSION}")
+    dataset = PreparedDataset(folder=folder, manifest=manifest)
+    if verify:
+        for split in SPLITS:
+            for shard in manifest["shards"][split]:
+                _verify_shard(folder / shard["file"], shard)
+    return dataset
+
+
+def _verify_shard(path: Path, shard: dict[str, Any]) -> None:
+    import tensorflow as tf
+
+    if not path.is_file():
+        raise DatasetError(f"shard {path} listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        raise DatasetError(f"shard {path} has {size} bytes, the manifest says {shard['bytes']}")
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        raise DatasetError(f"shard {path} sha256 {digest[:12]}... does not match the manifest")
+    records = sum(1 for _ in tf.data.TFRecordDataset(str(path)))
+    if records != shard["records"]:
+        raise DatasetError(f"shard {path} holds {records} records, the manifest says {shard['records']}")
+
+
+def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None):
+    """`tf.data.Dataset` of (uint8 image [size, size, 3], int32 label) for one split, in file order.
+
+    Shards are read in parallel and decoded with the project's own decoder; shuffling,
+    augmentation and batching are the reader's business.
+    """
+    import tensorflow as tf
+
+    from components import imaging
+
+    files = dataset.files(split)
+    if not files:
+        raise DatasetError(f"split {split!r} of {dataset.folder} has no shards")
+    size = dataset.image_size
+    autotune = tf.data.AUTOTUNE
+
+    def _decode(serialized):
+        example = parse_example(serialized)
+        image = imaging.decode(example["image/encoded"])
+        image = tf.ensure_shape(image, [size, size, 3])
+        return image, tf.cast(example["image/class/label"], tf.int32)
+
+    # The manifest's count, asserted: Keras then knows the epoch length, and a shard holding
+    # fewer records than promised fails the run instead of silently shortening every epoch.
+    return (tf.data.TFRecordDataset(files, num_parallel_reads=parallel_reads or autotune)
+            .apply(tf.data.experimental.assert_cardinality(dataset.count(split)))
+            .map(_decode, num_parallel_calls=autotune, deterministic=True))

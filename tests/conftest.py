@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny datasets made in the test, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# TensorFlow's C++ start-up notes (oneDNN, CUDA probing) drown pytest's output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from components.sample_data import SampleDataConfig, generate  # noqa: E402
+
+TINY_SIZE = 32  # px: the smallest EfficientNet-B0 accepts, so tests train in seconds
+
+
+def make_image_folder(root: Path, images_per_class: int = 8, broken: bool = False) -> Path:
+    return generate(SampleDataConfig(output=root, images_per_class=images_per_class,
+                                     image_size=TINY_SIZE, seed=1, add_broken_files=broken))
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """4 classes x 8 valid images, 32 px, no broken files."""
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(tmp_path_factory) -> Path:
+    """A preprocessed tiny dataset (4 classes x 20 images at 32 px), shared by the slow tests."""
+    from components.preprocess import PreprocessConfig, preprocess
+
+    root = tmp_path_factory.mktemp("prepared")
+    source = make_image_folder(root / "images", images_per_class=20)
+    output = root / "dataset"
+    preprocess(PreprocessConfig(source=source, output=output, image_size=TINY_SIZE,
+                                validation_fraction=0.2, test_fraction=0.2))
+    return output
+
+
+@pytest.fixture(scope="session")
+def trained_model(prepared_dataset: Path, tmp_path_factory) -> Path:
+    """A model trained for 3 short epochs on `prepared_dataset` (slow: ~1 minute on 2 cores)."""
+    from components.train import TrainConfig, train
+
+    output = tmp_path_factory.mktemp("trained") / "model"
+    train(TrainConfig(data=prepared_dataset, output=output, epochs=3, batch_size=16))
+    return output

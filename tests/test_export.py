@@ -1,0 +1,69 @@
+"""export: the SavedModel serves raw image bytes and agrees with the Keras model."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.export import ExportConfig, ExportError, export
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model, prepared_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("export") / "servable"
+    info = export(ExportConfig(model=trained_model, data=prepared_dataset, output=output))
+    return output, info
+
+
+def test_export_is_verified_after_reload(exported):
+    output, info = exported
+    verification = json.loads((output / "export_info.json").read_text())["verification"]
+    assert verification == info["verification"]
+    assert verification["passed"] and verification["labels_match"]
+    assert verification["max_abs_difference"] <= 1e-4
+    assert verification["signature_inputs"] == ["image_bytes"]
+    assert verification["signature_outputs"] == ["labels", "probabilities"]
+
+
+def test_saved_model_serves_raw_jpeg_and_png_of_any_size(exported, tmp_path):
+    output, info = exported
+    samples = []
+    for fmt, size, mode in (("JPEG", (120, 80), "RGB"), ("PNG", (17, 45), "RGBA"), ("PNG", (64, 64), "L")):
+        buffer = io.BytesIO()
+        Image.new(mode, size, 128).save(buffer, format=fmt)
+        samples.append(buffer.getvalue())
+    np.save(tmp_path / "bytes.npy", np.array(samples, dtype=object), allow_pickle=True)
+    # A fresh interpreter with TensorFlow alone: the SavedModel must not need our code.
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np, tensorflow as tf
+        sys.modules["components"] = None  # any import of our package would now fail
+        model = tf.saved_model.load({str(output)!r})
+        samples = list(np.load({str(tmp_path / 'bytes.npy')!r}, allow_pickle=True))
+        out = model.signatures["serving_default"](image_bytes=tf.constant(samples))
+        print(json.dumps({{"shape": list(out["probabilities"].shape),
+                          "dtype": out["probabilities"].dtype.name,
+                          "sums": out["probabilities"].numpy().sum(axis=1).tolist(),
+                          "labels": [l.decode() for l in out["labels"].numpy()]}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served["shape"] == [3, len(info["classes"])]
+    assert served["dtype"] == "float32"
+    np.testing.assert_allclose(served["sums"], 1.0, rtol=1e-5)
+    assert set(served["labels"]) <= set(info["classes"])
+
+
+def test_export_without_a_trained_model_is_a_clear_error(prepared_dataset, tmp_path):
+    with pytest.raises(ExportError, match="holds no model.keras"):
+        export(ExportConfig(model=tmp_path / "missing", data=prepared_dataset, output=tmp_path / "out"))

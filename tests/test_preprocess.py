@@ -1,0 +1,180 @@
+"""preprocess: shards, manifest, determinism, and every kind of bad input it must survive."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from components import records
+from components.preprocess import PreprocessConfig, PreprocessError, preprocess
+from tests.conftest import TINY_SIZE, make_image_folder
+
+
+def run(source: Path, output: Path, **overrides) -> dict:
+    return preprocess(PreprocessConfig(source=source, output=output, image_size=TINY_SIZE, **overrides))
+
+
+def read_all(folder: Path, split: str) -> list[dict]:
+    dataset = records.load(folder)
+    rows = []
+    for serialized in tf.data.TFRecordDataset(dataset.files(split)):
+        example = records.parse_example(serialized)
+        rows.append({key: value.numpy() for key, value in example.items()})
+    return rows
+
+
+def test_writes_shards_and_manifest_that_match(image_folder, tmp_path):
+    manifest = run(image_folder, tmp_path / "out")
+
+    assert manifest["classes"] == ["checkerboard", "dots", "horizontal-stripes", "vertical-stripes"]
+    assert sum(manifest["totals"].values()) == 32
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk == manifest
+    for split in records.SPLITS:
+        rows = read_all(tmp_path / "out", split)
+        assert len(rows) == manifest["totals"][split]
+        for row in rows:
+            image = tf.io.decode_jpeg(row["image/encoded"]).numpy()
+            assert image.shape == (TINY_SIZE, TINY_SIZE, 3)
+            assert row["image/height"] == row["image/width"] == TINY_SIZE
+            name = manifest["classes"][row["image/class/label"]]
+            assert row["image/class/text"].decode() == name
+            assert row["image/source"].decode().startswith(name + "/")
+        per_class = Counter(row["image/class/text"].decode() for row in rows)
+        assert {k: v for k, v in manifest["counts"][split].items() if v} == dict(per_class)
+    for shard in manifest["shards"]["train"]:
+        assert records.sha256_file(tmp_path / "out" / shard["file"]) == shard["sha256"]
+
+
+def test_split_is_stratified_disjoint_and_deterministic(image_folder, tmp_path):
+    first = run(image_folder, tmp_path / "a")
+    second = run(image_folder, tmp_path / "b")
+
+    assert first["shards"] == second["shards"]  # byte-identical shards (same sha256)
+    sources = {split: {row["image/source"] for row in read_all(tmp_path / "a", split)}
+               for split in records.SPLITS}
+    assert not sources["train"] & sources["test"]
+    assert not sources["train"] & sources["validation"]
+    assert not sources["validation"] & sources["test"]
+    for split in records.SPLITS:
+        assert all(count >= 1 for count in first["counts"][split].values()), split
+
+
+def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="JPEG")
+    (image_folder / "dots" / "truncated.jpg").write_bytes(buffer.getvalue()[:200])
+    (image_folder / "dots" / "empty.png").write_bytes(b"")
+    (image_folder / "dots" / "notes.txt").write_text("not an image\n")
+    (image_folder / "dots" / "page.jpg").write_bytes(b"<!DOCTYPE html><html>403</html>")
+    Image.new("RGB", (40, 30)).save(image_folder / "dots" / "scan.tiff", format="TIFF")
+
+    manifest = run(image_folder, tmp_path / "out")
+
+    reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
+    assert reasons["dots/truncated.jpg"].startswith("corrupt or truncated image data")
+    assert reasons["dots/empty.png"] == "empty file (0 bytes)"
+    assert reasons["dots/notes.txt"].startswith("not an image")
+    assert "HTML" in reasons["dots/page.jpg"]
+    assert reasons["dots/scan.tiff"].startswith("unsupported image format TIFF")
+    assert sum(manifest["totals"].values()) == 32
+
+
+def test_too_many_pixels_is_refused_from_the_header(image_folder, tmp_path):
+    Image.new("RGB", (400, 300)).save(image_folder / "dots" / "big.png")
+    manifest = run(image_folder, tmp_path / "out", max_pixels=100_000)
+    assert [r["reason"] for r in manifest["rejected"]] == [
+        "too many pixels: 400x300 is over the cap of 100000"]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_other_colour_modes_become_rgb(image_folder, tmp_path, mode):
+    image = Image.new(mode, (50, 40))
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    image.save(image_folder / "dots" / f"odd.{fmt.lower()}", format=fmt)
+    manifest = run(image_folder, tmp_path / "out")
+    assert manifest["rejected"] == []
+    assert sum(manifest["totals"].values()) == 33
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(PreprocessError, match="does not exist"):
+        run(tmp_path / "nowhere", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_source_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreprocessError, match="no class sub-folders"):
+        run(tmp_path / "empty", tmp_path / "out")
+
+
+def test_one_class_is_refused(image_folder, tmp_path):
+    source = tmp_path / "one"
+    (source / "dots").mkdir(parents=True)
+    for path in (image_folder / "dots").iterdir():
+        (source / "dots" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(PreprocessError, match=r"only one class \(dots\)"):
+        run(source, tmp_path / "out")
+
+
+def test_class_without_a_valid_image_names_the_class_and_files(image_folder, tmp_path):
+    for path in (image_folder / "dots").iterdir():
+        path.write_bytes(b"garbage")
+    with pytest.raises(PreprocessError,
+                       match=r"dots: 0 valid[\s\S]*rejected dots/dots-0000.jpg: not an image"):
+        run(image_folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "no partial output may be left behind"
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_empty_class_folder_is_refused(image_folder, tmp_path):
+    (image_folder / "empty-class").mkdir()
+    with pytest.raises(PreprocessError, match="no files in .*: empty-class"):
+        run(image_folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize("size", [0, -1, 31])
+def test_image_size_below_32_is_refused(image_folder, tmp_path, size):
+    with pytest.raises(PreprocessError, match="--image-size must be at least 32"):
+        preprocess(PreprocessConfig(source=image_folder, output=tmp_path / "out", image_size=size))
+
+
+def test_existing_output_is_not_overwritten(image_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PreprocessError, match="already exists"):
+        run(image_folder, out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_cli_reports_one_clear_line_and_exit_code_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "components.preprocess", "--source", str(tmp_path / "missing"),
+         "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"error: source folder {tmp_path / 'missing'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_writes_a_dataset(tmp_path):
+    source = make_image_folder(tmp_path / "images", images_per_class=4, broken=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "components.preprocess", "--source", str(source),
+         "--output", str(tmp_path / "out"), "--image-size", "48"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["image_size"] == 48
+    assert {r["path"] for r in manifest["rejected"]} == {"dots/broken-truncated.jpg",
+                                                         "checkerboard/error-page.jpg"}
+    assert np.sum(list(manifest["totals"].values())) == 16

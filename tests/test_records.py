@@ -1,0 +1,68 @@
+"""The reader refuses a prepared dataset that is incomplete or altered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from components import records
+from components.preprocess import PreprocessConfig, preprocess
+from tests.conftest import TINY_SIZE
+
+
+@pytest.fixture
+def prepared(image_folder, tmp_path):
+    out = tmp_path / "prepared"
+    preprocess(PreprocessConfig(source=image_folder, output=out, image_size=TINY_SIZE))
+    return out
+
+
+def test_a_complete_dataset_loads(prepared):
+    dataset = records.load(prepared)
+    assert dataset.image_size == TINY_SIZE
+    assert dataset.count("train") + dataset.count("validation") + dataset.count("test") == 32
+
+
+def test_missing_manifest_means_incomplete(prepared):
+    (prepared / "manifest.json").unlink()
+    with pytest.raises(records.DatasetError, match="no manifest.json: preprocessing did not finish"):
+        records.load(prepared)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(records.DatasetError, match="does not exist"):
+        records.load(tmp_path / "nope")
+
+
+def test_altered_shard_is_refused(prepared):
+    shard = prepared / "train-00000.tfrecord"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(records.DatasetError, match="sha256 .* does not match"):
+        records.load(prepared)
+
+
+def test_truncated_shard_is_refused(prepared):
+    shard = prepared / "train-00000.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:-50])
+    with pytest.raises(records.DatasetError, match="bytes, the manifest says"):
+        records.load(prepared)
+
+
+def test_record_count_is_checked_not_trusted(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["shards"]["train"][0]["records"] += 1
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(records.DatasetError, match="holds .* records, the manifest says"):
+        records.load(prepared)
+
+
+def test_shards_roll_over_at_the_target_size(image_folder, tmp_path):
+    manifest = preprocess(PreprocessConfig(source=image_folder, output=tmp_path / "small-shards",
+                                           image_size=TINY_SIZE, shard_size_mb=0.002))
+    train_shards = manifest["shards"]["train"]
+    assert len(train_shards) > 1
+    assert sum(s["records"] for s in train_shards) == manifest["totals"]["train"]
+    records.load(tmp_path / "small-shards")

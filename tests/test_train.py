@@ -1,0 +1,81 @@
+"""train: the model's shape and precision, config checks, weights from a file, a real short run."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from components.train import TrainConfig, TrainError, build_model, configure_precision, train
+from tests.conftest import TINY_SIZE
+
+
+@pytest.fixture
+def restore_policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_precision_model_outputs_float32(restore_policy):
+    configure_precision("mixed_float16")
+    model = build_model(num_classes=3, image_size=TINY_SIZE)
+    assert model.layers[1].dtype_policy.name == "mixed_float16"
+    output = model(np.zeros((2, TINY_SIZE, TINY_SIZE, 3), np.float32), training=False)
+    assert str(output.dtype) == "float32"
+    assert output.shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(output).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_auto_precision_is_float32_without_a_gpu(restore_policy):
+    assert configure_precision("auto") == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_from_scratch_speeds_up_batchnorm_and_pretrained_freezes_it(tmp_path):
+    scratch = build_model(2, TINY_SIZE, "none")
+    batchnorms = [layer for layer in scratch.layers[1].layers
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorms and all(layer.momentum == 0.9 and layer.trainable for layer in batchnorms)
+
+    weights = tmp_path / "backbone.weights.h5"
+    scratch.layers[1].save_weights(str(weights))
+    pretrained = build_model(2, TINY_SIZE, str(weights))
+    for ours, theirs in zip(scratch.layers[1].weights, pretrained.layers[1].weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert not any(layer.trainable for layer in pretrained.layers[1].layers
+                   if isinstance(layer, keras.layers.BatchNormalization))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+    ({"precision": "fp8"}, "--precision must be one of"),
+    ({"weights": "/no/such/file.h5"}, "/no/such/file.h5 does not exist"),
+    ({"learning_rate": -1.0}, "--learning-rate must be positive"),
+])
+def test_bad_settings_are_refused(tmp_path, change, message):
+    config = TrainConfig(data=tmp_path, output=tmp_path / "m", **change)
+    with pytest.raises(TrainError, match=message):
+        train(config)
+
+
+def test_unfinished_dataset_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(TrainError, match="no manifest.json"):
+        train(TrainConfig(data=tmp_path / "data", output=tmp_path / "m"))
+
+
+@pytest.mark.slow
+def test_training_writes_model_config_history_and_the_loss_goes_down(trained_model):
+    assert (trained_model / "model.keras").is_file()
+    assert not (trained_model / "best.weights.h5").exists()
+    summary = json.loads((trained_model / "train_config.json").read_text())
+    assert summary["precision"] == "float32"
+    assert summary["classes"] == ["checkerboard", "dots", "horizontal-stripes", "vertical-stripes"]
+    assert summary["config"]["epochs"] == 3
+    history = json.loads((trained_model / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(row["images_per_sec"] > 0 for row in history)
