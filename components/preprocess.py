@@ -135,7 +135,7 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, int,
         hint = " (it looks like an HTML page)" if start.startswith((b"<html", b"<!doctype")) else ""
         raise Rejected(f"not an image: unrecognised file format{hint}") from None
     except OSError as error:
-        raise Rejected(f"unreadable image header: {error}") from None
+        raise Rejected(f"corrupt or truncated image header: {error}") from None
     if image_format not in imaging.DECODABLE_FORMATS:
         raise Rejected(f"unsupported image format {image_format}; accepted: "
                        f"{', '.join(imaging.DECODABLE_FORMATS)}")

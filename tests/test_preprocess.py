@@ -73,6 +73,11 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="JPEG")
     (image_folder / "dots" / "truncated.jpg").write_bytes(buffer.getvalue()[:200])
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    # Cut in the middle of the scan data: the header reads fine, the decoder fails.
+    (image_folder / "dots" / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (image_folder / "dots" / "empty.png").write_bytes(b"")
     (image_folder / "dots" / "notes.txt").write_text("not an image\n")
     (image_folder / "dots" / "page.jpg").write_bytes(b"<!DOCTYPE html><html>403</html>")
@@ -81,7 +86,8 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     manifest = run(image_folder, tmp_path / "out")
 
     reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
-    assert reasons["dots/truncated.jpg"].startswith("corrupt or truncated image data")
+    assert reasons["dots/truncated.jpg"].startswith("corrupt or truncated image header")
+    assert reasons["dots/cut.jpg"].startswith("corrupt or truncated image data (JPEG)")
     assert reasons["dots/empty.png"] == "empty file (0 bytes)"
     assert reasons["dots/notes.txt"].startswith("not an image")
     assert "HTML" in reasons["dots/page.jpg"]
@@ -175,6 +181,6 @@ def test_cli_writes_a_dataset(tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["image_size"] == 48
-    assert {r["path"] for r in manifest["rejected"]} == {"dots/broken-truncated.jpg",
-                                                         "checkerboard/error-page.jpg"}
+    assert sorted(r["path"] for r in manifest["rejected"]) == [
+        "checkerboard/error-page.jpg", "dots/broken-truncated.jpg"]
     assert np.sum(list(manifest["totals"].values())) == 16
