@@ -34,7 +34,7 @@ DEFAULT_IMAGE = "efficientnet-retrain:cpu"
 DEFAULT_GPU_IMAGE = "efficientnet-retrain:gpu"
 # Built-in dataset: 64 px keeps the patterns clear and a 2-core CPU run within minutes.
 BUILTIN_IMAGE_SIZE = 64
-BUILTIN_EPOCHS = 15
+BUILTIN_EPOCHS = 12
 
 
 def preprocess(source: str, image_size: int, dataset: Output[Dataset]):

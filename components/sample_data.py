@@ -33,7 +33,9 @@ CLASSES = ("checkerboard", "dots", "horizontal-stripes", "vertical-stripes")
 @dataclass(frozen=True)
 class SampleDataConfig:
     output: Path
-    images_per_class: int = 500  # 4 x 500 = 2000 images: 1600 to train, 200 to test
+    # 4 x 500 = 2000 images, 1600 to train: from scratch, 800 training images reached only 77%
+    # test accuracy after 15 epochs, 1600 reached 97.5% (2 CPU cores, 64 px).
+    images_per_class: int = 500
     image_size: int = 64  # px; patterns stay clear and CPU training stays fast
     seed: int = 0
     add_broken_files: bool = True

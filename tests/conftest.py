@@ -28,11 +28,12 @@ def image_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_dataset(tmp_path_factory) -> Path:
-    """A preprocessed tiny dataset (4 classes x 20 images at 32 px), shared by the slow tests."""
+    """A preprocessed tiny dataset (4 classes x 12 images at 32 px: 8 train, 2 validation and
+    2 test images per class), shared by the slow tests."""
     from components.preprocess import PreprocessConfig, preprocess
 
     root = tmp_path_factory.mktemp("prepared")
-    source = make_image_folder(root / "images", images_per_class=20)
+    source = make_image_folder(root / "images", images_per_class=12)
     output = root / "dataset"
     preprocess(PreprocessConfig(source=source, output=output, image_size=TINY_SIZE,
                                 validation_fraction=0.2, test_fraction=0.2))
@@ -41,9 +42,14 @@ def prepared_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(prepared_dataset: Path, tmp_path_factory) -> Path:
-    """A model trained for 3 short epochs on `prepared_dataset` (slow: ~1 minute on 2 cores)."""
+    """A model fitted to the 32 training images of `prepared_dataset` (~40 s on 2 cores).
+
+    One batch of 32 per epoch, 12 epochs, no augmentation, no warm-up: the "can it overfit a
+    batch" check. On 3 seeds the loss fell from 1.6-2.0 to 0.66-0.83 (less than half).
+    """
     from components.train import TrainConfig, train
 
     output = tmp_path_factory.mktemp("trained") / "model"
-    train(TrainConfig(data=prepared_dataset, output=output, epochs=3, batch_size=16))
+    train(TrainConfig(data=prepared_dataset, output=output, epochs=12, batch_size=32,
+                      augment=False, warmup_epochs=0))
     return output

@@ -69,13 +69,15 @@ def test_unfinished_dataset_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_training_writes_model_config_history_and_the_loss_goes_down(trained_model):
+    """A real (tiny) training run: the loss must fall well below where it started."""
     assert (trained_model / "model.keras").is_file()
     assert not (trained_model / "best.weights.h5").exists()
     summary = json.loads((trained_model / "train_config.json").read_text())
     assert summary["precision"] == "float32"
     assert summary["classes"] == ["checkerboard", "dots", "horizontal-stripes", "vertical-stripes"]
-    assert summary["config"]["epochs"] == 3
+    assert summary["config"]["epochs"] == 12
     history = json.loads((trained_model / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert history[-1]["loss"] < history[0]["loss"]
+    assert [row["epoch"] for row in history] == list(range(1, 13))
+    last_three = np.mean([row["loss"] for row in history[-3:]])
+    assert last_three < 0.7 * history[0]["loss"], [row["loss"] for row in history]
     assert all(row["images_per_sec"] > 0 for row in history)
