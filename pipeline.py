@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ DEFAULT_IMAGE = "efficientnet-retrain:cpu"
 DEFAULT_GPU_IMAGE = "efficientnet-retrain:gpu"
 # Built-in dataset: 64 px keeps the patterns clear and a 2-core CPU run within minutes.
 BUILTIN_IMAGE_SIZE = 64
-BUILTIN_EPOCHS = 12
+BUILTIN_EPOCHS = 15
 
 
 def preprocess(source: str, image_size: int, dataset: Output[Dataset]):
@@ -63,8 +64,9 @@ def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: 
                                 weights=weights, precision=precision))
     model.metadata.update({"framework": "keras", "classes": summary["classes"],
                            "image_size": summary["image_size"], "precision": summary["precision"]})
-    metrics.log_metric("best_val_accuracy", summary["best_val_accuracy"])
-    metrics.log_metric("best_epoch", summary["best_epoch"])
+    if summary["best_val_accuracy"] is not None:
+        metrics.log_metric("best_val_accuracy", summary["best_val_accuracy"])
+        metrics.log_metric("best_epoch", summary["best_epoch"])
     metrics.log_metric("train_seconds", summary["train_seconds"])
 
 
@@ -150,24 +152,40 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     """Run the whole pipeline through kfp.local and return the run summary."""
     from kfp import local
 
+    from components.preprocess import MIN_IMAGE_SIZE
+
+    builtin = data is None
+    if image_size is None:
+        image_size = BUILTIN_IMAGE_SIZE if builtin else 224
+    if epochs is None:
+        epochs = BUILTIN_EPOCHS if builtin else 10
+    # Checked here too so that a typo fails in a second, not after a kfp.local start-up.
+    if image_size < MIN_IMAGE_SIZE:
+        raise SystemExit(f"error: --image-size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
+    if epochs < 1:
+        raise SystemExit(f"error: --epochs must be at least 1, got {epochs}")
+    if not builtin and "://" not in data and not Path(data).is_dir():
+        raise SystemExit(f"error: --data {data} is not a folder of class sub-folders")
+
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if data is None:
+    summary_path = workdir / "run-summary.json"
+    summary_path.unlink(missing_ok=True)  # a failed run must not leave an older run's summary
+    if builtin:
         from components.sample_data import SampleDataConfig, generate
 
         data_dir = workdir / "builtin-patterns"
         if not data_dir.exists():
-            generate(SampleDataConfig(output=data_dir))
+            # Generated aside and renamed, so an interrupted run never leaves half a dataset
+            # that the next run would take for the whole one.
+            partial = workdir / ".builtin-patterns.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            generate(SampleDataConfig(output=partial))
+            partial.rename(data_dir)
         data = str(data_dir)
-        image_size = image_size or BUILTIN_IMAGE_SIZE
-        epochs = epochs or BUILTIN_EPOCHS
         log.info("no --data given: using the built-in patterns dataset in %s", data_dir)
     elif "://" not in data:
-        if not Path(data).is_dir():
-            raise SystemExit(f"error: --data {data} is not a folder of class sub-folders")
         data = str(Path(data).resolve())
-    image_size = image_size or 224
-    epochs = epochs or 10
 
     # The step subprocesses import `components` from this checkout, installed or not.
     repo = str(Path(__file__).resolve().parent)
@@ -191,9 +209,8 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         "pipeline_root": str(pipeline_root),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
-    path = workdir / "run-summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    summary["summary_path"] = str(path)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["summary_path"] = str(summary_path)
     return summary
 
 

@@ -9,7 +9,7 @@ Decoding and resizing inside the signature are `components.imaging`, the code pr
 
 Verification: the Keras model's probabilities on the test records are compared with the
 SavedModel's on the same encoded bytes, after `tf.saved_model.load` in a new Python process
-that imports nothing of this project. A mismatch fails the step.
+(no Keras model object, only what the SavedModel holds). A mismatch fails the step.
 
     python -m components.export verify --saved-model /tmp/servable --examples examples.npz
 """
@@ -100,9 +100,12 @@ def verify_saved_model(saved_model: Path, examples: Path) -> dict[str, Any]:
     import tensorflow as tf
 
     data = np.load(examples, allow_pickle=False)
+    ends = np.cumsum(data["lengths"])
+    blob = data["blob"].tobytes()
+    encoded = [blob[end - length:end] for end, length in zip(ends, data["lengths"], strict=True)]
     loaded = tf.saved_model.load(str(saved_model))
     serve = loaded.signatures["serving_default"]
-    outputs = serve(**{INPUT_NAME: tf.constant(list(data["encoded"]), dtype=tf.string)})
+    outputs = serve(**{INPUT_NAME: tf.constant(encoded, dtype=tf.string)})
     probabilities = outputs["probabilities"].numpy()
     labels = [label.decode() for label in outputs["labels"].numpy()]
     expected = data["probabilities"]
@@ -136,7 +139,10 @@ def export(config: ExportConfig) -> dict[str, Any]:
     expected = np.asarray(model.predict_on_batch(pixels), dtype=np.float32)
     with tempfile.TemporaryDirectory() as scratch:
         examples = Path(scratch) / "examples.npz"
-        np.savez(examples, encoded=np.array(encoded, dtype=object).astype(bytes),
+        # Images as one byte blob plus lengths: numpy's fixed-width bytes type would strip
+        # trailing zero bytes, and pickled arrays are refused on load.
+        np.savez(examples, blob=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+                 lengths=np.array([len(e) for e in encoded], dtype=np.int64),
                  probabilities=expected, labels=np.array([classes[i] for i in expected.argmax(axis=1)]))
         result = subprocess.run(
             [sys.executable, "-m", "components.export", "verify",

@@ -30,6 +30,7 @@ from components import records
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "float32", "mixed_float16")
+PROGRESS_SECONDS = 30.0  # a progress line within an epoch at most this often
 
 
 class TrainError(ValueError):
@@ -182,7 +183,16 @@ def _epoch_logger(train_images: int):
             self.rows: list[dict[str, float]] = []
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.monotonic()
+            self.started = self.last_report = time.monotonic()
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            # A CPU epoch at 224 px can take many minutes: say that it is moving.
+            now = time.monotonic()
+            if now - self.last_report >= PROGRESS_SECONDS:
+                self.last_report = now
+                log.info("epoch %d: step %d/%s, loss %.4f", self.epoch + 1, batch + 1,
+                         self.params.get("steps") or "?", float((logs or {}).get("loss", math.nan)))
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.monotonic() - self.started

@@ -14,9 +14,8 @@ from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_run_local_end_to_end_and_the_export_serves_raw_bytes(tmp_path):
     source = make_image_folder(tmp_path / "images", images_per_class=10, broken=True)
     workdir = tmp_path / "work"
@@ -57,6 +56,18 @@ def test_run_local_with_a_missing_folder_fails_clearly(tmp_path):
     assert result.returncode != 0
     assert "is not a folder of class sub-folders" in result.stderr
     assert not (tmp_path / "work" / "run-summary.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "0"], "error: --image-size must be at least 32 px, got 0"),
+    (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+])
+def test_run_local_refuses_bad_settings_before_starting(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, "pipeline.py", "run-local", "--workdir", str(tmp_path / "w"),
+                             *flags], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_run_local_with_one_class_fails_in_preprocess_and_writes_no_summary(tmp_path):
