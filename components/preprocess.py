@@ -1,14 +1,18 @@
-"""preprocess: a folder of class sub-folders -> checked, resized, sharded TFRecords + manifest.
+"""preprocess: labelled images -> checked, resized, sharded TFRecords + manifest.
 
     python -m components.preprocess --source data/flowers --output /tmp/prepared --image-size 224
+    python -m components.preprocess --source s3://bucket/flowers --output /tmp/prepared
+    python -m components.preprocess --source s3://bucket/flowers --fingerprint-only
 
-Every file under `<source>/<class>/` is read; a file that is not a decodable image (empty,
-truncated, an HTML page saved as .jpg, an unsupported format, too many pixels) is rejected
-with its reason and listed in the manifest, never a crash. Valid images are converted to RGB,
-resized to `image_size` x `image_size` by `components.imaging` (the same code the exported
-model runs) and split train/validation/test per class, by content hash: the same input gives
-the same split on every run. The output folder appears only when it is complete: shards are
-written to a staging folder that is renamed at the end, `manifest.json` written last.
+The source is a local folder or an S3-compatible prefix (`components.storage`) laid out as
+`<class>/<file>`. Every file is read once, by a pool of worker processes; a file that is not a
+decodable image (empty, truncated, an HTML page saved as .jpg, an unsupported format, too many
+pixels) is rejected with its reason (`rejected.json`), never a crash. Valid images are
+converted to RGB, resized by `components.imaging` (the code the exported model runs) and split
+train/validation/test per class by a hash of their decoded pixels: a re-run gives
+byte-identical output, adding an image moves no other image, and exact duplicates always land
+in the same split. The output folder appears only when complete: everything is written to a
+staging folder that is renamed at the end, the `_COMPLETE` marker written last.
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ import hashlib
 import io
 import json
 import logging
+import math
+import multiprocessing
+import os
+import re
 import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import imaging, records
+from components import imaging, records, storage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ class PreprocessError(ValueError):
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    source: Path
+    source: str | Path  # local folder, s3://bucket/prefix or minio://bucket/prefix
     output: Path
     image_size: int = 224  # px, square; EfficientNet-B0's native resolution
     validation_fraction: float = 0.1
@@ -52,6 +61,7 @@ class PreprocessConfig:
     shard_size_mb: float = 100.0  # target per shard (TF guidance: 100-200 MB)
     # Pillow's own decompression-bomb threshold: a 218 KB PNG can decode to 675 MB.
     max_pixels: int = 89_478_485
+    workers: int = 0  # processes decoding images; 0 = one per CPU core
 
     def validate(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -68,15 +78,8 @@ class PreprocessConfig:
             raise PreprocessError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.shard_size_mb <= 0:
             raise PreprocessError("--shard-size-mb must be positive")
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: Path
-    relative: str  # path below the source folder, as reported in the manifest
-    label: int
-    class_name: str
-    digest: str  # sha256 of the file's bytes: orders the split, independent of file names
+        if self.workers < 0:
+            raise PreprocessError("--workers must be 0 (all cores) or more")
 
 
 class Rejected(Exception):
@@ -87,37 +90,51 @@ class Rejected(Exception):
         self.reason = reason
 
 
-def list_source(source: Path) -> tuple[list[str], dict[str, list[Path]]]:
-    """Class names (sorted folder names) and the files in each class folder."""
-    if not source.exists():
-        raise PreprocessError(f"source folder {source} does not exist")
-    if not source.is_dir():
-        raise PreprocessError(f"source {source} is not a folder; expected a folder of class sub-folders")
-    class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    stray = sorted(p.name for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+@dataclass(frozen=True)
+class SourceListing:
+    classes: list[str]
+    objects: list[storage.SourceObject]  # class files only, sorted by key
+    fingerprint: str
+
+
+def list_source(source: storage.Source) -> SourceListing:
+    """Classes, their files and the data fingerprint, from the listing alone (no image read)."""
+    try:
+        objects = source.list()
+    except storage.StorageError as error:
+        raise PreprocessError(str(error)) from None
+    stray = [o.key for o in objects if "/" not in o.key]
     if stray:
         log.warning("ignoring %d file(s) directly under %s (only class sub-folders are read): %s",
-                    len(stray), source, ", ".join(stray[:5]))
-    if not class_dirs:
+                    len(stray), source.uri, ", ".join(stray[:5]))
+    objects = [o for o in objects if "/" in o.key]
+    classes = sorted({o.key.split("/", 1)[0] for o in objects})
+    folders = getattr(source, "class_folders", list)()
+    empty = sorted(set(folders) - set(classes))
+    if not classes and not empty:
         raise PreprocessError(
-            f"source folder {source} has no class sub-folders; expected {source}/<class>/<image>")
-    files = {
-        d.name: sorted(f for f in d.rglob("*")
-                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(d).parts))
-        for d in class_dirs
-    }
-    empty = [name for name, found in files.items() if not found]
+            f"source {source.uri} has no class sub-folders; expected {source.uri}/<class>/<image>")
     if empty:
-        raise PreprocessError(f"class folder(s) with no files in {source}: {', '.join(empty)}")
-    if len(class_dirs) < 2:
+        raise PreprocessError(f"class folder(s) with no files in {source.uri}: {', '.join(empty)}")
+    if len(classes) < 2:
         raise PreprocessError(
-            f"source folder {source} has only one class ({class_dirs[0].name}); "
+            f"source {source.uri} has only one class ({classes[0]}); "
             "a classifier needs at least two class sub-folders")
-    return [d.name for d in class_dirs], files
+    digest = hashlib.sha256()
+    for item in objects:
+        digest.update(f"{item.key}\t{item.size}\t{item.etag}\n".encode())
+    return SourceListing(classes=classes, objects=objects, fingerprint=digest.hexdigest())
 
 
-def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, int, int]:
-    """Validate one encoded image and return (JPEG bytes at image_size, original h, original w).
+def _tf_message(error) -> str:
+    """The decoder's own words, without TF's op and device decoration around them."""
+    message = (error.message or type(error).__name__).strip().splitlines()[0]
+    message = re.sub(r"^\{\{[^}]*\}\}\s*", "", message)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", message)
+
+
+def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str]:
+    """Validate one encoded image; return (JPEG bytes at image_size, sha256 of its decoded pixels).
 
     Raises `Rejected` with a reason a person can act on.
     """
@@ -147,34 +164,55 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, int,
     import tensorflow as tf
 
     try:
-        pixels = imaging.decode_and_resize(tf.constant(data), config.image_size)
+        decoded = imaging.decode(tf.constant(data))
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-        first_line = str(error.message).strip().splitlines()[0] if error.message else type(error).__name__
-        raise Rejected(f"corrupt or truncated image data ({image_format}): {first_line}") from None
+        raise Rejected(f"corrupt or truncated image data ({image_format}): {_tf_message(error)}") from None
+    # Same decoded pixels = same image, whatever the file name, format or metadata.
+    digest = hashlib.sha256(decoded.numpy().tobytes()).hexdigest()
+    pixels = imaging.resize(decoded, config.image_size)
     encoded = tf.io.encode_jpeg(pixels, quality=config.jpeg_quality, chroma_downsampling=False)
-    return encoded.numpy(), height, width
+    return encoded.numpy(), digest
 
 
-def assign_splits(images: list[SourceImage], config: PreprocessConfig) -> dict[str, list[SourceImage]]:
-    """Stratified split by content hash: per class, the images in hash order are dealt to
-    test, then validation, then train. No randomness, so re-runs give the same split."""
-    by_class: dict[int, list[SourceImage]] = {}
+@dataclass(frozen=True)
+class Processed:
+    key: str
+    label: int
+    digest: str  # of the decoded pixels
+
+    @property
+    def position(self) -> float:
+        """A number in [0, 1) fixed by the content alone: it decides the split."""
+        return int(self.digest[:13], 16) / 16**13
+
+
+def assign_splits(images: list[Processed], config: PreprocessConfig) -> dict[str, str]:
+    """key -> split. Each image's split follows from its content hash alone (positions below
+    test_fraction go to test, the next validation_fraction to validation), so adding an image
+    never moves another, and duplicates share a split. Then, so that every split can score
+    every class, a class left without a test or validation image gives up its lowest-placed
+    training image(s) for it."""
+    splits = {}
+    by_class: dict[int, list[Processed]] = {}
     for image in images:
         by_class.setdefault(image.label, []).append(image)
-    splits: dict[str, list[SourceImage]] = {split: [] for split in records.SPLITS}
+        if image.position < config.test_fraction:
+            splits[image.key] = "test"
+        elif image.position < config.test_fraction + config.validation_fraction:
+            splits[image.key] = "validation"
+        else:
+            splits[image.key] = "train"
     for members in by_class.values():
-        members = sorted(members, key=lambda m: (m.digest, m.relative))
-        n = len(members)
-        n_test = max(1, round(n * config.test_fraction)) if config.test_fraction > 0 else 0
-        n_val = max(1, round(n * config.validation_fraction)) if config.validation_fraction > 0 else 0
-        # Keep at least one image for training, however small the class.
-        n_test = min(n_test, max(n - 1, 0))
-        n_val = min(n_val, max(n - 1 - n_test, 0))
-        splits["test"] += members[:n_test]
-        splits["validation"] += members[n_test:n_test + n_val]
-        splits["train"] += members[n_test + n_val:]
-    for split in splits:
-        splits[split].sort(key=lambda m: (m.digest, m.relative))  # classes interleaved in shards
+        for split, wanted in (("test", config.test_fraction), ("validation", config.validation_fraction)):
+            if wanted <= 0 or any(splits[m.key] == split for m in members):
+                continue
+            train_digests = sorted({m.digest for m in members if splits[m.key] == "train"})
+            if len(train_digests) < 2:
+                continue  # keep the last distinct training image
+            lowest = min(train_digests, key=lambda d: (int(d[:13], 16), d))
+            for member in members:
+                if member.digest == lowest:
+                    splits[member.key] = split
     return splits
 
 
@@ -208,25 +246,72 @@ def _staging_folder(output: Path) -> Path:
     return staging
 
 
+WorkResult = tuple[str, bytes | None, str]  # (key, JPEG bytes or None, digest or rejection reason)
+
+# Worker-process state: one source client and config per process, set by _init_worker.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(source_uri: str, config: PreprocessConfig) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    # One thread per process: the processes are the parallelism, and TF's own thread pools
+    # would fight over the same cores.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    _WORKER["source"] = storage.open_source(source_uri)
+    _WORKER["config"] = config
+
+
+def _work(key: str) -> WorkResult:
+    """(key, JPEG bytes or None, pixel digest or rejection reason) for one source file."""
+    try:
+        data = _WORKER["source"].read(key)
+        encoded, digest = check_and_resize(data, _WORKER["config"])
+        return key, encoded, digest
+    except Rejected as rejection:
+        return key, None, rejection.reason
+    except storage.StorageError as error:
+        return key, None, f"unreadable: {error}"
+
+
+def _resolved_workers(config: PreprocessConfig, files: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    wanted = config.workers or cores
+    # Each worker imports TensorFlow (~3 s): not worth it for a handful of files.
+    return max(1, min(wanted, math.ceil(files / 100)))
+
+
+def _process_all(source_uri: str, keys: list[str], config: PreprocessConfig) -> Iterator[WorkResult]:
+    workers = _resolved_workers(config, len(keys))
+    if workers == 1:
+        _init_worker(source_uri, config)
+        yield from map(_work, keys)
+        return
+    log.info("decoding with %d worker processes", workers)
+    context = multiprocessing.get_context("spawn")  # fork would copy TF's threads and locks
+    with context.Pool(workers, initializer=_init_worker, initargs=(source_uri, config)) as pool:
+        # imap keeps input order, so the output does not depend on which worker was faster.
+        yield from pool.imap(_work, keys, chunksize=16)
+
+
+SPILL_BUCKETS = 16  # records are spilled by digest prefix: memory holds 1/16 of the data at once
+
+
 def preprocess(config: PreprocessConfig) -> dict[str, Any]:
     """Run the step; returns the manifest (also written to `<output>/manifest.json`)."""
     config.validate()
-    class_names, files = list_source(config.source)
-    total_files = sum(len(found) for found in files.values())
-    log.info("found %d files in %d classes under %s", total_files, len(class_names), config.source)
-
-    images: list[SourceImage] = []
-    for label, name in enumerate(class_names):
-        for path in files[name]:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            images.append(SourceImage(path=path, relative=str(path.relative_to(config.source)),
-                                      label=label, class_name=name, digest=digest))
-    splits = assign_splits(images, config)
-
+    try:
+        source = storage.open_source(str(config.source))
+    except storage.StorageError as error:
+        raise PreprocessError(str(error)) from None
+    listing = list_source(source)
+    log.info("found %d files in %d classes under %s (data fingerprint %s)", len(listing.objects),
+             len(listing.classes), source.uri, listing.fingerprint[:16])
     staging = _staging_folder(config.output)
     try:
-        manifest = _write_shards(config, class_names, splits, staging)
-        (staging / records.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        manifest = _build(config, source.uri, listing, staging)
         if config.output.exists():
             config.output.rmdir()  # an empty folder made for us (as KFP does)
         staging.rename(config.output)
@@ -238,30 +323,36 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
     return manifest
 
 
-def _write_shards(config: PreprocessConfig, class_names: list[str],
-                  splits: dict[str, list[SourceImage]], staging: Path) -> dict[str, Any]:
-    rejected: list[dict[str, str]] = []
-    counts = {split: {name: 0 for name in class_names} for split in records.SPLITS}
-    shards: dict[str, list[dict[str, Any]]] = {}
-    progress = _Progress(sum(len(members) for members in splits.values()), "preprocess")
-    for split in records.SPLITS:
-        writer = records.ShardWriter(staging, split, int(config.shard_size_mb * 1024 * 1024))
-        for image in splits[split]:
-            progress.step()
-            try:
-                encoded, _, _ = check_and_resize(image.path.read_bytes(), config)
-            except Rejected as rejection:
-                log.warning("rejected %s: %s", image.relative, rejection.reason)
-                rejected.append({"path": image.relative, "reason": rejection.reason})
-                continue
-            writer.write(records.make_example(
-                encoded, image.label, image.class_name, config.image_size, config.image_size,
-                image.relative))
-            counts[split][image.class_name] += 1
-        shards[split] = writer.close()
+def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
+           staging: Path) -> dict[str, Any]:
+    import tensorflow as tf
 
-    valid = {name: sum(counts[split][name] for split in records.SPLITS) for name in class_names}
-    too_few = {name: n for name, n in valid.items() if n < config.min_images_per_class}
+    label_of = {name: index for index, name in enumerate(listing.classes)}
+    spill_dir = staging / ".spill"
+    spill_dir.mkdir()
+    spills = [tf.io.TFRecordWriter(str(spill_dir / f"{b:02d}.tfrecord")) for b in range(SPILL_BUCKETS)]
+    processed: list[Processed] = []
+    rejected: list[dict[str, str]] = []
+    progress = _Progress(len(listing.objects), "preprocess")
+    try:
+        for key, encoded, detail in _process_all(source_uri, [o.key for o in listing.objects], config):
+            progress.step()
+            if encoded is None:
+                log.warning("rejected %s: %s", key, detail)
+                rejected.append({"path": key, "reason": detail})
+                continue
+            class_name = key.split("/", 1)[0]
+            item = Processed(key=key, label=label_of[class_name], digest=detail)
+            processed.append(item)
+            spills[int(detail[0], 16)].write(records.make_example(
+                encoded, item.label, class_name, config.image_size, config.image_size, key))
+    finally:
+        for writer in spills:
+            writer.close()
+
+    valid = Counter(listing.classes[p.label] for p in processed)
+    too_few = {name: valid.get(name, 0) for name in listing.classes
+               if valid.get(name, 0) < config.min_images_per_class}
     if too_few:
         details = "; ".join(
             f"{name}: {n} valid" + "".join(
@@ -271,22 +362,61 @@ def _write_shards(config: PreprocessConfig, class_names: list[str],
         raise PreprocessError(
             f"class(es) with fewer than {config.min_images_per_class} valid images "
             f"(--min-images-per-class): {details}")
+
+    splits = assign_splits(processed, config)
+    writers = {split: records.ShardWriter(staging, split, int(config.shard_size_mb * 1024 * 1024))
+               for split in records.SPLITS}
+    digest_of = {p.key: p.digest for p in processed}
+    for bucket in range(SPILL_BUCKETS):
+        path = spill_dir / f"{bucket:02d}.tfrecord"
+        batch = []
+        for serialized in tf.data.TFRecordDataset(str(path)):
+            key = records.parse_example(serialized)["image/source"].numpy().decode()
+            batch.append((key, serialized.numpy()))
+        # Shards in content-hash order: classes interleaved, so a reader's shuffle buffer
+        # never sees a run of one class.
+        for key, raw in sorted(batch, key=lambda item: (digest_of[item[0]], item[0])):
+            writers[splits[key]].write(raw)
+        path.unlink()
+    spill_dir.rmdir()
+    shards = {split: writer.close() for split, writer in writers.items()}
+
+    counts = {split: {name: 0 for name in listing.classes} for split in records.SPLITS}
+    for item in processed:
+        counts[splits[item.key]][listing.classes[item.label]] += 1
+    duplicates = len(processed) - len({p.digest for p in processed})
+    train_counts = counts["train"]
+    total_train = sum(train_counts.values())
+    # Inverse-frequency weights, mean 1 over training images: the usual Keras `class_weight`.
+    class_weights = {name: round(total_train / (len(listing.classes) * n), 6) if n else 0.0
+                     for name, n in train_counts.items()}
     rejected.sort(key=lambda r: r["path"])
     resolved = {key: (str(value) if isinstance(value, Path) else value)
                 for key, value in dataclasses.asdict(config).items()}
-    return {
+    manifest = {
         "format_version": records.FORMAT_VERSION,
+        "source": source_uri,
+        "fingerprint": listing.fingerprint,
         "image_size": config.image_size,
         "resize": "stretch",
         "encoding": "jpeg",
-        "classes": class_names,
+        "classes": listing.classes,
         "counts": counts,
         "totals": {split: sum(counts[split].values()) for split in records.SPLITS},
         "shards": shards,
+        "class_weights": class_weights,
+        "imbalance_ratio": round(max(valid.values()) / max(min(valid.values()), 1), 3),
+        "duplicates": duplicates,
         "rejected": rejected,
-        "rejected_by_reason": dict(Counter(r["reason"].split(":")[0] for r in rejected)),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"].split(":")[0] for r in rejected).items())),
         "config": resolved,
     }
+    if manifest["imbalance_ratio"] > 3:
+        log.warning("class imbalance: the largest class has %.1fx the images of the smallest; "
+                    "class weights are in the manifest", manifest["imbalance_ratio"])
+    (staging / "rejected.json").write_text(json.dumps(rejected, indent=2) + "\n")
+    records.write_manifest(staging, manifest)
+    return manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,8 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m components.preprocess",
         description="Check, resize and shard a folder of labelled images into TFRecords.")
     defaults = PreprocessConfig(source=Path(), output=Path())
-    parser.add_argument("--source", type=Path, required=True, help="folder of class sub-folders")
-    parser.add_argument("--output", type=Path, required=True, help="new folder for shards + manifest.json")
+    parser.add_argument("--source", required=True,
+                        help="folder of class sub-folders, or s3://bucket/prefix, minio://bucket/prefix")
+    parser.add_argument("--output", type=Path, help="new folder for shards + manifest.json")
+    parser.add_argument("--fingerprint-only", action="store_true",
+                        help="print the data fingerprint (from the listing, no image read) and exit")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="square side in px")
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
@@ -304,17 +437,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size-mb", type=float, default=defaults.shard_size_mb)
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                         help="refuse images with more pixels than this (decompression bombs)")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="0 = one per CPU core")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from components.cli import configure_logging, exit_on_user_error
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging()
-    config = PreprocessConfig(**{key: value for key, value in vars(args).items()})
+    settings = vars(args)
+    if settings.pop("fingerprint_only"):
+        with exit_on_user_error(PreprocessError, storage.StorageError):
+            print(list_source(storage.open_source(args.source)).fingerprint)
+        return 0
+    if args.output is None:
+        parser.error("the following arguments are required: --output")
     with exit_on_user_error(PreprocessError):
-        preprocess(config)
+        preprocess(PreprocessConfig(**settings))
     return 0
 
 

@@ -2,10 +2,12 @@
 
 A prepared dataset is a folder:
 
-    manifest.json                 # written last: its presence means the folder is complete
     train-00000.tfrecord ...      # shards per split
     validation-00000.tfrecord ...
     test-00000.tfrecord ...
+    rejected.json                 # every refused input with its reason
+    manifest.json                 # classes, counts, shards (records, bytes, sha256), config
+    _COMPLETE                     # written last: the manifest's sha256
 
 Each record is a `tf.train.Example` with `image/encoded` (JPEG bytes, already resized to
 `image_size` x `image_size`), `image/format`, `image/class/label` (int64 index into the
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+MARKER = "_COMPLETE"
+FORMAT_VERSION = 2
 SPLITS = ("train", "validation", "test")
 
 
@@ -145,6 +148,14 @@ class PreparedDataset:
         return [str(self.folder / shard["file"]) for shard in self.manifest["shards"][split]]
 
 
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest, then the completion marker that names its hash: a reader that finds
+    the marker knows the manifest (and so every shard it lists) was finished."""
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    (folder / MANIFEST).write_text(text)
+    (folder / MARKER).write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
+
+
 def load(folder: Path | str, verify: bool = True) -> PreparedDataset:
     """Open a prepared dataset, refusing one that is incomplete or altered.
 
@@ -156,11 +167,17 @@ def load(folder: Path | str, verify: bool = True) -> PreparedDataset:
     manifest_path = folder / MANIFEST
     if not folder.is_dir():
         raise DatasetError(f"prepared dataset folder {folder} does not exist")
-    if not manifest_path.is_file():
+    marker_path = folder / MARKER
+    if not manifest_path.is_file() or not marker_path.is_file():
+        missing = MANIFEST if not manifest_path.is_file() else MARKER
         raise DatasetError(
-            f"{folder} has no {MANIFEST}: preprocessing did not finish there; run preprocess again"
+            f"{folder} has no {missing}: preprocessing did not finish there; run preprocess again"
         )
-    manifest = json.loads(manifest_path.read_text())
+    text = manifest_path.read_text()
+    if hashlib.sha256(text.encode()).hexdigest() != marker_path.read_text().strip():
+        raise DatasetError(f"{manifest_path} does not match its {MARKER} marker: it was altered or "
+                           "half-written; run preprocess again")
+    manifest = json.loads(text)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DatasetError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
                            f"this code reads {FORMAT_VERSION}")

@@ -184,3 +184,65 @@ def test_cli_writes_a_dataset(tmp_path):
     assert sorted(r["path"] for r in manifest["rejected"]) == [
         "checkerboard/error-page.jpg", "dots/broken-truncated.jpg"]
     assert np.sum(list(manifest["totals"].values())) == 16
+
+
+def _split_of_each_source(folder: Path) -> dict[str, str]:
+    return {row["image/source"].decode(): split for split in records.SPLITS
+            for row in read_all(folder, split)}
+
+
+def test_adding_an_image_moves_no_other(image_folder, tmp_path):
+    run(image_folder, tmp_path / "a")
+    before = _split_of_each_source(tmp_path / "a")
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(image_folder / "dots" / "new.png")
+    run(image_folder, tmp_path / "b")
+    after = _split_of_each_source(tmp_path / "b")
+    assert set(after) == set(before) | {"dots/new.png"}
+    assert {key: after[key] for key in before} == before
+
+
+def test_exact_duplicates_never_straddle_splits(image_folder, tmp_path):
+    originals = sorted((image_folder / "dots").glob("*.jpg"))[:3]
+    for index, original in enumerate(originals):
+        for copy in range(2):
+            (image_folder / "dots" / f"copy-{index}-{copy}.png").write_bytes(original.read_bytes())
+        # The same decoded pixels in another format (PNG is lossless). Decoded by TF, as
+        # preprocess decodes: Pillow's JPEG decoder rounds some pixels differently.
+        pixels = tf.io.decode_jpeg(original.read_bytes()).numpy()
+        Image.fromarray(pixels).save(image_folder / "dots" / f"copy-{index}-2.png")
+    manifest = run(image_folder, tmp_path / "out")
+    assert manifest["duplicates"] == 9
+    splits = _split_of_each_source(tmp_path / "out")
+    for index, original in enumerate(originals):
+        group = {splits[f"dots/{original.name}"]} | {splits[f"dots/copy-{index}-{c}.png"] for c in range(3)}
+        assert len(group) == 1, (original.name, group)
+
+
+def test_worker_processes_give_the_same_output_as_one(tmp_path):
+    source = make_image_folder(tmp_path / "images", images_per_class=30, broken=True)  # 122 files
+    one = run(source, tmp_path / "one", workers=1)
+    many = run(source, tmp_path / "many", workers=2)
+    for manifest in (one, many):
+        del manifest["config"]  # differs in output and workers, by design
+    assert many == one
+
+
+def test_outputs_a_reader_can_trust(image_folder, tmp_path):
+    (image_folder / "dots" / "junk.jpg").write_bytes(b"junk")
+    manifest = run(image_folder, tmp_path / "out")
+    out = tmp_path / "out"
+    assert json.loads((out / "rejected.json").read_text()) == manifest["rejected"]
+    assert manifest["rejected_by_reason"] == {"not an image": 1}
+    assert len(manifest["fingerprint"]) == 64
+    assert set(manifest["class_weights"]) == set(manifest["classes"])
+    assert (out / "_COMPLETE").read_text().strip() == records.sha256_file(out / "manifest.json")
+    assert not (out / ".spill").exists()
+
+
+def test_fingerprint_only_reads_no_image(image_folder, tmp_path):
+    for path in (image_folder / "dots").iterdir():
+        path.write_bytes(b"garbage")  # would fail preprocessing; the listing alone is fine
+    result = subprocess.run([sys.executable, "-m", "components.preprocess", "--source", str(image_folder),
+                             "--fingerprint-only"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) == 64

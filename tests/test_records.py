@@ -52,10 +52,32 @@ def test_truncated_shard_is_refused(prepared):
 
 
 def test_record_count_is_checked_not_trusted(prepared):
+    # A manifest that is complete and consistent with its marker, but promises one record too
+    # many: only counting the records finds it.
     manifest = json.loads((prepared / "manifest.json").read_text())
     manifest["shards"]["train"][0]["records"] += 1
-    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    records.write_manifest(prepared, manifest)
     with pytest.raises(records.DatasetError, match="holds .* records, the manifest says"):
+        records.load(prepared)
+
+
+def test_edited_manifest_does_not_match_its_marker(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["totals"]["train"] += 1
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(records.DatasetError, match="does not match its _COMPLETE marker"):
+        records.load(prepared)
+
+
+def test_missing_marker_means_incomplete(prepared):
+    (prepared / "_COMPLETE").unlink()
+    with pytest.raises(records.DatasetError, match="no _COMPLETE: preprocessing did not finish"):
+        records.load(prepared)
+
+
+def test_zero_byte_shard_is_refused(prepared):
+    (prepared / "train-00000.tfrecord").write_bytes(b"")
+    with pytest.raises(records.DatasetError, match="has 0 bytes, the manifest says"):
         records.load(prepared)
 
 
