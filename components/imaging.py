@@ -12,17 +12,116 @@ from __future__ import annotations
 DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 
 
-def decode(encoded):
-    """Encoded bytes (scalar string tensor) -> uint8 RGB tensor of shape [H, W, 3].
+# Transparent pixels are composited onto white: what an image viewer shows, and what product
+# photos with cut-out backgrounds are meant to look like. (Dropping alpha would expose
+# whatever colour the transparent pixels happen to store, often black.)
+ALPHA_BACKGROUND = 255.0
 
-    Grayscale, palette, RGBA and CMYK come out as 3-channel RGB; an animated GIF gives its
-    first frame.
+
+def decode(encoded):
+    """Encoded bytes (scalar string tensor) -> uint8 RGB tensor of shape [H, W, 3], upright.
+
+    Grayscale, palette, 16-bit and CMYK come out as 8-bit RGB; alpha is composited onto white;
+    an animated GIF gives its first frame; a JPEG's EXIF orientation is applied (phone photos
+    store pixels sideways and say so only in EXIF).
     """
     import tensorflow as tf
 
-    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    is_jpeg = tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff"
+
+    def _jpeg():
+        # channels=3 also converts CMYK JPEGs to RGB.
+        image = tf.io.decode_jpeg(encoded, channels=3)
+        return _apply_orientation(image, exif_orientation(encoded))
+
+    def _other():
+        image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
+        return _to_rgb(image)
+
+    image = tf.cond(is_jpeg, _jpeg, _other)
     image.set_shape([None, None, 3])
     return image
+
+
+def _to_rgb(image):
+    """uint8 [H, W, C] with C in 1..4 -> uint8 RGB, alpha composited onto ALPHA_BACKGROUND."""
+    import tensorflow as tf
+
+    channels = tf.shape(image)[-1]
+    gray_or_rgb = tf.cond(channels <= 2, lambda: tf.tile(image[..., :1], [1, 1, 3]),
+                          lambda: image[..., :3])
+    has_alpha = tf.logical_or(tf.equal(channels, 2), tf.equal(channels, 4))
+
+    def _composite():
+        alpha = tf.cast(image[..., -1:], tf.float32) / 255.0
+        blended = tf.cast(gray_or_rgb, tf.float32) * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+        return tf.cast(tf.round(blended), tf.uint8)
+
+    return tf.cond(has_alpha, _composite, lambda: gray_or_rgb)
+
+
+def exif_orientation(encoded):
+    """The EXIF orientation tag (1..8) of a JPEG, or 1 when there is none or it is unreadable.
+
+    Plain TensorFlow ops, so that the serving signature can run it: find the APP1 "Exif" header
+    in the first 64 KiB, read the TIFF byte order and the first IFD, and look for tag 0x0112.
+    Every read is clipped to the buffer, and any nonsense result falls back to 1.
+    """
+    import tensorflow as tf
+
+    data = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 0, 65536), tf.uint8), tf.int32)
+    size = tf.shape(data)[0]
+
+    def byte(index):
+        return tf.gather(data, tf.clip_by_value(index, 0, tf.maximum(size - 1, 0)))
+
+    def read():
+        signature = tf.constant([0x45, 0x78, 0x69, 0x66, 0, 0])  # "Exif\0\0"
+        windows = tf.stack([data[i:size - 5 + i] for i in range(6)], axis=1)
+        found = tf.where(tf.reduce_all(windows == signature, axis=1))[:, 0]
+
+        def parse():
+            tiff = tf.cast(found[0], tf.int32) + 6
+            little = tf.logical_and(byte(tiff) == 0x49, byte(tiff + 1) == 0x49)
+
+            def u16(at):
+                return tf.where(little, byte(at) + 256 * byte(at + 1), 256 * byte(at) + byte(at + 1))
+
+            def u32(at):
+                return tf.where(little, u16(at) + 65536 * u16(at + 2), 65536 * u16(at) + u16(at + 2))
+
+            ifd = tiff + u32(tiff + 4)
+            entries = tf.minimum(u16(ifd), 64)
+            starts = ifd + 2 + 12 * tf.range(entries)
+            tags = u16(starts)
+            hits = tf.where(tags == 0x0112)[:, 0]
+            value = tf.cond(tf.size(hits) > 0, lambda: u16(tf.gather(starts, hits[0]) + 8),
+                            lambda: tf.constant(1))
+            return tf.where(tf.logical_and(value >= 1, value <= 8), value, 1)
+
+        return tf.cond(tf.size(found) > 0, parse, lambda: tf.constant(1))
+
+    return tf.cond(size > 12, read, lambda: tf.constant(1))
+
+
+def _apply_orientation(image, orientation):
+    """Rotate/flip `image` upright for EXIF `orientation`, as Pillow's `exif_transpose` does."""
+    import tensorflow as tf
+
+    def transpose(x):
+        return tf.transpose(x, [1, 0, 2])
+
+    branches = [
+        lambda: image,                                          # 1: upright
+        lambda: tf.reverse(image, [1]),                         # 2: mirrored
+        lambda: tf.reverse(image, [0, 1]),                      # 3: upside down
+        lambda: tf.reverse(image, [0]),                         # 4: mirrored upside down
+        lambda: transpose(image),                               # 5: mirrored, 90 degrees
+        lambda: tf.reverse(transpose(image), [1]),              # 6: rotated 90 degrees clockwise
+        lambda: tf.reverse(transpose(image), [0, 1]),           # 7: mirrored, 270 degrees
+        lambda: tf.reverse(transpose(image), [0]),              # 8: rotated 90 counter-clockwise
+    ]
+    return tf.switch_case(orientation - 1, branches)
 
 
 def resize(image, size: int):

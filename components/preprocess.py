@@ -62,6 +62,9 @@ class PreprocessConfig:
     # Pillow's own decompression-bomb threshold: a 218 KB PNG can decode to 675 MB.
     max_pixels: int = 89_478_485
     workers: int = 0  # processes decoding images; 0 = one per CPU core
+    # Smallest accepted side in px. Low-resolution datasets (32 px icons, CIFAR-like crops)
+    # are legitimate, so by default only degenerate 1-pixel-wide strips are refused.
+    min_side: int = 2
 
     def validate(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -80,6 +83,8 @@ class PreprocessConfig:
             raise PreprocessError("--shard-size-mb must be positive")
         if self.workers < 0:
             raise PreprocessError("--workers must be 0 (all cores) or more")
+        if self.min_side < 1:
+            raise PreprocessError("--min-side must be at least 1")
 
 
 class Rejected(Exception):
@@ -158,8 +163,8 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str]
                        f"{', '.join(imaging.DECODABLE_FORMATS)}")
     if width * height > config.max_pixels:
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {config.max_pixels}")
-    if width < 1 or height < 1:
-        raise Rejected(f"degenerate image size {width}x{height}")
+    if min(width, height) < config.min_side:
+        raise Rejected(f"too small: {width}x{height}, a side under --min-side {config.min_side} px")
 
     import tensorflow as tf
 
@@ -400,6 +405,7 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
         "image_size": config.image_size,
         "resize": "stretch",
         "encoding": "jpeg",
+        "decoding": {"exif_orientation": "applied", "alpha_background": "white", "animation": "first frame"},
         "classes": listing.classes,
         "counts": counts,
         "totals": {split: sum(counts[split].values()) for split in records.SPLITS},
@@ -438,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                         help="refuse images with more pixels than this (decompression bombs)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="0 = one per CPU core")
+    parser.add_argument("--min-side", type=int, default=defaults.min_side,
+                        help="refuse images with a side shorter than this (px)")
     return parser
 
 

@@ -67,3 +67,24 @@ def test_saved_model_serves_raw_jpeg_and_png_of_any_size(exported, tmp_path):
 def test_export_without_a_trained_model_is_a_clear_error(prepared_dataset, tmp_path):
     with pytest.raises(ExportError, match="holds no model.keras"):
         export(ExportConfig(model=tmp_path / "missing", data=prepared_dataset, output=tmp_path / "out"))
+
+
+def test_served_model_applies_exif_orientation_like_training(exported):
+    import tensorflow as tf
+
+    output, _ = exported
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (24, 48, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored sideways: "rotate 90 degrees clockwise to display"
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes())
+    sideways = buffer.getvalue()
+    # The upright pixels computed independently: the raw decode, rotated by numpy.
+    upright = np.rot90(tf.io.decode_jpeg(sideways).numpy(), k=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(upright)).save(buffer, format="PNG")
+
+    serve = tf.saved_model.load(str(output)).signatures["serving_default"]
+    out = serve(image_bytes=tf.constant([sideways, buffer.getvalue()]))["probabilities"].numpy()
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)

@@ -246,3 +246,28 @@ def test_fingerprint_only_reads_no_image(image_folder, tmp_path):
                              "--fingerprint-only"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) == 64
+
+
+def test_too_small_images_are_refused_only_below_min_side(image_folder, tmp_path):
+    Image.new("RGB", (1, 50)).save(image_folder / "dots" / "strip.png")
+    Image.new("RGB", (8, 8)).save(image_folder / "dots" / "icon.png")
+    manifest = run(image_folder, tmp_path / "default")
+    assert [r["path"] for r in manifest["rejected"]] == ["dots/strip.png"]
+    assert manifest["rejected"][0]["reason"] == "too small: 1x50, a side under --min-side 2 px"
+    stricter = run(image_folder, tmp_path / "strict", min_side=16)
+    assert sorted(r["path"] for r in stricter["rejected"]) == ["dots/icon.png", "dots/strip.png"]
+
+
+def test_a_sideways_phone_photo_is_stored_upright(image_folder, tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # stored landscape: white left half, black right half
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(image_folder / "dots" / "phone.jpg", exif=exif.tobytes(), quality=95)
+    run(image_folder, tmp_path / "out")
+    rows = [row for split in records.SPLITS for row in read_all(tmp_path / "out", split)
+            if row["image/source"] == b"dots/phone.jpg"]
+    stored = tf.io.decode_jpeg(rows[0]["image/encoded"]).numpy().astype(int)
+    # Upright (portrait, stretched to a square): the white half is now on top.
+    assert stored[: TINY_SIZE // 2 - 2].mean() > 200 and stored[TINY_SIZE // 2 + 2 :].mean() < 50

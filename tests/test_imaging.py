@@ -1,0 +1,80 @@
+"""The shared decoder: upright, 8-bit RGB, alpha composited, whatever the file holds."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from components import imaging
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def quadrants() -> np.ndarray:
+    """An image whose every rotation and mirror image differs from the others."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:20, :30], pixels[:20, 30:] = (255, 0, 0), (0, 255, 0)
+    pixels[20:, :30], pixels[20:, 30:] = (0, 0, 255), (255, 255, 0)
+    return pixels
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_pillow_exif_transpose(orientation):
+    image = Image.fromarray(quadrants())
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    data = encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+    assert int(imaging.exif_orientation(tf.constant(data))) == orientation
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), dtype=int)
+    decoded = imaging.decode(tf.constant(data)).numpy().astype(int)
+    assert decoded.shape == expected.shape
+    assert np.abs(decoded - expected).mean() < 3  # two JPEG decoders: rounding only
+
+
+def test_jpeg_without_exif_and_garbage_exif_stay_as_stored():
+    plain = encode(Image.fromarray(quadrants()), "JPEG")
+    assert int(imaging.exif_orientation(tf.constant(plain))) == 1
+    broken = plain[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00\x2a\xff\xff\xff\xff" + plain[2:]
+    assert int(imaging.exif_orientation(tf.constant(broken))) == 1
+
+
+def test_alpha_is_composited_onto_white():
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[:5, :, 0], rgba[:5, :, 3] = 200, 255  # top half opaque red, bottom fully transparent
+    decoded = imaging.decode(tf.constant(encode(Image.fromarray(rgba, "RGBA"), "PNG"))).numpy()
+    assert decoded[0, 0].tolist() == [200, 0, 0]
+    assert decoded[9, 0].tolist() == [255, 255, 255]
+
+
+def test_gray_with_alpha_16_bit_palette_cmyk_and_gif_become_rgb():
+    gray_alpha = np.stack([np.full((4, 4), 10, np.uint8), np.full((4, 4), 128, np.uint8)], axis=-1)
+    cases = {
+        "LA": encode(Image.fromarray(gray_alpha, "LA"), "PNG"),
+        "I;16": encode(Image.fromarray(np.full((4, 4), 40000, np.uint16)), "PNG"),
+        "P": encode(Image.new("P", (4, 4), 3), "PNG"),
+        "CMYK": encode(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), "JPEG"),
+    }
+    frames = [Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    cases["GIF"] = buffer.getvalue()
+    decoded = {mode: imaging.decode(tf.constant(data)).numpy() for mode, data in cases.items()}
+    assert all(image.shape == (4, 4, 3) and image.dtype == np.uint8 for image in decoded.values())
+    assert decoded["LA"][0, 0].tolist() == [132] * 3  # 10 x 128/255 + 255 x 127/255
+    assert decoded["I;16"][0, 0].tolist() == [156] * 3  # 40000 / 65535 x 255
+    assert decoded["CMYK"][0, 0].tolist() == [255, 255, 255]  # no ink = white
+    assert decoded["GIF"][0, 0, 0] > 200 and decoded["GIF"][0, 0, 2] < 50  # first frame: red
+
+
+def test_resize_to_the_same_size_is_the_identity():
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(imaging.resize(tf.constant(pixels), 32).numpy(), pixels)
