@@ -18,12 +18,19 @@ DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 ALPHA_BACKGROUND = 255.0
 
 
-def decode(encoded):
+JPEG_RATIOS = (1, 2, 4, 8)  # the reduced-size decodings libjpeg offers
+
+
+def decode(encoded, target_size: int | None = None):
     """Encoded bytes (scalar string tensor) -> uint8 RGB tensor of shape [H, W, 3], upright.
 
     Grayscale, palette, 16-bit and CMYK come out as 8-bit RGB; alpha is composited onto white;
     an animated GIF gives its first frame; a JPEG's EXIF orientation is applied (phone photos
     store pixels sideways and say so only in EXIF).
+
+    With `target_size`, a JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8
+    scale inside libjpeg (the largest reduction that keeps the short side >= target_size):
+    a 12-megapixel photo bound for 224 px then costs a fraction of a full decode.
     """
     import tensorflow as tf
 
@@ -31,7 +38,15 @@ def decode(encoded):
 
     def _jpeg():
         # channels=3 also converts CMYK JPEGs to RGB.
-        image = tf.io.decode_jpeg(encoded, channels=3)
+        if target_size is None:
+            image = tf.io.decode_jpeg(encoded, channels=3)
+        else:
+            short_side = tf.reduce_min(tf.io.extract_jpeg_shape(encoded)[:2])
+            fits = tf.stack([short_side // ratio >= target_size for ratio in JPEG_RATIOS])
+            choice = tf.reduce_max(tf.where(fits, tf.range(len(JPEG_RATIOS)), 0))
+            image = tf.switch_case(choice, [
+                lambda ratio=ratio: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
+                for ratio in JPEG_RATIOS])
         return _apply_orientation(image, exif_orientation(encoded))
 
     def _other():
@@ -69,19 +84,21 @@ def exif_orientation(encoded):
     """
     import tensorflow as tf
 
-    data = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 0, 65536), tf.uint8), tf.int32)
-    size = tf.shape(data)[0]
-
-    def byte(index):
-        return tf.gather(data, tf.clip_by_value(index, 0, tf.maximum(size - 1, 0)))
-
     def read():
-        signature = tf.constant([0x45, 0x78, 0x69, 0x66, 0, 0])  # "Exif\0\0"
-        windows = tf.stack([data[i:size - 5 + i] for i in range(6)], axis=1)
-        found = tf.where(tf.reduce_all(windows == signature, axis=1))[:, 0]
+        # The text before the first "Exif\0\0" is as long as the header's offset: one C++
+        # substring search, ~20x cheaper than comparing byte windows in TF ops.
+        head = tf.strings.substr(encoded, 0, 65536)
+        pieces = tf.strings.split(head, sep="Exif\x00\x00", maxsplit=1)
+        found = tf.reshape(tf.strings.length(pieces[0]), [1])[: tf.size(pieces) - 1]
 
         def parse():
-            tiff = tf.cast(found[0], tf.int32) + 6
+            data = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int32)
+            size = tf.shape(data)[0]
+
+            def byte(index):
+                return tf.gather(data, tf.clip_by_value(index, 0, size - 1))
+
+            tiff = found[0] + 6
             little = tf.logical_and(byte(tiff) == 0x49, byte(tiff + 1) == 0x49)
 
             def u16(at):
@@ -101,7 +118,7 @@ def exif_orientation(encoded):
 
         return tf.cond(tf.size(found) > 0, parse, lambda: tf.constant(1))
 
-    return tf.cond(size > 12, read, lambda: tf.constant(1))
+    return tf.cond(tf.strings.length(encoded) > 12, read, lambda: tf.constant(1))
 
 
 def _apply_orientation(image, orientation):
@@ -137,4 +154,4 @@ def resize(image, size: int):
 
 
 def decode_and_resize(encoded, size: int):
-    return resize(decode(encoded), size)
+    return resize(decode(encoded, target_size=size), size)

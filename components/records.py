@@ -61,7 +61,10 @@ def make_example(encoded: bytes, label: int, class_name: str, height: int, width
         "image/width": _int(width),
         "image/source": _bytes(source.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: the features are a protobuf map, whose entries are otherwise serialised in
+    # an order that differs between processes (seen: same records, other bytes, other sha256).
+    example = tf.train.Example(features=tf.train.Features(feature=features))
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_example(serialized):

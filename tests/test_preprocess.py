@@ -87,7 +87,8 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
 
     reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
     assert reasons["dots/truncated.jpg"].startswith("corrupt or truncated image header")
-    assert reasons["dots/cut.jpg"].startswith("corrupt or truncated image data (JPEG)")
+    assert reasons["dots/cut.jpg"] == ("corrupt or truncated image data (JPEG): "
+                                       "jpeg::Uncompress failed. Invalid JPEG data or crop window.")
     assert reasons["dots/empty.png"] == "empty file (0 bytes)"
     assert reasons["dots/notes.txt"].startswith("not an image")
     assert "HTML" in reasons["dots/page.jpg"]
@@ -271,3 +272,19 @@ def test_a_sideways_phone_photo_is_stored_upright(image_folder, tmp_path):
     stored = tf.io.decode_jpeg(rows[0]["image/encoded"]).numpy().astype(int)
     # Upright (portrait, stretched to a square): the white half is now on top.
     assert stored[: TINY_SIZE // 2 - 2].mean() > 200 and stored[TINY_SIZE // 2 + 2 :].mean() < 50
+
+
+ODD_NAMES = ["café ünïcødé.jpg", "with spaces.jpg", "hash#tag.jpg", "x" * 200 + ".jpg", "日本語.png"]
+
+
+def test_odd_file_names_survive(image_folder, tmp_path):
+    sources = sorted((image_folder / "dots").glob("*.jpg"))
+    for name, source in zip(ODD_NAMES, sources, strict=False):
+        (image_folder / "dots" / name).write_bytes(source.read_bytes())
+        source.unlink()
+    manifest = run(image_folder, tmp_path / "out")
+    assert manifest["rejected"] == []
+    stored = {row["image/source"].decode() for split in records.SPLITS
+              for row in read_all(tmp_path / "out", split)}
+    assert {f"dots/{name}" for name in ODD_NAMES} <= stored
+    assert sum(manifest["totals"].values()) == 32

@@ -104,3 +104,15 @@ def test_endpoint_parsing(raw, host, secure):
 def test_unknown_scheme_is_refused(tmp_path):
     with pytest.raises(PreprocessError, match="unsupported source 'ftp://x/y'"):
         preprocess(PreprocessConfig(source="ftp://x/y", output=tmp_path / "out"))
+
+
+def test_odd_object_names_in_a_bucket(s3_env, s3, tmp_path):
+    folder = make_image_folder(tmp_path / "images", images_per_class=3)
+    for index, path in enumerate(sorted((folder / "dots").glob("*.jpg"))):
+        path.rename(path.with_name(f"café #{index} with spaces.jpg"))
+    s3.upload_folder(folder, "odd-names", "set")
+    manifest = preprocess(PreprocessConfig(source="s3://odd-names/set", output=tmp_path / "out",
+                                           image_size=TINY_SIZE))
+    assert manifest["rejected"] == []
+    assert manifest["counts"]["train"]["dots"] + manifest["counts"]["validation"]["dots"] + manifest[
+        "counts"]["test"]["dots"] == 3

@@ -1,0 +1,129 @@
+"""Preprocess speed per image, side by side with a naive baseline and the decode-only floor.
+
+    .venv/bin/pip install scikit-learn   # the sample photos; not a project dependency
+    .venv/bin/python bench/preprocess.py [--copies 40]
+
+Inputs are real photos: scikit-learn's two sample images (427x640 JPEG) and the same photos
+upscaled to 12 megapixels (3000x4000, JPEG q90). One process, TensorFlow on one thread:
+  naive   tf.io.decode_image + tf.image.resize + tf.io.encode_jpeg, one image at a time
+  floor   the fastest decode available: libjpeg's reduced-size decode (tf.io.decode_jpeg with
+          the largest `ratio` that keeps the short side >= 224) or Pillow's draft(), whichever
+          is faster, nothing else
+  ours    components.preprocess.check_and_resize + record serialisation + TFRecord write
+Then the whole `preprocess()` on a folder of the 427x640 copies with 1 worker and with one
+worker per core, for the scaling efficiency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SIZE = 224
+
+
+def photos(copies: int) -> dict[str, list[bytes]]:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    originals = [Image.fromarray(image) for image in load_sample_images().images]
+    out: dict[str, list[bytes]] = {"427x640": [], "12MP": []}
+    for index in range(copies):
+        photo = originals[index % len(originals)]
+        # A one-pixel shift per copy: distinct files, the same decode cost.
+        shifted = photo.crop((index % 3, 0, photo.width, photo.height)).resize(photo.size)
+        for name, image in (("427x640", shifted), ("12MP", shifted.resize((4000, 3000), Image.LANCZOS))):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            out[name].append(buffer.getvalue())
+    return out
+
+
+def rate(function, items: list[bytes]) -> float:
+    function(items[0])  # warm-up: graph tracing, libraries loaded
+    started = time.perf_counter()
+    for item in items:
+        function(item)
+    return len(items) / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=40)
+    args = parser.parse_args()
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from components import records
+    from components.preprocess import PreprocessConfig, check_and_resize, preprocess
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    inputs = photos(args.copies)
+    config = PreprocessConfig(source="", output=Path(), image_size=SIZE)
+    scratch = Path(tempfile.mkdtemp())
+    writer = tf.io.TFRecordWriter(str(scratch / "bench.tfrecord"))
+
+    def naive(data: bytes) -> None:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        resized = tf.cast(tf.image.resize(image, [SIZE, SIZE]), tf.uint8)
+        tf.io.encode_jpeg(resized, quality=95).numpy()
+
+    def tf_reduced(data: bytes) -> None:
+        short = min(tf.io.extract_jpeg_shape(data).numpy()[:2])
+        ratio = max(r for r in (1, 2, 4, 8) if short // r >= SIZE)
+        tf.io.decode_jpeg(data, channels=3, ratio=ratio).numpy()
+
+    def pillow_draft(data: bytes) -> None:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (SIZE, SIZE))
+            image.load()
+
+    def ours(data: bytes) -> None:
+        encoded, _ = check_and_resize(data, config)
+        writer.write(records.make_example(encoded, 0, "x", SIZE, SIZE, "bench.jpg"))
+
+    report: dict = {"cpus": os.cpu_count(), "image_size": SIZE, "copies": args.copies, "per_core": {}}
+    for name, items in inputs.items():
+        floor_tf, floor_pillow = rate(tf_reduced, items), rate(pillow_draft, items)
+        row = {"naive": rate(naive, items), "floor_tf_reduced": floor_tf,
+               "floor_pillow_draft": floor_pillow, "ours": rate(ours, items)}
+        floor = max(floor_tf, floor_pillow)
+        row = {key: round(value, 1) for key, value in row.items()}
+        row["ours_over_floor"] = round(row["ours"] / floor, 2)
+        row["ours_over_naive"] = round(row["ours"] / row["naive"], 2)
+        report["per_core"][name] = row
+        print(json.dumps({name: row}), flush=True)
+    writer.close()
+
+    folder = scratch / "images"
+    for index, data in enumerate(inputs["427x640"] * 75):
+        target = folder / ("a" if index % 2 else "b") / f"{index:04d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    files = len(inputs["427x640"]) * 75  # 3,000 files: worker start-up (~3 s) amortised
+    timings = {}
+    for workers in (1, os.cpu_count() or 1):
+        started = time.perf_counter()
+        preprocess(PreprocessConfig(source=folder, output=scratch / f"out-{workers}", image_size=SIZE,
+                                    workers=workers, min_images_per_class=1))
+        timings[workers] = files / (time.perf_counter() - started)
+    cores = os.cpu_count() or 1
+    report["whole_run_img_per_s"] = {str(k): round(v, 1) for k, v in timings.items()}
+    report["scaling_efficiency"] = round(timings[cores] / (cores * timings[1]), 2)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
