@@ -38,16 +38,17 @@ BUILTIN_IMAGE_SIZE = 64
 BUILTIN_EPOCHS = 15
 
 
-def preprocess(source: str, image_size: int, dataset: Output[Dataset]):
+def preprocess(source: str, image_size: int, resize: str, dataset: Output[Dataset]):
     from pathlib import Path
 
     from components import preprocess as step
     from components.cli import configure_logging
 
     configure_logging()
-    manifest = step.preprocess(step.PreprocessConfig(source=Path(source), output=Path(dataset.path),
-                                           image_size=image_size))
+    manifest = step.preprocess(step.PreprocessConfig(source=source, output=Path(dataset.path),
+                                                     image_size=image_size, resize=resize))
     dataset.metadata.update({"classes": manifest["classes"], "image_size": image_size,
+                             "fingerprint": manifest["fingerprint"],
                              "rejected": len(manifest["rejected"]), **manifest["totals"]})
 
 
@@ -121,11 +122,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Retrain an EfficientNet-B0 image classifier: preprocess, train, "
                               "evaluate, export.")
-    def retrain(source: str, image_size: int = 224, epochs: int = 10, batch_size: int = 32,
-                learning_rate: float = 0.0, weights: str = "none",
+    def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
+                batch_size: int = 32, learning_rate: float = 0.0, weights: str = "none",
                 precision: str = "auto") -> Outputs:
         # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest
-        prepared = preprocess_op(source=source, image_size=image_size)
+        prepared = preprocess_op(source=source, image_size=image_size, resize=resize)
         # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights)
         trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
@@ -148,7 +149,7 @@ def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = 
 
 def run_local(data: str | None, workdir: Path, image_size: int | None = None,
               epochs: int | None = None, batch_size: int = 32, learning_rate: float = 0.0,
-              weights: str = "none", precision: str = "auto") -> dict:
+              weights: str = "none", precision: str = "auto", resize: str = "stretch") -> dict:
     """Run the whole pipeline through kfp.local and return the run summary."""
     from kfp import local
 
@@ -194,7 +195,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
     started = time.monotonic()
-    task = build_pipeline()(source=data, image_size=image_size, epochs=epochs,
+    task = build_pipeline()(source=data, image_size=image_size, resize=resize, epochs=epochs,
                             batch_size=batch_size, learning_rate=learning_rate, weights=weights,
                             precision=precision)
     exported = task.outputs["exported_model"]
@@ -204,6 +205,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         "classes": exported.metadata.get("classes"),
         "source": data,
         "image_size": image_size,
+        "resize": resize,
         "epochs": epochs,
         "weights": weights,
         "pipeline_root": str(pipeline_root),
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="folder of class sub-folders (default: the built-in patterns dataset)")
     run_cmd.add_argument("--image-size", type=int, default=None,
                          help=f"px (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
+    run_cmd.add_argument("--resize", choices=("stretch", "pad", "crop"), default="stretch",
+                         help="how a non-square image becomes square")
     run_cmd.add_argument("--epochs", type=int, default=None,
                          help=f"default 10; {BUILTIN_EPOCHS} for the built-in dataset")
     run_cmd.add_argument("--batch-size", type=int, default=32)
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         summary = run_local(args.data, args.workdir, args.image_size, args.epochs, args.batch_size,
-                            args.learning_rate, args.weights, args.precision)
+                            args.learning_rate, args.weights, args.precision, args.resize)
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
         # own error line is in the log above it.

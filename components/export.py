@@ -50,7 +50,8 @@ class ExportConfig:
     tolerance: float = 1e-4
 
 
-def write_saved_model(model, classes: list[str], image_size: int, path: Path) -> None:
+def write_saved_model(model, classes: list[str], image_size: int, path: Path,
+                      resize_policy: str = "stretch") -> None:
     import keras
     import tensorflow as tf
 
@@ -60,7 +61,8 @@ def write_saved_model(model, classes: list[str], image_size: int, path: Path) ->
 
     def serve(image_bytes):
         images = tf.map_fn(
-            lambda encoded: tf.cast(imaging.decode_and_resize(encoded, image_size), tf.float32),
+            lambda encoded: tf.cast(imaging.decode_and_resize(encoded, image_size, resize_policy),
+                                    tf.float32),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
@@ -130,9 +132,10 @@ def export(config: ExportConfig) -> dict[str, Any]:
     except (records.DatasetError, TrainError) as error:
         raise ExportError(str(error)) from None
     classes, image_size = summary["classes"], summary["image_size"]
+    resize_policy = summary.get("resize", "stretch")
 
     config.output.mkdir(parents=True, exist_ok=True)
-    write_saved_model(model, classes, image_size, config.output)
+    write_saved_model(model, classes, image_size, config.output, resize_policy)
     log.info("wrote SavedModel to %s", config.output)
 
     encoded, pixels = test_examples(dataset, config.verify_examples)
@@ -154,7 +157,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
     verification["tolerance"] = config.tolerance
     verification["passed"] = bool(verification["labels_match"]
                                   and verification["max_abs_difference"] <= config.tolerance)
-    info = {"classes": classes, "image_size": image_size, "input": INPUT_NAME,
+    info = {"classes": classes, "image_size": image_size, "resize": resize_policy, "input": INPUT_NAME,
             "outputs": ["probabilities", "labels"], "verification": verification}
     (config.output / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if not verification["passed"]:

@@ -141,17 +141,41 @@ def _apply_orientation(image, orientation):
     return tf.switch_case(orientation - 1, branches)
 
 
-def resize(image, size: int):
-    """uint8 [H, W, 3] -> uint8 [size, size, 3], stretched to a square.
+RESIZE_POLICIES = ("stretch", "pad", "crop")
+PAD_VALUE = 0  # black bars for "pad", as letterboxing usually is
 
+
+def resize(image, size: int, policy: str = "stretch"):
+    """uint8 [H, W, 3] -> uint8 [size, size, 3].
+
+    stretch: scale each axis to `size` (keeps all content, distorts the aspect ratio);
+    pad:     scale the long side to `size`, centre, fill the rest with PAD_VALUE;
+    crop:    scale the short side to `size`, keep the centre square.
     Antialiased bilinear: a large photo shrunk to 224 px keeps its detail instead of aliasing.
-    Rounded back to uint8 so that resizing an image already at `size` is the identity.
+    Rounded back to uint8 so that resizing a square image already at `size` is the identity.
     """
     import tensorflow as tf
 
-    resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+    if policy == "stretch":
+        target = tf.constant([size, size])
+    else:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        side = tf.reduce_max(shape) if policy == "pad" else tf.reduce_min(shape)
+        target = tf.maximum(tf.cast(tf.round(shape * (size / side)), tf.int32), 1)
+    resized = tf.image.resize(image, target, method="bilinear", antialias=True)
+    resized = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+    if policy == "pad":
+        offset = (size - target) // 2
+        resized = tf.pad(resized, [[offset[0], size - target[0] - offset[0]],
+                                   [offset[1], size - target[1] - offset[1]], [0, 0]],
+                         constant_values=PAD_VALUE)
+    elif policy == "crop":
+        offset = (target - size) // 2
+        resized = resized[offset[0]:offset[0] + size, offset[1]:offset[1] + size]
+    return tf.ensure_shape(resized, [size, size, 3])
 
 
-def decode_and_resize(encoded, size: int):
-    return resize(decode(encoded, target_size=size), size)
+def decode_and_resize(encoded, size: int, policy: str = "stretch"):
+    return resize(decode(encoded, target_size=size), size, policy)

@@ -54,6 +54,9 @@ class PreprocessConfig:
     source: str | Path  # local folder, s3://bucket/prefix or minio://bucket/prefix
     output: Path
     image_size: int = 224  # px, square; EfficientNet-B0's native resolution
+    # How a non-square image becomes square: stretch (keeps everything, distorts shapes),
+    # pad (keeps everything and the aspect ratio, adds bars), crop (fills the frame, loses edges).
+    resize: str = "stretch"
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     # A class needs an image in each of the three splits to be trained, tuned and tested.
@@ -76,6 +79,9 @@ class PreprocessConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 0.5:
                 raise PreprocessError(f"--{name.replace('_', '-')} must be in [0, 0.5), got {value}")
+        if self.resize not in imaging.RESIZE_POLICIES:
+            raise PreprocessError(f"--resize must be one of {', '.join(imaging.RESIZE_POLICIES)}, "
+                                  f"got {self.resize!r}")
         if self.min_images_per_class < 1:
             raise PreprocessError("--min-images-per-class must be at least 1")
         if not 1 <= self.jpeg_quality <= 100:
@@ -173,7 +179,7 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str]
     import tensorflow as tf
 
     try:
-        decoded, encoded = _decode_resize_encode(config.image_size, config.jpeg_quality)(data)
+        decoded, encoded = _decode_resize_encode(config.image_size, config.resize, config.jpeg_quality)(data)
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
         raise Rejected(f"corrupt or truncated image data ({image_format}): {_tf_message(error)}") from None
     # Same decoded pixels = same image, whatever the file name, format or metadata.
@@ -182,7 +188,7 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str]
 
 
 @functools.cache
-def _decode_resize_encode(image_size: int, jpeg_quality: int):
+def _decode_resize_encode(image_size: int, policy: str, jpeg_quality: int):
     """The per-image TF work as one graph, traced once: run eagerly, the decoder's dozens of
     small ops (format switch, EXIF parsing) cost more than the decoding itself (measured:
     74 img/s eager against 524 for a plain decode-resize-encode, bench/preprocess.py)."""
@@ -191,7 +197,7 @@ def _decode_resize_encode(image_size: int, jpeg_quality: int):
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
     def run(data):
         decoded = imaging.decode(data, target_size=image_size)
-        pixels = imaging.resize(decoded, image_size)
+        pixels = imaging.resize(decoded, image_size, policy)
         return decoded, tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)
 
     return run
@@ -431,7 +437,7 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
         "source": source_uri,
         "fingerprint": listing.fingerprint,
         "image_size": config.image_size,
-        "resize": "stretch",
+        "resize": config.resize,
         "encoding": "jpeg",
         "decoding": {"exif_orientation": "applied", "alpha_background": "white", "animation": "first frame"},
         "classes": listing.classes,
@@ -464,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fingerprint-only", action="store_true",
                         help="print the data fingerprint (from the listing, no image read) and exit")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="square side in px")
+    parser.add_argument("--resize", choices=imaging.RESIZE_POLICIES, default=defaults.resize,
+                        help="how a non-square image becomes square")
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
     parser.add_argument("--min-images-per-class", type=int, default=defaults.min_images_per_class)

@@ -278,6 +278,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "precision": precision,
         "classes": classes,
         "image_size": dataset.image_size,
+        "resize": dataset.manifest.get("resize", "stretch"),
         "train_images": dataset.count("train"),
         "best_epoch": best["epoch"],
         "best_val_accuracy": best.get("val_accuracy"),

@@ -88,3 +88,23 @@ def test_served_model_applies_exif_orientation_like_training(exported):
     serve = tf.saved_model.load(str(output)).signatures["serving_default"]
     out = serve(image_bytes=tf.constant([sideways, buffer.getvalue()]))["probabilities"].numpy()
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+
+
+def test_serving_signature_uses_the_datasets_resize_policy(trained_model, tmp_path):
+    import tensorflow as tf
+
+    from components import imaging
+    from components.export import write_saved_model
+    from components.train import load_trained
+
+    model, summary = load_trained(trained_model)
+    write_saved_model(model, summary["classes"], summary["image_size"], tmp_path / "padded", "pad")
+    image = np.zeros((20, 60, 3), np.uint8)
+    image[:, :30] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    served = tf.saved_model.load(str(tmp_path / "padded")).signatures["serving_default"](
+        image_bytes=tf.constant([buffer.getvalue()]))["probabilities"].numpy()
+    padded = imaging.resize(tf.constant(image), summary["image_size"], "pad")
+    expected = np.asarray(model(tf.cast(padded, tf.float32)[None], training=False))
+    np.testing.assert_allclose(served, expected, atol=1e-5)

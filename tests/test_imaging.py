@@ -78,3 +78,39 @@ def test_gray_with_alpha_16_bit_palette_cmyk_and_gif_become_rgb():
 def test_resize_to_the_same_size_is_the_identity():
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     np.testing.assert_array_equal(imaging.resize(tf.constant(pixels), 32).numpy(), pixels)
+
+
+def _halves(height: int, width: int) -> np.ndarray:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = 255  # white left half, black right half
+    return pixels
+
+
+def test_pad_keeps_the_whole_image_and_its_aspect_ratio():
+    out = imaging.resize(tf.constant(_halves(20, 40)), 32, "pad").numpy().astype(int)
+    assert out.shape == (32, 32, 3)
+    # 40 -> 32 wide, 20 -> 16 high, centred: 8 rows of bars above and below.
+    assert out[:7].max() == 0 and out[25:].max() == 0
+    assert out[12, :14].min() > 240 and out[12, 18:].max() < 15
+
+
+def test_crop_fills_the_frame_from_the_centre():
+    out = imaging.resize(tf.constant(_halves(20, 40)), 32, "crop").numpy().astype(int)
+    # 20 -> 32 high, 40 -> 64 wide, centre 32 columns kept: still half white, half black.
+    assert out[:, :14].min() > 240 and out[:, 18:].max() < 15
+
+
+def test_stretch_fills_the_square():
+    out = imaging.resize(tf.constant(_halves(20, 40)), 32, "stretch").numpy().astype(int)
+    assert out[:, :14].min() > 240 and out[:, 18:].max() < 15
+
+
+@pytest.mark.parametrize("policy", imaging.RESIZE_POLICIES)
+def test_every_policy_is_the_identity_on_a_square_at_size(policy):
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(imaging.resize(tf.constant(pixels), 32, policy).numpy(), pixels)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="resize policy must be one of"):
+        imaging.resize(tf.constant(_halves(4, 4)), 32, "squash")

@@ -21,7 +21,7 @@ def test_run_local_end_to_end_and_the_export_serves_raw_bytes(tmp_path):
     workdir = tmp_path / "work"
     result = subprocess.run(
         [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "32",
-         "--epochs", "2", "--batch-size", "8", "--workdir", str(workdir)],
+         "--resize", "pad", "--epochs", "2", "--batch-size", "8", "--workdir", str(workdir)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary_path = workdir / "run-summary.json"
@@ -32,6 +32,7 @@ def test_run_local_end_to_end_and_the_export_serves_raw_bytes(tmp_path):
     assert (exported / "saved_model.pb").is_file()
     info = json.loads((exported / "export_info.json").read_text())
     assert info["verification"]["passed"]
+    assert summary["resize"] == info["resize"] == "pad"  # the serving signature pads as preprocess did
 
     raw = sorted((source / "dots").glob("*.jpg"))[0]
     raw = raw if raw.name != "broken-truncated.jpg" else sorted((source / "dots").glob("*.jpg"))[1]
