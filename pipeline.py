@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kfp import compiler, dsl
-from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 log = logging.getLogger("pipeline")
 
@@ -38,7 +38,8 @@ BUILTIN_IMAGE_SIZE = 64
 BUILTIN_EPOCHS = 15
 
 
-def preprocess(source: str, image_size: int, resize: str, dataset: Output[Dataset]):
+def preprocess(source: str, image_size: int, resize: str, dataset: Output[Dataset],
+               report: Output[Markdown]):
     from pathlib import Path
 
     from components import preprocess as step
@@ -49,7 +50,10 @@ def preprocess(source: str, image_size: int, resize: str, dataset: Output[Datase
                                                      image_size=image_size, resize=resize))
     dataset.metadata.update({"classes": manifest["classes"], "image_size": image_size,
                              "fingerprint": manifest["fingerprint"],
+                             "duplicates": manifest["duplicates"],
                              "rejected": len(manifest["rejected"]), **manifest["totals"]})
+    with open(report.path, "w") as handle:
+        handle.write((Path(dataset.path) / step.REPORT).read_text())
 
 
 def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: float,

@@ -90,7 +90,7 @@ def main() -> int:
             image.load()
 
     def ours(data: bytes) -> None:
-        encoded, _ = check_and_resize(data, config)
+        encoded, _, _ = check_and_resize(data, config)
         writer.write(records.make_example(encoded, 0, "x", SIZE, SIZE, "bench.jpg"))
 
     report: dict = {"cpus": os.cpu_count(), "image_size": SIZE, "copies": args.copies, "per_core": {}}

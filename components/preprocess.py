@@ -148,8 +148,9 @@ def _tf_message(error) -> str:
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", message)
 
 
-def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str]:
-    """Validate one encoded image; return (JPEG bytes at image_size, sha256 of its decoded pixels).
+def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str, tuple[int, int]]:
+    """Validate one encoded image; return (JPEG bytes at image_size, sha256 of its decoded
+    pixels, its original (width, height)).
 
     Raises `Rejected` with a reason a person can act on.
     """
@@ -184,7 +185,7 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str]
         raise Rejected(f"corrupt or truncated image data ({image_format}): {_tf_message(error)}") from None
     # Same decoded pixels = same image, whatever the file name, format or metadata.
     digest = hashlib.sha256(decoded.numpy().tobytes()).hexdigest()
-    return encoded.numpy(), digest
+    return encoded.numpy(), digest, (width, height)
 
 
 @functools.cache
@@ -275,7 +276,8 @@ def _staging_folder(output: Path) -> Path:
     return staging
 
 
-WorkResult = tuple[str, bytes | None, str]  # (key, record or None, digest or rejection reason)
+# (key, record or None, digest or rejection reason, original (width, height) or None)
+WorkResult = tuple[str, bytes | None, str, tuple[int, int] | None]
 
 # Worker-process state: one source client and config per process, set by _init_worker.
 _WORKER: dict[str, Any] = {}
@@ -302,15 +304,15 @@ def _work(key: str) -> WorkResult:
     try:
         data = _WORKER["source"].read(key)
         config = _WORKER["config"]
-        encoded, digest = check_and_resize(data, config)
+        encoded, digest, size = check_and_resize(data, config)
         class_name = key.split("/", 1)[0]
         record = records.make_example(encoded, _WORKER["labels"][class_name], class_name,
                                       config.image_size, config.image_size, key)
-        return key, record, digest
+        return key, record, digest, size
     except Rejected as rejection:
-        return key, None, rejection.reason
+        return key, None, rejection.reason, None
     except storage.StorageError as error:
-        return key, None, f"unreadable: {error}"
+        return key, None, f"unreadable: {error}", None
 
 
 def _resolved_workers(config: PreprocessConfig, files: int) -> int:
@@ -371,11 +373,12 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
     spills = [tf.io.TFRecordWriter(str(spill_dir / f"{b:02d}.tfrecord")) for b in range(SPILL_BUCKETS)]
     spilled_keys: list[list[str]] = [[] for _ in range(SPILL_BUCKETS)]  # write order per bucket
     processed: list[Processed] = []
+    short_sides: list[int] = []
     rejected: list[dict[str, str]] = []
     progress = _Progress(len(listing.objects), "preprocess")
     try:
         keys = [o.key for o in listing.objects]
-        for key, record, detail in _process_all(source_uri, keys, config, listing.classes):
+        for key, record, detail, size in _process_all(source_uri, keys, config, listing.classes):
             progress.step()
             if record is None:
                 log.warning("rejected %s: %s", key, detail)
@@ -384,6 +387,7 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
             class_name = key.split("/", 1)[0]
             item = Processed(key=key, label=label_of[class_name], digest=detail)
             processed.append(item)
+            short_sides.append(min(size))
             bucket = int(detail[0], 16)
             spills[bucket].write(record)
             spilled_keys[bucket].append(key)
@@ -454,9 +458,57 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
     if manifest["imbalance_ratio"] > 3:
         log.warning("class imbalance: the largest class has %.1fx the images of the smallest; "
                     "class weights are in the manifest", manifest["imbalance_ratio"])
+    manifest["short_side_histogram"] = _histogram(short_sides)
     (staging / "rejected.json").write_text(json.dumps(rejected, indent=2) + "\n")
+    (staging / REPORT).write_text(render_report(manifest))
     records.write_manifest(staging, manifest)
     return manifest
+
+
+REPORT = "report.md"
+SIZE_BINS = (32, 64, 128, 224, 512, 1024, 2048)  # px, short side of the original image
+
+
+def _histogram(short_sides: list[int]) -> dict[str, int]:
+    edges = (0, *SIZE_BINS)
+    labels = [f"{low}-{high - 1}" for low, high in zip(edges, SIZE_BINS, strict=False)]
+    labels.append(f">={SIZE_BINS[-1]}")
+    counts = dict.fromkeys(labels, 0)
+    for side in short_sides:
+        index = sum(side >= edge for edge in SIZE_BINS)
+        counts[labels[index]] += 1
+    return counts
+
+
+def render_report(manifest: dict[str, Any]) -> str:
+    """A Markdown page a person reads before trusting the data (KFP shows it as a Markdown artifact)."""
+    classes = manifest["classes"]
+    lines = [
+        "# Preprocess report", "",
+        f"Source `{manifest['source']}`, fingerprint `{manifest['fingerprint'][:16]}`, "
+        f"{manifest['image_size']} px ({manifest['resize']}).", "",
+        "## Images per split and class", "",
+        "| class | " + " | ".join(records.SPLITS) + " | total | class weight |",
+        "|---|" + "---:|" * (len(records.SPLITS) + 2),
+    ]
+    for name in classes:
+        per_split = [manifest["counts"][split][name] for split in records.SPLITS]
+        lines.append(f"| {name} | " + " | ".join(map(str, per_split))
+                     + f" | {sum(per_split)} | {manifest['class_weights'][name]:.3f} |")
+    totals = [manifest["totals"][split] for split in records.SPLITS]
+    lines += ["| **all** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} | |", "",
+              f"Largest / smallest class: {manifest['imbalance_ratio']}x. "
+              f"Exact duplicates (same decoded pixels, kept in one split): {manifest['duplicates']}.", "",
+              f"## Rejected: {len(manifest['rejected'])}", ""]
+    if manifest["rejected"]:
+        lines += ["| reason | files | examples |", "|---|---:|---|"]
+        for reason, count in manifest["rejected_by_reason"].items():
+            examples = [r["path"] for r in manifest["rejected"] if r["reason"].split(":")[0] == reason][:3]
+            lines.append(f"| {reason} | {count} | " + ", ".join(f"`{e}`" for e in examples) + " |")
+        lines += ["", "Every rejected file with its full reason: `rejected.json`."]
+    lines += ["", "## Original image sizes (short side, px)", "", "| short side | images |", "|---|---:|"]
+    lines += [f"| {label} | {count} |" for label, count in manifest["short_side_histogram"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,3 +103,8 @@ def test_every_step_has_a_cli():
                                 capture_output=True, text=True)
         assert result.returncode == 0, (step, result.stderr)
         assert f"python -m components.{step}" in result.stdout
+
+
+def test_preprocess_publishes_a_markdown_report(spec):
+    outputs = spec["components"]["comp-preprocess"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"

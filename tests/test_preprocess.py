@@ -288,3 +288,15 @@ def test_odd_file_names_survive(image_folder, tmp_path):
               for row in read_all(tmp_path / "out", split)}
     assert {f"dots/{name}" for name in ODD_NAMES} <= stored
     assert sum(manifest["totals"].values()) == 32
+
+
+def test_markdown_report_tells_counts_rejections_and_sizes(image_folder, tmp_path):
+    (image_folder / "dots" / "junk.jpg").write_bytes(b"junk")
+    Image.new("RGB", (300, 600)).save(image_folder / "dots" / "big.png")
+    manifest = run(image_folder, tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| dots | " in report and f"| **all** | {manifest['totals']['train']} |" in report
+    assert "| not an image | 1 | `dots/junk.jpg` |" in report
+    assert manifest["short_side_histogram"]["32-63"] == 32  # the generated 32 px images
+    assert manifest["short_side_histogram"]["224-511"] == 1
+    assert "| 224-511 | 1 |" in report
