@@ -61,7 +61,10 @@ class PreprocessConfig:
     test_fraction: float = 0.1
     # A class needs an image in each of the three splits to be trained, tuned and tested.
     min_images_per_class: int = 3
-    jpeg_quality: int = 95  # shards store JPEG: 224 px at q95 is ~20 KB, near-lossless
+    # Shards store JPEG by default: 224 px at q95 is ~20 KB and near-lossless; PNG is exact
+    # (for pixel-precise data such as diagrams or medical scans) at several times the size.
+    encoding: str = "jpeg"
+    jpeg_quality: int = 95
     shard_size_mb: float = 100.0  # target per shard (TF guidance: 100-200 MB)
     # Pillow's own decompression-bomb threshold: a 218 KB PNG can decode to 675 MB.
     max_pixels: int = 89_478_485
@@ -84,6 +87,8 @@ class PreprocessConfig:
                                   f"got {self.resize!r}")
         if self.min_images_per_class < 1:
             raise PreprocessError("--min-images-per-class must be at least 1")
+        if self.encoding not in ("jpeg", "png"):
+            raise PreprocessError(f"--encoding must be jpeg or png, got {self.encoding!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise PreprocessError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.shard_size_mb <= 0:
@@ -180,7 +185,8 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
     import tensorflow as tf
 
     try:
-        decoded, encoded = _decode_resize_encode(config.image_size, config.resize, config.jpeg_quality)(data)
+        run = _decode_resize_encode(config.image_size, config.resize, config.encoding, config.jpeg_quality)
+        decoded, encoded = run(data)
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
         raise Rejected(f"corrupt or truncated image data ({image_format}): {_tf_message(error)}") from None
     # Same decoded pixels = same image, whatever the file name, format or metadata.
@@ -189,7 +195,7 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
 
 
 @functools.cache
-def _decode_resize_encode(image_size: int, policy: str, jpeg_quality: int):
+def _decode_resize_encode(image_size: int, policy: str, encoding: str, jpeg_quality: int):
     """The per-image TF work as one graph, traced once: run eagerly, the decoder's dozens of
     small ops (format switch, EXIF parsing) cost more than the decoding itself (measured:
     74 img/s eager against 524 for a plain decode-resize-encode, bench/preprocess.py)."""
@@ -199,6 +205,8 @@ def _decode_resize_encode(image_size: int, policy: str, jpeg_quality: int):
     def run(data):
         decoded = imaging.decode(data, target_size=image_size)
         pixels = imaging.resize(decoded, image_size, policy)
+        if encoding == "png":
+            return decoded, tf.io.encode_png(pixels)
         return decoded, tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)
 
     return run
@@ -307,7 +315,7 @@ def _work(key: str) -> WorkResult:
         encoded, digest, size = check_and_resize(data, config)
         class_name = key.split("/", 1)[0]
         record = records.make_example(encoded, _WORKER["labels"][class_name], class_name,
-                                      config.image_size, config.image_size, key)
+                                      config.image_size, config.image_size, key, config.encoding)
         return key, record, digest, size
     except Rejected as rejection:
         return key, None, rejection.reason, None
@@ -442,7 +450,7 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
         "fingerprint": listing.fingerprint,
         "image_size": config.image_size,
         "resize": config.resize,
-        "encoding": "jpeg",
+        "encoding": config.encoding,
         "decoding": {"exif_orientation": "applied", "alpha_background": "white", "animation": "first frame"},
         "classes": listing.classes,
         "counts": counts,
@@ -527,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
     parser.add_argument("--min-images-per-class", type=int, default=defaults.min_images_per_class)
+    parser.add_argument("--encoding", choices=("jpeg", "png"), default=defaults.encoding,
+                        help="how resized images are stored in the shards")
     parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
     parser.add_argument("--shard-size-mb", type=float, default=defaults.shard_size_mb)
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,

@@ -9,7 +9,7 @@ A prepared dataset is a folder:
     manifest.json                 # classes, counts, shards (records, bytes, sha256), config
     _COMPLETE                     # written last: the manifest's sha256
 
-Each record is a `tf.train.Example` with `image/encoded` (JPEG bytes, already resized to
+Each record is a `tf.train.Example` with `image/encoded` (JPEG or PNG bytes, already resized to
 `image_size` x `image_size`), `image/format`, `image/class/label` (int64 index into the
 manifest's `classes`), `image/class/text`, `image/height`, `image/width` and
 `image/source` (the input path, so a bad prediction can be traced back to its file).

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from components import records
+from components import imaging, records
 from components.preprocess import PreprocessConfig, PreprocessError, preprocess
 from tests.conftest import TINY_SIZE, make_image_folder
 
@@ -300,3 +300,17 @@ def test_markdown_report_tells_counts_rejections_and_sizes(image_folder, tmp_pat
     assert manifest["short_side_histogram"]["32-63"] == 32  # the generated 32 px images
     assert manifest["short_side_histogram"]["224-511"] == 1
     assert "| 224-511 | 1 |" in report
+
+
+def test_png_storage_is_lossless_and_trains_from_the_same_reader(image_folder, tmp_path):
+    manifest = run(image_folder, tmp_path / "png", encoding="png")
+    assert manifest["encoding"] == "png"
+    rows = read_all(tmp_path / "png", "train")
+    assert rows[0]["image/format"] == b"png"
+    assert rows[0]["image/encoded"].startswith(b"\x89PNG")
+    original = (image_folder / rows[0]["image/source"].decode()).read_bytes()
+    expected = imaging.decode_and_resize(tf.constant(original), TINY_SIZE).numpy()
+    np.testing.assert_array_equal(tf.io.decode_png(rows[0]["image/encoded"]).numpy(), expected)
+    images = [image for image, _ in records.read_split(records.load(tmp_path / "png"), "train")]
+    assert len(images) == manifest["totals"]["train"]
+    assert images[0].shape == (TINY_SIZE, TINY_SIZE, 3)
