@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_cmd.add_argument("--gpu-image", default=DEFAULT_GPU_IMAGE, help="train step image")
     run_cmd = commands.add_parser("run-local", help="run the pipeline here through kfp.local")
     run_cmd.add_argument("--data", default=None,
-                         help="folder of class sub-folders (default: the built-in patterns dataset)")
+                         help="folder of class sub-folders, or s3://, minio:// or gs://bucket/prefix "
+                              "(default: the built-in patterns dataset)")
     run_cmd.add_argument("--image-size", type=int, default=None,
                          help=f"px (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
     run_cmd.add_argument("--resize", choices=("stretch", "pad", "crop"), default="stretch",

@@ -4,8 +4,8 @@
     python -m components.preprocess --source s3://bucket/flowers --output /tmp/prepared
     python -m components.preprocess --source s3://bucket/flowers --fingerprint-only
 
-The source is a local folder or an S3-compatible prefix (`components.storage`) laid out as
-`<class>/<file>`. Every file is read once, by a pool of worker processes; a file that is not a
+The source is a local folder, an S3-compatible prefix or a GCS prefix (`components.storage`),
+laid out as `<class>/<file>`. Every file is read once, by a pool of worker processes; a file that is not a
 decodable image (empty, truncated, an HTML page saved as .jpg, an unsupported format, too many
 pixels) is rejected with its reason (`rejected.json`), never a crash. Valid images are
 converted to RGB, resized by `components.imaging` (the code the exported model runs) and split
@@ -51,7 +51,7 @@ class PreprocessError(ValueError):
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    source: str | Path  # local folder, s3://bucket/prefix or minio://bucket/prefix
+    source: str | Path  # local folder, s3://, minio:// or gs://bucket/prefix
     output: Path
     image_size: int = 224  # px, square; EfficientNet-B0's native resolution
     # How a non-square image becomes square: stretch (keeps everything, distorts shapes),
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check, resize and shard a folder of labelled images into TFRecords.")
     defaults = PreprocessConfig(source=Path(), output=Path())
     parser.add_argument("--source", required=True,
-                        help="folder of class sub-folders, or s3://bucket/prefix, minio://bucket/prefix")
+                        help="folder of class sub-folders, or s3://, minio:// or gs://bucket/prefix")
     parser.add_argument("--output", type=Path, help="new folder for shards + manifest.json")
     parser.add_argument("--fingerprint-only", action="store_true",
                         help="print the data fingerprint (from the listing, no image read) and exit")

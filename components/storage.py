@@ -5,6 +5,7 @@ A source is a local folder or an S3-compatible bucket prefix laid out as `<class
     /data/flowers               local folder
     s3://bucket/prefix          any S3-compatible endpoint (MinIO, SeaweedFS, AWS)
     minio://bucket/prefix       the same; the name Kubeflow users know
+    gs://bucket/prefix          Google Cloud Storage
 
 Endpoint and credentials come from the environment, never from parameters (they would be
 written into the compiled pipeline):
@@ -13,6 +14,9 @@ written into the compiled pipeline):
                                          host:port means TLS; unset means AWS S3
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     AWS_REGION (optional)
+
+Google Cloud Storage uses Application Default Credentials (workload identity on GKE, or
+GOOGLE_APPLICATION_CREDENTIALS); STORAGE_EMULATOR_HOST points it at an emulator.
 """
 
 from __future__ import annotations
@@ -183,12 +187,74 @@ class ObjectStoreSource:
         return []
 
 
+class GCSSource:
+    def __init__(self, uri: str):
+        from google.auth.exceptions import DefaultCredentialsError
+        from google.cloud import storage as gcs
+
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"{uri} names no bucket; expected gs://bucket/prefix")
+        self.uri = uri
+        self.bucket_name = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        try:
+            self.client = gcs.Client()
+        except DefaultCredentialsError:
+            raise StorageError("no Google Cloud credentials: set GOOGLE_APPLICATION_CREDENTIALS, or run "
+                               "with workload identity") from None
+
+    def _explain(self, error: Exception) -> StorageError:
+        from google.api_core import exceptions
+
+        if isinstance(error, exceptions.NotFound):
+            return StorageError(f"bucket {self.bucket_name!r} (or an object in it) does not exist: {error}")
+        if isinstance(error, exceptions.Forbidden | exceptions.Unauthorized):
+            return StorageError(f"Google Cloud Storage refused access to bucket {self.bucket_name!r}: "
+                                f"{error}")
+        return StorageError(f"cannot read gs://{self.bucket_name}: {type(error).__name__}: "
+                            f"{str(error)[:300]}")
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        import requests
+        from google.api_core.exceptions import GoogleAPIError
+
+        return (GoogleAPIError, requests.RequestException, OSError)
+
+    def list(self) -> list[SourceObject]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        try:
+            for blob in self.client.list_blobs(self.bucket_name, prefix=prefix):
+                key = blob.name[len(prefix):]
+                if key and not blob.name.endswith("/") and not _hidden(key):
+                    found.append(SourceObject(key=key, size=int(blob.size or 0),
+                                              etag=blob.etag or blob.md5_hash or ""))
+        except self._errors() as error:
+            raise self._explain(error) from None
+        if not found:
+            raise StorageError(f"no objects under {self.uri}; expected <prefix>/<class>/<image>")
+        return sorted(found, key=lambda o: o.key)
+
+    def read(self, key: str) -> bytes:
+        name = f"{self.prefix}/{key}" if self.prefix else key
+        try:
+            return self.client.bucket(self.bucket_name).blob(name).download_as_bytes()
+        except self._errors() as error:
+            raise self._explain(error) from None
+
+    def class_folders(self) -> list[str]:
+        return []
+
+
 def open_source(uri: str) -> Source:
-    """A `Source` for a local path or an `s3://` / `minio://` URI."""
+    """A `Source` for a local path or an `s3://`, `minio://` or `gs://` URI."""
     scheme = urlparse(uri).scheme if "://" in uri else ""
     if not scheme:
         return LocalSource(Path(uri))
     if scheme in OBJECT_STORE_SCHEMES:
         return ObjectStoreSource(uri)
-    raise StorageError(f"unsupported source {uri!r}: use a local folder, s3://bucket/prefix or "
-                       "minio://bucket/prefix")
+    if scheme == "gs":
+        return GCSSource(uri)
+    raise StorageError(f"unsupported source {uri!r}: use a local folder, s3://bucket/prefix, "
+                       "minio://bucket/prefix or gs://bucket/prefix")

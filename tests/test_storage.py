@@ -116,3 +116,34 @@ def test_odd_object_names_in_a_bucket(s3_env, s3, tmp_path):
     assert manifest["rejected"] == []
     assert manifest["counts"]["train"]["dots"] + manifest["counts"]["validation"]["dots"] + manifest[
         "counts"]["test"]["dots"] == 3
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    from tests.gcs_stand_in import GCSStandIn
+
+    stand_in = GCSStandIn()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", stand_in.url)
+    yield stand_in
+    stand_in.stop()
+
+
+def test_gcs_source_contract_with_a_local_json_api_stand_in(gcs, tmp_path):
+    folder = make_image_folder(tmp_path / "images", images_per_class=4, broken=True)
+    gcs.buckets["photos"] = {f"sets/v1/{path.relative_to(folder).as_posix()}": path.read_bytes()
+                             for path in folder.rglob("*") if path.is_file()}
+    local = preprocess(PreprocessConfig(source=folder, output=tmp_path / "local", image_size=TINY_SIZE))
+    remote = preprocess(PreprocessConfig(source="gs://photos/sets/v1", output=tmp_path / "gs",
+                                         image_size=TINY_SIZE))
+    assert remote["shards"] == local["shards"]
+    assert remote["rejected"] == local["rejected"]
+    assert any(request.startswith("/storage/v1/b/photos/o?") and "prefix=sets%2Fv1%2F" in request
+               for request in gcs.requests)
+
+
+def test_gcs_missing_bucket_and_empty_prefix(gcs, tmp_path):
+    with pytest.raises(PreprocessError, match="bucket 'nope' .*does not exist"):
+        preprocess(PreprocessConfig(source="gs://nope/x", output=tmp_path / "a"))
+    gcs.buckets["empty"] = {}
+    with pytest.raises(PreprocessError, match="no objects under gs://empty/x"):
+        preprocess(PreprocessConfig(source="gs://empty/x", output=tmp_path / "b"))
