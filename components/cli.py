@@ -1,12 +1,15 @@
-"""What every entry point shares: logging set-up and turning user errors into one clear line."""
+"""What every step shares: logging set-up, user errors as one clear line, configs saved as JSON."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("components")
 
@@ -33,3 +36,9 @@ def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
     except errors as error:
         log.error("error: %s", error)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def json_config(config: Any) -> dict[str, Any]:
+    """A step's resolved dataclass config as JSON-ready values, to save beside its output."""
+    return {key: (str(value) if isinstance(value, Path) else value)
+            for key, value in dataclasses.asdict(config).items()}

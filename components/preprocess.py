@@ -18,7 +18,6 @@ staging folder that is renamed at the end, the `_COMPLETE` marker written last.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import io
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from components import imaging, records, storage
+from components.cli import json_config
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,16 @@ class PreprocessConfig:
             raise PreprocessError("--min-side must be at least 1")
 
 
+def class_of(key: str) -> str:
+    """The class of a source key: its first path component (`<class>/<file>`)."""
+    return key.split("/", 1)[0]
+
+
+def reason_kind(reason: str) -> str:
+    """A rejection reason without its specifics ("too small: 1x50, ..." -> "too small")."""
+    return reason.split(":")[0]
+
+
 class Rejected(Exception):
     """One input file cannot be used; `reason` says why in words."""
 
@@ -125,8 +135,8 @@ def list_source(source: storage.Source) -> SourceListing:
         log.warning("ignoring %d file(s) directly under %s (only class sub-folders are read): %s",
                     len(stray), source.uri, ", ".join(stray[:5]))
     objects = [o for o in objects if "/" in o.key]
-    classes = sorted({o.key.split("/", 1)[0] for o in objects})
-    folders = getattr(source, "class_folders", list)()
+    classes = sorted({class_of(o.key) for o in objects})
+    folders = source.class_folders()
     empty = sorted(set(folders) - set(classes))
     if not classes and not empty:
         raise PreprocessError(
@@ -313,7 +323,7 @@ def _work(key: str) -> WorkResult:
         data = _WORKER["source"].read(key)
         config = _WORKER["config"]
         encoded, digest, size = check_and_resize(data, config)
-        class_name = key.split("/", 1)[0]
+        class_name = class_of(key)
         record = records.make_example(encoded, _WORKER["labels"][class_name], class_name,
                                       config.image_size, config.image_size, key, config.encoding)
         return key, record, digest, size
@@ -392,7 +402,7 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
                 log.warning("rejected %s: %s", key, detail)
                 rejected.append({"path": key, "reason": detail})
                 continue
-            class_name = key.split("/", 1)[0]
+            class_name = class_of(key)
             item = Processed(key=key, label=label_of[class_name], digest=detail)
             processed.append(item)
             short_sides.append(min(size))
@@ -442,8 +452,6 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
     class_weights = {name: round(total_train / (len(listing.classes) * n), 6) if n else 0.0
                      for name, n in train_counts.items()}
     rejected.sort(key=lambda r: r["path"])
-    resolved = {key: (str(value) if isinstance(value, Path) else value)
-                for key, value in dataclasses.asdict(config).items()}
     manifest = {
         "format_version": records.FORMAT_VERSION,
         "source": source_uri,
@@ -460,8 +468,8 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
         "imbalance_ratio": round(max(valid.values()) / max(min(valid.values()), 1), 3),
         "duplicates": duplicates,
         "rejected": rejected,
-        "rejected_by_reason": dict(sorted(Counter(r["reason"].split(":")[0] for r in rejected).items())),
-        "config": resolved,
+        "rejected_by_reason": dict(sorted(Counter(reason_kind(r["reason"]) for r in rejected).items())),
+        "config": json_config(config),
     }
     if manifest["imbalance_ratio"] > 3:
         log.warning("class imbalance: the largest class has %.1fx the images of the smallest; "
@@ -511,7 +519,7 @@ def render_report(manifest: dict[str, Any]) -> str:
     if manifest["rejected"]:
         lines += ["| reason | files | examples |", "|---|---:|---|"]
         for reason, count in manifest["rejected_by_reason"].items():
-            examples = [r["path"] for r in manifest["rejected"] if r["reason"].split(":")[0] == reason][:3]
+            examples = [r["path"] for r in manifest["rejected"] if reason_kind(r["reason"]) == reason][:3]
             lines.append(f"| {reason} | {count} | " + ", ".join(f"`{e}`" for e in examples) + " |")
         lines += ["", "Every rejected file with its full reason: `rejected.json`."]
     lines += ["", "## Original image sizes (short side, px)", "", "| short side | images |", "|---|---:|"]

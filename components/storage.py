@@ -48,6 +48,8 @@ class Source(Protocol):
 
     def read(self, key: str) -> bytes: ...
 
+    def class_folders(self) -> list[str]: ...
+
 
 def _hidden(key: str) -> bool:
     return any(part.startswith(".") for part in key.split("/"))
@@ -74,7 +76,7 @@ class LocalSource:
         return (self.root / key).read_bytes()
 
     def class_folders(self) -> list[str]:
-        """Sub-folders, including empty ones (an object store has no empty folders)."""
+        """Sub-folders, including empty ones, so that an empty class folder can be reported."""
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -119,14 +121,37 @@ def make_client(endpoint: Endpoint):
                  secure=endpoint.secure, region=endpoint.region, http_client=http)
 
 
-class ObjectStoreSource:
-    def __init__(self, uri: str, environ: dict[str, str] | None = None):
+class _BucketSource:
+    """What every bucket-prefix source shares: the URI's parts, key <-> object name, and the
+    checks on a finished listing. Subclasses talk to their store."""
+
+    def __init__(self, uri: str):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"{uri} names no bucket; expected {parsed.scheme}://bucket/prefix")
         self.uri = uri
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
+
+    @property
+    def list_prefix(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
+    def object_name(self, key: str) -> str:
+        return self.list_prefix + key
+
+    def listed(self, found: list[SourceObject], where: str = "") -> list[SourceObject]:
+        if not found:
+            raise StorageError(f"no objects under {self.uri}{where}; expected <prefix>/<class>/<image>")
+        return sorted(found, key=lambda o: o.key)
+
+    def class_folders(self) -> list[str]:
+        return []  # an object store has no empty folders
+
+
+class ObjectStoreSource(_BucketSource):
+    def __init__(self, uri: str, environ: dict[str, str] | None = None):
+        super().__init__(uri)
         self.endpoint = endpoint_from_env(environ)
         self.client = make_client(self.endpoint)
 
@@ -151,7 +176,7 @@ class ObjectStoreSource:
         import urllib3
         from minio.error import S3Error
 
-        prefix = f"{self.prefix}/" if self.prefix else ""
+        prefix = self.list_prefix
         found = []
         try:
             for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
@@ -163,18 +188,14 @@ class ObjectStoreSource:
                                               etag=(item.etag or "").strip('"')))
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
             raise self._explain(error) from None
-        if not found:
-            raise StorageError(f"no objects under {self.uri} at {self._where()}; "
-                               "expected <prefix>/<class>/<image>")
-        return sorted(found, key=lambda o: o.key)
+        return self.listed(found, f" at {self._where()}")
 
     def read(self, key: str) -> bytes:
         import urllib3
         from minio.error import S3Error
 
-        name = f"{self.prefix}/{key}" if self.prefix else key
         try:
-            response = self.client.get_object(self.bucket, name)
+            response = self.client.get_object(self.bucket, self.object_name(key))
             try:
                 return response.read()
             finally:
@@ -183,21 +204,13 @@ class ObjectStoreSource:
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
             raise self._explain(error) from None
 
-    def class_folders(self) -> list[str]:
-        return []
 
-
-class GCSSource:
+class GCSSource(_BucketSource):
     def __init__(self, uri: str):
         from google.auth.exceptions import DefaultCredentialsError
         from google.cloud import storage as gcs
 
-        parsed = urlparse(uri)
-        if not parsed.netloc:
-            raise StorageError(f"{uri} names no bucket; expected gs://bucket/prefix")
-        self.uri = uri
-        self.bucket_name = parsed.netloc
-        self.prefix = parsed.path.strip("/")
+        super().__init__(uri)
         try:
             self.client = gcs.Client()
         except DefaultCredentialsError:
@@ -208,11 +221,11 @@ class GCSSource:
         from google.api_core import exceptions
 
         if isinstance(error, exceptions.NotFound):
-            return StorageError(f"bucket {self.bucket_name!r} (or an object in it) does not exist: {error}")
+            return StorageError(f"bucket {self.bucket!r} (or an object in it) does not exist: {error}")
         if isinstance(error, exceptions.Forbidden | exceptions.Unauthorized):
-            return StorageError(f"Google Cloud Storage refused access to bucket {self.bucket_name!r}: "
+            return StorageError(f"Google Cloud Storage refused access to bucket {self.bucket!r}: "
                                 f"{error}")
-        return StorageError(f"cannot read gs://{self.bucket_name}: {type(error).__name__}: "
+        return StorageError(f"cannot read gs://{self.bucket}: {type(error).__name__}: "
                             f"{str(error)[:300]}")
 
     def _errors(self) -> tuple[type[BaseException], ...]:
@@ -222,29 +235,23 @@ class GCSSource:
         return (GoogleAPIError, requests.RequestException, OSError)
 
     def list(self) -> list[SourceObject]:
-        prefix = f"{self.prefix}/" if self.prefix else ""
+        prefix = self.list_prefix
         found = []
         try:
-            for blob in self.client.list_blobs(self.bucket_name, prefix=prefix):
+            for blob in self.client.list_blobs(self.bucket, prefix=prefix):
                 key = blob.name[len(prefix):]
                 if key and not blob.name.endswith("/") and not _hidden(key):
                     found.append(SourceObject(key=key, size=int(blob.size or 0),
                                               etag=blob.etag or blob.md5_hash or ""))
         except self._errors() as error:
             raise self._explain(error) from None
-        if not found:
-            raise StorageError(f"no objects under {self.uri}; expected <prefix>/<class>/<image>")
-        return sorted(found, key=lambda o: o.key)
+        return self.listed(found)
 
     def read(self, key: str) -> bytes:
-        name = f"{self.prefix}/{key}" if self.prefix else key
         try:
-            return self.client.bucket(self.bucket_name).blob(name).download_as_bytes()
+            return self.client.bucket(self.bucket).blob(self.object_name(key)).download_as_bytes()
         except self._errors() as error:
             raise self._explain(error) from None
-
-    def class_folders(self) -> list[str]:
-        return []
 
 
 def open_source(uri: str) -> Source:

@@ -15,7 +15,6 @@ scratch; what tests and the built-in dataset use, since nothing may be downloade
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from components import records
+from components.cli import json_config
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     history = epoch_logger.rows
     best = max(history, key=lambda row: row.get("val_accuracy", -1.0))
     summary = {
-        "config": {key: (str(value) if isinstance(value, Path) else value)
-                   for key, value in dataclasses.asdict(config).items()},
+        "config": json_config(config),
         "learning_rate": learning_rate,
         "precision": precision,
         "classes": classes,
