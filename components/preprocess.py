@@ -18,6 +18,7 @@ staging folder that is renamed at the end, the `_COMPLETE` marker written last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import io
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -72,6 +74,9 @@ class PreprocessConfig:
     # Smallest accepted side in px. Low-resolution datasets (32 px icons, CIFAR-like crops)
     # are legitimate, so by default only degenerate 1-pixel-wide strips are refused.
     min_side: int = 2
+    # JPEGs whose scan data libjpeg reports as corrupt while still decoding them (part of the
+    # picture grey or garbled) are refused unless this is set.
+    allow_damaged: bool = False
 
     def validate(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -194,14 +199,63 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
 
     import tensorflow as tf
 
-    try:
-        run = _decode_resize_encode(config.image_size, config.resize, config.encoding, config.jpeg_quality)
-        decoded, encoded = run(data)
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-        raise Rejected(f"corrupt or truncated image data ({image_format}): {_tf_message(error)}") from None
+    run = _decode_resize_encode(config.image_size, config.resize, config.encoding, config.jpeg_quality)
+    with _native_stderr().capture() as printed:
+        try:
+            decoded, encoded = run(data)
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+            raise Rejected(f"corrupt or truncated image data ({image_format}): {_tf_message(error)}") from None
+    damage = [line.strip() for line in printed if line.strip().startswith(DAMAGED_JPEG_WARNINGS)]
+    if damage and not config.allow_damaged:
+        raise Rejected(f"damaged image data, decodable only with defects ({image_format}): "
+                       f"{damage[0]}; --allow-damaged keeps such files")
+    other = [line for line in printed if line.strip() and line.strip() not in damage]
+    if other:  # not ours to judge: pass on whatever else native code printed
+        print("\n".join(other), file=sys.stderr)
     # Same decoded pixels = same image, whatever the file name, format or metadata.
     digest = hashlib.sha256(decoded.numpy().tobytes()).hexdigest()
     return encoded.numpy(), digest, (width, height)
+
+
+# libjpeg's warnings (jerror.h, JWRN_*) for scan data it decoded anyway, filling what it could
+# not read with grey or garbage. Benign warnings (an unknown JFIF revision, say) are not here.
+DAMAGED_JPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file",
+                         "Inconsistent progression sequence")
+
+
+class _NativeStderr:
+    """Collects what native code writes to file descriptor 2 while a block runs.
+
+    libjpeg reports damaged-but-decodable data only by printing a warning from C, and TF and
+    Pillow both return the pixels as if nothing were wrong, so the warning text is the only
+    signal there is. One capture file per process, reused for every image."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        lines: list[str] = []
+        sys.stderr.flush()
+        saved = os.dup(2)
+        fd = self._file.fileno()
+        os.dup2(fd, 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            size = os.fstat(fd).st_size
+            if size:
+                lines.extend(os.pread(fd, size, 0).decode(errors="replace").splitlines())
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+
+
+@functools.cache
+def _native_stderr() -> _NativeStderr:
+    return _NativeStderr()
 
 
 @functools.cache
@@ -306,9 +360,13 @@ def _init_worker(source_uri: str, config: PreprocessConfig, classes: list[str]) 
     import tensorflow as tf
 
     # One thread per process: the processes are the parallelism, and TF's own thread pools
-    # would fight over the same cores.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    # would fight over the same cores. In-process (a single worker) TF may already be running,
+    # in a notebook say, and then its pools stay as they are.
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
     _WORKER["source"] = storage.open_source(source_uri)
     _WORKER["config"] = config
     _WORKER["labels"] = {name: index for index, name in enumerate(classes)}
@@ -552,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=defaults.workers, help="0 = one per CPU core")
     parser.add_argument("--min-side", type=int, default=defaults.min_side,
                         help="refuse images with a side shorter than this (px)")
+    parser.add_argument("--allow-damaged", action="store_true",
+                        help="keep JPEGs that decode only with corrupt-data warnings (refused by default)")
     return parser
 
 

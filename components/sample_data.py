@@ -2,10 +2,12 @@
 
 Four classes (checkerboard, dots, horizontal-stripes, vertical-stripes), each drawn with random
 colours, period and phase plus pixel noise and blur, saved as JPEG (every 10th as PNG) in class
-sub-folders, exactly the layout users point `preprocess` at. Two deliberately broken files are
-added so that a default run also shows how bad input is rejected and reported:
-`dots/broken-truncated.jpg` (a JPEG cut in half) and `checkerboard/error-page.jpg` (HTML saved
-under an image name, as a failed download often is).
+sub-folders, exactly the layout users point `preprocess` at. Three deliberately broken files
+are added so that a default run also shows how bad input is rejected and reported:
+`dots/broken-truncated.jpg` (a JPEG cut in half), `checkerboard/error-page.jpg` (HTML saved
+under an image name, as a failed download often is) and `horizontal-stripes/damaged-scan.jpg`
+(bytes flipped inside the compressed data: decoders return a partly garbled picture without
+an error).
 
 Why patterns and not objects: EfficientNet-B0 trained from scratch (nothing may be downloaded
 here, so no ImageNet weights) learns textures within a few epochs on a CPU, while rotated
@@ -95,6 +97,12 @@ def generate(config: SampleDataConfig) -> Path:
         (config.output / "checkerboard" / "error-page.jpg").write_bytes(
             b"<html><body><h1>503 Service Unavailable</h1></body></html>\n"
         )
+        damaged = bytearray(encoded)
+        scan = damaged.index(b"\xff\xda")
+        for i in range((scan + len(damaged)) // 2, (scan + len(damaged)) // 2 + 64):
+            if damaged[i] != 0xFF and damaged[i - 1] != 0xFF:  # keep the markers intact
+                damaged[i] ^= 0x5A
+        (config.output / "horizontal-stripes" / "damaged-scan.jpg").write_bytes(bytes(damaged))
     log.info("wrote %d images of %d classes to %s",
              config.images_per_class * len(CLASSES), len(CLASSES), config.output)
     return config.output
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=SampleDataConfig.image_size)
     parser.add_argument("--seed", type=int, default=SampleDataConfig.seed)
     parser.add_argument("--no-broken-files", action="store_true",
-                        help="leave out the two deliberately broken files")
+                        help="leave out the three deliberately broken files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     generate(SampleDataConfig(output=args.output, images_per_class=args.images_per_class,

@@ -69,6 +69,21 @@ def test_split_is_stratified_disjoint_and_deterministic(image_folder, tmp_path):
         assert all(count >= 1 for count in first["counts"][split].values()), split
 
 
+def damaged_jpeg() -> bytes:
+    """A JPEG whose scan data has bytes flipped: TF and Pillow both decode it without an error,
+    only libjpeg's warning on stderr says the picture is partly garbage."""
+    pixels = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    data = bytearray(buffer.getvalue())
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    for i in range(middle, middle + 100):
+        if data[i] != 0xFF and data[i - 1] != 0xFF:
+            data[i] ^= 0x5A
+    assert tf.io.decode_jpeg(bytes(data)).shape == (96, 128, 3)  # the decoder tolerates it
+    return bytes(data)
+
+
 def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="JPEG")
@@ -82,6 +97,7 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     (image_folder / "dots" / "notes.txt").write_text("not an image\n")
     (image_folder / "dots" / "page.jpg").write_bytes(b"<!DOCTYPE html><html>403</html>")
     Image.new("RGB", (40, 30)).save(image_folder / "dots" / "scan.tiff", format="TIFF")
+    (image_folder / "dots" / "damaged.jpg").write_bytes(damaged_jpeg())
 
     manifest = run(image_folder, tmp_path / "out")
 
@@ -93,7 +109,20 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     assert reasons["dots/notes.txt"].startswith("not an image")
     assert "HTML" in reasons["dots/page.jpg"]
     assert reasons["dots/scan.tiff"].startswith("unsupported image format TIFF")
+    assert reasons["dots/damaged.jpg"].startswith(
+        "damaged image data, decodable only with defects (JPEG): Corrupt JPEG data:")
+    assert len(manifest["rejected"]) == 7
     assert sum(manifest["totals"].values()) == 32
+
+
+def test_damaged_jpeg_is_kept_when_allowed(image_folder, tmp_path, capfd):
+    (image_folder / "dots" / "damaged.jpg").write_bytes(damaged_jpeg())
+    manifest = run(image_folder, tmp_path / "out", allow_damaged=True)
+    assert manifest["rejected"] == []
+    assert sum(manifest["totals"].values()) == 33
+    # A healthy run leaves stderr as it found it: the capture is undone after each image.
+    print("after", file=sys.stderr)
+    assert capfd.readouterr().err.endswith("after\n")
 
 
 def test_too_many_pixels_is_refused_from_the_header(image_folder, tmp_path):
