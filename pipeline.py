@@ -38,7 +38,7 @@ BUILTIN_IMAGE_SIZE = 64
 BUILTIN_EPOCHS = 15
 
 
-def preprocess(source: str, image_size: int, resize: str, dataset: Output[Dataset],
+def preprocess(source: str, image_size: int, resize: str, tfds_data_dir: str, dataset: Output[Dataset],
                report: Output[Markdown]):
     from pathlib import Path
 
@@ -47,7 +47,8 @@ def preprocess(source: str, image_size: int, resize: str, dataset: Output[Datase
 
     configure_logging()
     manifest = step.preprocess(step.PreprocessConfig(source=source, output=Path(dataset.path),
-                                                     image_size=image_size, resize=resize))
+                                                     image_size=image_size, resize=resize,
+                                                     tfds_data_dir=tfds_data_dir))
     dataset.metadata.update({"classes": manifest["classes"], "image_size": image_size,
                              "fingerprint": manifest["fingerprint"],
                              "duplicates": manifest["duplicates"],
@@ -128,9 +129,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
                               "evaluate, export.")
     def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
                 batch_size: int = 32, learning_rate: float = 0.0, weights: str = "none",
-                precision: str = "auto") -> Outputs:
+                precision: str = "auto", tfds_data_dir: str = "") -> Outputs:
         # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest
-        prepared = preprocess_op(source=source, image_size=image_size, resize=resize)
+        prepared = preprocess_op(source=source, image_size=image_size, resize=resize,
+                                 tfds_data_dir=tfds_data_dir)
         # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights)
         trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
@@ -153,7 +155,8 @@ def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = 
 
 def run_local(data: str | None, workdir: Path, image_size: int | None = None,
               epochs: int | None = None, batch_size: int = 32, learning_rate: float = 0.0,
-              weights: str = "none", precision: str = "auto", resize: str = "stretch") -> dict:
+              weights: str = "none", precision: str = "auto", resize: str = "stretch",
+              tfds_data_dir: str = "") -> dict:
     """Run the whole pipeline through kfp.local and return the run summary."""
     from kfp import local
 
@@ -169,7 +172,8 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         raise SystemExit(f"error: --image-size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
     if epochs < 1:
         raise SystemExit(f"error: --epochs must be at least 1, got {epochs}")
-    if not builtin and "://" not in data and not Path(data).is_dir():
+    local_folder = not builtin and "://" not in data and not data.startswith("tfds:")
+    if local_folder and not Path(data).is_dir():
         raise SystemExit(f"error: --data {data} is not a folder of class sub-folders")
 
     workdir = workdir.resolve()
@@ -189,7 +193,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
             partial.rename(data_dir)
         data = str(data_dir)
         log.info("no --data given: using the built-in patterns dataset in %s", data_dir)
-    elif "://" not in data:
+    elif local_folder:
         data = str(Path(data).resolve())
 
     # The step subprocesses import `components` from this checkout, installed or not.
@@ -201,7 +205,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     started = time.monotonic()
     task = build_pipeline()(source=data, image_size=image_size, resize=resize, epochs=epochs,
                             batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                            precision=precision)
+                            precision=precision, tfds_data_dir=tfds_data_dir)
     exported = task.outputs["exported_model"]
     summary = {
         "test_accuracy": float(task.outputs["test_accuracy"]),
@@ -229,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     compile_cmd.add_argument("--gpu-image", default=DEFAULT_GPU_IMAGE, help="train step image")
     run_cmd = commands.add_parser("run-local", help="run the pipeline here through kfp.local")
     run_cmd.add_argument("--data", default=None,
-                         help="folder of class sub-folders, or s3://, minio:// or gs://bucket/prefix "
-                              "(default: the built-in patterns dataset)")
+                         help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
+                              "or tfds:NAME[:VERSION] (default: the built-in patterns dataset)")
+    run_cmd.add_argument("--tfds-data-dir", default="",
+                         help="folder or gs:// path holding prepared TFDS data (tfds: sources)")
     run_cmd.add_argument("--image-size", type=int, default=None,
                          help=f"px (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
     run_cmd.add_argument("--resize", choices=("stretch", "pad", "crop"), default="stretch",
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         summary = run_local(args.data, args.workdir, args.image_size, args.epochs, args.batch_size,
-                            args.learning_rate, args.weights, args.precision, args.resize)
+                            args.learning_rate, args.weights, args.precision, args.resize,
+                            args.tfds_data_dir)
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
         # own error line is in the log above it.

@@ -3,11 +3,13 @@
     python -m components.preprocess --source data/flowers --output /tmp/prepared --image-size 224
     python -m components.preprocess --source s3://bucket/flowers --output /tmp/prepared
     python -m components.preprocess --source s3://bucket/flowers --fingerprint-only
+    python -m components.preprocess --source tfds:beans --tfds-data-dir /mnt/tfds --output /tmp/prepared
 
 The source is a local folder, an S3-compatible prefix or a GCS prefix (`components.storage`),
-laid out as `<class>/<file>`. Every file is read once, by a pool of worker processes; a file that is not a
-decodable image (empty, truncated, an HTML page saved as .jpg, an unsupported format, too many
-pixels) is rejected with its reason (`rejected.json`), never a crash. Valid images are
+laid out as `<class>/<file>`, or a TensorFlow Datasets dataset. Every file is read once, by a
+pool of worker processes; a file that is not a decodable image (empty, truncated, an HTML page
+saved as .jpg, an unsupported format, too many pixels, JPEG data that decodes only with
+corruption warnings) is rejected with its reason (`rejected.json`), never a crash. Valid images are
 converted to RGB, resized by `components.imaging` (the code the exported model runs) and split
 train/validation/test per class by a hash of their decoded pixels: a re-run gives
 byte-identical output, adding an image moves no other image, and exact duplicates always land
@@ -53,7 +55,7 @@ class PreprocessError(ValueError):
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    source: str | Path  # local folder, s3://, minio:// or gs://bucket/prefix
+    source: str | Path  # local folder, s3://, minio:// or gs://bucket/prefix, or tfds:NAME[:VERSION]
     output: Path
     image_size: int = 224  # px, square; EfficientNet-B0's native resolution
     # How a non-square image becomes square: stretch (keeps everything, distorts shapes),
@@ -77,6 +79,8 @@ class PreprocessConfig:
     # JPEGs whose scan data libjpeg reports as corrupt while still decoding them (part of the
     # picture grey or garbled) are refused unless this is set.
     allow_damaged: bool = False
+    # Where a tfds: source is prepared (a volume or gs:// path); "" = TFDS's default folder.
+    tfds_data_dir: str = ""
 
     def validate(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -204,7 +208,8 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
         try:
             decoded, encoded = run(data)
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-            raise Rejected(f"corrupt or truncated image data ({image_format}): {_tf_message(error)}") from None
+            raise Rejected(f"corrupt or truncated image data ({image_format}): "
+                           f"{_tf_message(error)}") from None
     damage = [line.strip() for line in printed if line.strip().startswith(DAMAGED_JPEG_WARNINGS)]
     if damage and not config.allow_damaged:
         raise Rejected(f"damaged image data, decodable only with defects ({image_format}): "
@@ -231,7 +236,7 @@ class _NativeStderr:
     signal there is. One capture file per process, reused for every image."""
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile()
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the process)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[str]]:
@@ -419,27 +424,31 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
     """Run the step; returns the manifest (also written to `<output>/manifest.json`)."""
     config.validate()
     try:
-        source = storage.open_source(str(config.source))
+        source = storage.open_source(str(config.source), tfds_data_dir=config.tfds_data_dir or None,
+                                     scratch=config.output.parent / f".{config.output.name}.tfds")
     except storage.StorageError as error:
         raise PreprocessError(str(error)) from None
-    listing = list_source(source)
-    log.info("found %d files in %d classes under %s (data fingerprint %s)", len(listing.objects),
-             len(listing.classes), source.uri, listing.fingerprint[:16])
-    staging = _staging_folder(config.output)
     try:
-        manifest = _build(config, source.uri, listing, staging)
-        if config.output.exists():
-            config.output.rmdir()  # an empty folder made for us (as KFP does)
-        staging.rename(config.output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        listing = list_source(source)
+        log.info("found %d files in %d classes under %s (data fingerprint %s)", len(listing.objects),
+                 len(listing.classes), source.uri, listing.fingerprint[:16])
+        staging = _staging_folder(config.output)
+        try:
+            manifest = _build(config, source, listing, staging)
+            if config.output.exists():
+                config.output.rmdir()  # an empty folder made for us (as KFP does)
+            staging.rename(config.output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        source.close()
     log.info("wrote %s: %s; rejected %d file(s)", config.output,
              ", ".join(f"{split} {n}" for split, n in manifest["totals"].items()), len(manifest["rejected"]))
     return manifest
 
 
-def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
+def _build(config: PreprocessConfig, source: storage.Source, listing: SourceListing,
            staging: Path) -> dict[str, Any]:
     import tensorflow as tf
 
@@ -454,7 +463,7 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
     progress = _Progress(len(listing.objects), "preprocess")
     try:
         keys = [o.key for o in listing.objects]
-        for key, record, detail, size in _process_all(source_uri, keys, config, listing.classes):
+        for key, record, detail, size in _process_all(source.worker_uri, keys, config, listing.classes):
             progress.step()
             if record is None:
                 log.warning("rejected %s: %s", key, detail)
@@ -512,7 +521,7 @@ def _build(config: PreprocessConfig, source_uri: str, listing: SourceListing,
     rejected.sort(key=lambda r: r["path"])
     manifest = {
         "format_version": records.FORMAT_VERSION,
-        "source": source_uri,
+        "source": source.uri,
         "fingerprint": listing.fingerprint,
         "image_size": config.image_size,
         "resize": config.resize,
@@ -591,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check, resize and shard a folder of labelled images into TFRecords.")
     defaults = PreprocessConfig(source=Path(), output=Path())
     parser.add_argument("--source", required=True,
-                        help="folder of class sub-folders, or s3://, minio:// or gs://bucket/prefix")
+                        help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
+                             "or tfds:NAME[:VERSION]")
     parser.add_argument("--output", type=Path, help="new folder for shards + manifest.json")
     parser.add_argument("--fingerprint-only", action="store_true",
                         help="print the data fingerprint (from the listing, no image read) and exit")
@@ -610,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=defaults.workers, help="0 = one per CPU core")
     parser.add_argument("--min-side", type=int, default=defaults.min_side,
                         help="refuse images with a side shorter than this (px)")
+    parser.add_argument("--tfds-data-dir", default=defaults.tfds_data_dir,
+                        help="folder or gs:// path holding prepared TFDS data (for tfds: sources)")
     parser.add_argument("--allow-damaged", action="store_true",
                         help="keep JPEGs that decode only with corrupt-data warnings (refused by default)")
     return parser
@@ -624,7 +636,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = vars(args)
     if settings.pop("fingerprint_only"):
         with exit_on_user_error(PreprocessError, storage.StorageError):
-            print(list_source(storage.open_source(args.source)).fingerprint)
+            source = storage.open_source(args.source, tfds_data_dir=args.tfds_data_dir or None)
+            try:
+                print(list_source(source).fingerprint)
+            finally:
+                source.close()
         return 0
     if args.output is None:
         parser.error("the following arguments are required: --output")

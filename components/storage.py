@@ -6,6 +6,7 @@ A source is a local folder or an S3-compatible bucket prefix laid out as `<class
     s3://bucket/prefix          any S3-compatible endpoint (MinIO, SeaweedFS, AWS)
     minio://bucket/prefix       the same; the name Kubeflow users know
     gs://bucket/prefix          Google Cloud Storage
+    tfds:NAME[:VERSION]         a TensorFlow Datasets dataset with a ClassLabel label
 
 Endpoint and credentials come from the environment, never from parameters (they would be
 written into the compiled pipeline):
@@ -17,17 +18,29 @@ written into the compiled pipeline):
 
 Google Cloud Storage uses Application Default Credentials (workload identity on GKE, or
 GOOGLE_APPLICATION_CREDENTIALS); STORAGE_EMULATOR_HOST points it at an emulator.
+
+A TFDS dataset is read from `tfds_data_dir` (a volume or gs:// path where it was prepared,
+for clusters without internet) or TFDS's default folder, and downloaded and prepared there
+if TFDS knows how and it is not there yet.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
 OBJECT_STORE_SCHEMES = ("s3", "minio")
+TFDS_PREFIX = "tfds:"
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -50,6 +63,13 @@ class Source(Protocol):
 
     def class_folders(self) -> list[str]: ...
 
+    @property
+    def worker_uri(self) -> str:
+        """What a worker process passes to `open_source` to read the listed keys."""
+        ...
+
+    def close(self) -> None: ...
+
 
 def _hidden(key: str) -> bool:
     return any(part.startswith(".") for part in key.split("/"))
@@ -59,6 +79,13 @@ class LocalSource:
     def __init__(self, root: Path):
         self.root = root
         self.uri = str(root)
+
+    @property
+    def worker_uri(self) -> str:
+        return self.uri
+
+    def close(self) -> None:
+        pass
 
     def list(self) -> list[SourceObject]:
         if not self.root.exists():
@@ -132,6 +159,13 @@ class _BucketSource:
         self.uri = uri
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
+
+    @property
+    def worker_uri(self) -> str:
+        return self.uri
+
+    def close(self) -> None:
+        pass
 
     @property
     def list_prefix(self) -> str:
@@ -254,8 +288,117 @@ class GCSSource(_BucketSource):
             raise self._explain(error) from None
 
 
-def open_source(uri: str) -> Source:
-    """A `Source` for a local path or an `s3://`, `minio://` or `gs://` URI."""
+class TFDSSource:
+    """Every split of a TensorFlow Datasets dataset, as `<label name>/<split>-<index>.<ext>` keys.
+
+    The encoded images are streamed out of the TFDS files once, undecoded, into `scratch` (a
+    folder beside the output, removed by `close`), so that the worker processes check and
+    resize them in parallel like the files of a folder; memory holds one image at a time.
+    Our own content-hash split replaces the dataset's splits, as for any other source.
+    """
+
+    def __init__(self, uri: str, data_dir: str | None = None, scratch: Path | None = None):
+        name, _, version = uri[len(TFDS_PREFIX):].partition(":")
+        if not name:
+            raise StorageError(f"{uri} names no dataset; expected tfds:NAME or tfds:NAME:VERSION")
+        self.uri = uri
+        self.spec = f"{name}:{version}" if version else name
+        self.data_dir = data_dir or None
+        self._own_scratch = scratch is None
+        self.scratch = Path(tempfile.mkdtemp(prefix="tfds-")) if scratch is None else scratch
+
+    @property
+    def worker_uri(self) -> str:
+        return str(self.scratch)
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _builder(self):
+        import tensorflow_datasets as tfds
+
+        where = f" in {self.data_dir}" if self.data_dir else ""
+        try:
+            builder = tfds.builder(self.spec, data_dir=self.data_dir)
+        except tfds.core.registered.DatasetNotFoundError as error:
+            first = str(error).strip().splitlines()[0]
+            raise StorageError(f"TFDS dataset {self.spec!r} not found{where}: {first} "
+                               "(a prepared dataset lives in <data dir>/<name>/<version>/)") from None
+        if not builder.is_prepared():
+            log.info("TFDS dataset %s is not prepared%s: downloading and preparing it", self.spec, where)
+            try:
+                builder.download_and_prepare()
+            except Exception as error:  # tfds raises many kinds (network, checksums, manual data)
+                raise StorageError(
+                    f"TFDS dataset {self.spec!r} is not prepared{where} and preparing it failed: "
+                    f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''} "
+                    "(without internet, run `tfds build` elsewhere and pass its folder as "
+                    "--tfds-data-dir)") from None
+        return builder
+
+    @staticmethod
+    def _feature_keys(info) -> tuple[str, str]:
+        import tensorflow_datasets as tfds
+
+        features = info.features
+        if info.supervised_keys and len(info.supervised_keys) == 2 and all(
+                isinstance(k, str) for k in info.supervised_keys):
+            image_key, label_key = info.supervised_keys
+        else:
+            images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+            labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+            if len(images) != 1 or len(labels) != 1:
+                raise StorageError(f"TFDS dataset {info.full_name} has no single image and label "
+                                   f"feature to train on (features: {', '.join(features.keys())})")
+            image_key, label_key = images[0], labels[0]
+        if not isinstance(features[image_key], tfds.features.Image):
+            raise StorageError(f"TFDS dataset {info.full_name}: feature {image_key!r} is not an image")
+        if not isinstance(features[label_key], tfds.features.ClassLabel):
+            raise StorageError(f"TFDS dataset {info.full_name}: feature {label_key!r} is not a class label")
+        return image_key, label_key
+
+    def list(self) -> list[SourceObject]:
+        import tensorflow_datasets as tfds
+
+        builder = self._builder()
+        image_key, label_key = self._feature_keys(builder.info)
+        names = [name.replace("/", "_") for name in builder.info.features[label_key].names]
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        found: list[SourceObject] = []
+        last_report = time.monotonic()
+        for split in sorted(builder.info.splits.keys()):
+            dataset = builder.as_dataset(
+                split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()},
+                read_config=tfds.ReadConfig(try_autocache=False))  # stream, never hold it all
+            for index, example in enumerate(dataset.as_numpy_iterator()):
+                data = example[image_key]
+                extension = "png" if data.startswith(b"\x89PNG") else "jpg"
+                key = f"{names[int(example[label_key])]}/{split}-{index:07d}.{extension}"
+                path = self.scratch / key
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(data)
+                found.append(SourceObject(key=key, size=len(data), etag=hashlib.md5(data).hexdigest()))
+                if time.monotonic() - last_report > 10:
+                    log.info("copied %d images out of TFDS %s", len(found), builder.info.full_name)
+                    last_report = time.monotonic()
+        if not found:
+            raise StorageError(f"TFDS dataset {builder.info.full_name} has no examples")
+        log.info("copied %d images out of TFDS %s into %s", len(found), builder.info.full_name, self.scratch)
+        return sorted(found, key=lambda o: o.key)
+
+    def read(self, key: str) -> bytes:
+        return (self.scratch / key).read_bytes()
+
+    def class_folders(self) -> list[str]:
+        return []  # a label with no examples is simply absent, as in an object store
+
+
+def open_source(uri: str, tfds_data_dir: str | None = None, scratch: Path | None = None) -> Source:
+    """A `Source` for a local path, an `s3://`, `minio://` or `gs://` URI, or `tfds:NAME[:VERSION]`.
+
+    `scratch` is where a TFDS source copies its images (default: a new temporary folder)."""
+    if uri.startswith(TFDS_PREFIX):
+        return TFDSSource(uri, data_dir=tfds_data_dir, scratch=scratch)
     scheme = urlparse(uri).scheme if "://" in uri else ""
     if not scheme:
         return LocalSource(Path(uri))
@@ -264,4 +407,4 @@ def open_source(uri: str) -> Source:
     if scheme == "gs":
         return GCSSource(uri)
     raise StorageError(f"unsupported source {uri!r}: use a local folder, s3://bucket/prefix, "
-                       "minio://bucket/prefix or gs://bucket/prefix")
+                       "minio://bucket/prefix, gs://bucket/prefix or tfds:NAME[:VERSION]")

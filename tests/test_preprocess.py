@@ -212,7 +212,7 @@ def test_cli_writes_a_dataset(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["image_size"] == 48
     assert sorted(r["path"] for r in manifest["rejected"]) == [
-        "checkerboard/error-page.jpg", "dots/broken-truncated.jpg"]
+        "checkerboard/error-page.jpg", "dots/broken-truncated.jpg", "horizontal-stripes/damaged-scan.jpg"]
     assert np.sum(list(manifest["totals"].values())) == 16
 
 

@@ -147,3 +147,4 @@ def test_gcs_missing_bucket_and_empty_prefix(gcs, tmp_path):
     gcs.buckets["empty"] = {}
     with pytest.raises(PreprocessError, match="no objects under gs://empty/x"):
         preprocess(PreprocessConfig(source="gs://empty/x", output=tmp_path / "b"))
+
