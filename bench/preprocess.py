@@ -107,11 +107,11 @@ def main() -> int:
     writer.close()
 
     folder = scratch / "images"
-    for index, data in enumerate(inputs["427x640"] * 75):
+    for index, data in enumerate(inputs["427x640"] * 300):
         target = folder / ("a" if index % 2 else "b") / f"{index:04d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    files = len(inputs["427x640"]) * 75  # 3,000 files: worker start-up (~3 s) amortised
+    files = len(inputs["427x640"]) * 300  # 12,000 files: worker start-up (~3 s each) amortised
     timings = {}
     for workers in (1, os.cpu_count() or 1):
         started = time.perf_counter()

@@ -208,15 +208,16 @@ def _verify_shard(path: Path, shard: dict[str, Any]) -> None:
         raise DatasetError(f"shard {path} holds {records} records, the manifest says {shard['records']}")
 
 
-def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None):
-    """`tf.data.Dataset` of (uint8 image [size, size, 3], int32 label) for one split, in file order.
+def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None,
+               shuffle_buffer: int = 0, seed: int | None = None):
+    """`tf.data.Dataset` of (uint8 image [size, size, 3], int32 label) for one split.
 
-    Shards are read in parallel and decoded with the project's own decoder; shuffling,
-    augmentation and batching are the reader's business.
+    Shards are read in parallel. With `shuffle_buffer`, the still-encoded records are shuffled
+    (about 20 KB each at 224 px instead of 150 KB decoded: a buffer of 10,000 costs 200 MB,
+    not 1.5 GB); without, they come in file order. Augmentation and batching are the reader's
+    business.
     """
     import tensorflow as tf
-
-    from components import imaging
 
     files = dataset.files(split)
     if not files:
@@ -226,12 +227,16 @@ def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None 
 
     def _decode(serialized):
         example = parse_example(serialized)
-        image = imaging.decode(example["image/encoded"])
+        # Records hold our own RGB JPEG/PNG at the final size, with no EXIF: the plain
+        # decoder gives the same pixels as `imaging.decode` at a fraction of its ops.
+        image = tf.io.decode_image(example["image/encoded"], channels=3, expand_animations=False)
         image = tf.ensure_shape(image, [size, size, 3])
         return image, tf.cast(example["image/class/label"], tf.int32)
 
     # The manifest's count, asserted: Keras then knows the epoch length, and a shard holding
     # fewer records than promised fails the run instead of silently shortening every epoch.
-    return (tf.data.TFRecordDataset(files, num_parallel_reads=parallel_reads or autotune)
-            .apply(tf.data.experimental.assert_cardinality(dataset.count(split)))
-            .map(_decode, num_parallel_calls=autotune, deterministic=True))
+    data = (tf.data.TFRecordDataset(files, num_parallel_reads=parallel_reads or autotune)
+            .apply(tf.data.experimental.assert_cardinality(dataset.count(split))))
+    if shuffle_buffer:
+        data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return data.map(_decode, num_parallel_calls=autotune, deterministic=not shuffle_buffer)
