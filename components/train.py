@@ -107,16 +107,26 @@ def configure_precision(requested: str) -> str:
     return precision
 
 
-def build_model(num_classes: int, image_size: int, weights: str = "none", dropout: float = 0.2):
-    """EfficientNet-B0 backbone + a new softmax head. Input: float RGB in 0..255."""
+REMAT_MODES = ("none", "activations", "larger_than", "full")
+
+
+def build_model(num_classes: int, image_size: int, weights: str = "none", dropout: float = 0.2,
+                remat: str = "none"):
+    """EfficientNet-B0 backbone + a new softmax head. Input: float RGB in 0..255.
+
+    `remat` (Keras `RematScope` mode, applied to the backbone's layers) trades recomputation in
+    the backward pass for activation memory."""
     import keras
 
-    backbone = keras.applications.EfficientNetB0(
-        include_top=False,
-        weights=None if weights == "none" else weights,
-        input_shape=(image_size, image_size, 3),
-        pooling="avg",
-    )
+    if remat not in REMAT_MODES:
+        raise TrainError(f"remat must be one of {', '.join(REMAT_MODES)}, got {remat!r}")
+    with keras.RematScope(mode=None if remat == "none" else remat):
+        backbone = keras.applications.EfficientNetB0(
+            include_top=False,
+            weights=None if weights == "none" else weights,
+            input_shape=(image_size, image_size, 3),
+            pooling="avg",
+        )
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             if weights == "none":
@@ -209,6 +219,28 @@ def _epoch_logger(train_images: int):
     return EpochLogger()
 
 
+def compile_for_training(model, config: TrainConfig, steps_per_epoch: int) -> None:
+    """The optimizer, schedule and loss of every training run (and of bench/gpu_memory.py):
+    AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
+    cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer."""
+    import keras
+
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+    learning_rate = config.resolved_learning_rate()
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else learning_rate,
+        decay_steps=total_steps - warmup_steps,
+        warmup_target=learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the step; returns the summary also written to `train_config.json`."""
     config.validate()
@@ -227,20 +259,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model = build_model(len(classes), dataset.image_size, config.weights, config.dropout)
 
     steps_per_epoch = math.ceil(dataset.count("train") / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
     learning_rate = config.resolved_learning_rate()
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else learning_rate,
-        decay_steps=total_steps - warmup_steps,
-        warmup_target=learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps,
-    )
-    model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-    )
+    compile_for_training(model, config, steps_per_epoch)
 
     config.output.mkdir(parents=True, exist_ok=True)
     best_weights = config.output / "best.weights.h5"
