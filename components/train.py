@@ -15,16 +15,19 @@ scratch; what tests and the built-in dataset use, since nothing may be downloade
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import records
+from components import checkpoints, records
 from components.cli import json_config
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,11 @@ class TrainConfig:
     augment: bool = True  # random horizontal flip + random shift (pad 1/8 and crop)
     seed: int = 42
     verify_data: bool = True  # check shard hashes and record counts before training
+    # Where checkpoints go ("" = <output>/checkpoints). Give a volume that outlives the pod
+    # (a KFP retry then resumes instead of starting over).
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 50  # steps; a kill loses at most this many
+    early_stopping_patience: int = 0  # epochs without a better val_accuracy; 0 = train them all
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -68,6 +76,10 @@ class TrainConfig:
         if self.weights not in ("none", "imagenet") and not Path(self.weights).is_file():
             raise TrainError(f"--weights must be none, imagenet or an existing weights file; "
                              f"{self.weights} does not exist")
+        if self.checkpoint_every < 1:
+            raise TrainError(f"--checkpoint-every must be at least 1 step, got {self.checkpoint_every}")
+        if self.early_stopping_patience < 0:
+            raise TrainError("--early-stopping-patience must be 0 (off) or more")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise TrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -147,7 +159,10 @@ def build_model(num_classes: int, image_size: int, weights: str = "none", dropou
     return keras.Model(inputs, outputs, name="efficientnet_b0_classifier")
 
 
-def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_classes: int):
+def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_classes: int,
+                     epoch: int = 0, skip: int = 0, batch_size: int | None = None):
+    """One epoch of training batches, in an order fixed by (seed, epoch): a resumed epoch skips
+    the `skip` images it already trained on and sees the rest in the same order."""
     import tensorflow as tf
 
     size = dataset.image_size
@@ -165,10 +180,11 @@ def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_
     # A buffer of the whole split when it is small (exact shuffle), capped so large sets stay
     # within memory (encoded records are shuffled: 10k x ~20 KB at 224 px).
     data = records.read_split(dataset, "train", shuffle_buffer=min(dataset.count("train"), 10_000),
-                              seed=config.seed)
+                              seed=config.seed * 100_003 + epoch).skip(skip)
     if config.augment:
         data = data.map(_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    return (data.batch(config.batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    return (data.batch(batch_size or config.batch_size, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=False)
             .map(_finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
             .prefetch(tf.data.AUTOTUNE))
 
@@ -183,11 +199,15 @@ def eval_dataset(dataset: records.PreparedDataset, split: str, batch_size: int, 
             .prefetch(tf.data.AUTOTUNE))
 
 
-def _epoch_logger(train_images: int):
+def _epoch_logger(epochs: int):
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
-        """One log line per epoch with images/s: the figure that tells whether input keeps up."""
+        """One log line per epoch with images/s: the figure that tells whether input keeps up.
+        The caller sets `images` (what this fit call trains on) and `resumed_from_step`."""
+
+        images = 0
+        resumed_from_step = 0
 
         def __init__(self):
             super().__init__()
@@ -208,24 +228,29 @@ def _epoch_logger(train_images: int):
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.monotonic() - self.started
             row = {"epoch": epoch + 1, "seconds": round(seconds, 2),
-                   "images_per_sec": round(train_images / seconds, 1)}
+                   "images_per_sec": round(self.images / seconds, 1)}
+            if self.resumed_from_step:
+                row["resumed_from_step"] = self.resumed_from_step
             row.update({key: float(value) for key, value in (logs or {}).items()})
             self.rows.append(row)
             log.info("epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.0f img/s)",
-                     epoch + 1, self.params["epochs"], row.get("loss", math.nan),
-                     row.get("accuracy", math.nan), row.get("val_loss", math.nan),
-                     row.get("val_accuracy", math.nan), row["images_per_sec"])
+                     epoch + 1, epochs, row.get("loss", math.nan), row.get("accuracy", math.nan),
+                     row.get("val_loss", math.nan), row.get("val_accuracy", math.nan),
+                     row["images_per_sec"])
 
     return EpochLogger()
 
 
-def compile_for_training(model, config: TrainConfig, steps_per_epoch: int) -> None:
+def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1) -> None:
     """The optimizer, schedule and loss of every training run (and of bench/gpu_memory.py):
     AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
-    cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer."""
+    cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
+
+    With `accumulation` > 1 the optimizer sums that many steps' gradients per update; the
+    schedule counts updates (Keras' `iterations` does too)."""
     import keras
 
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(steps_per_epoch / accumulation) * config.epochs
     warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
     learning_rate = config.resolved_learning_rate()
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -234,21 +259,71 @@ def compile_for_training(model, config: TrainConfig, steps_per_epoch: int) -> No
         warmup_target=learning_rate if warmup_steps else None,
         warmup_steps=warmup_steps,
     )
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
+                                       gradient_accumulation_steps=accumulation if accumulation > 1 else None)
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
 
 
+def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) -> Path:
+    """`<checkpoint dir>/<run key>`: the key hashes the data fingerprint and every setting that
+    shapes training, so a restart of the same run resumes, while next week's run on new data
+    (or with other settings) sharing the same volume starts fresh instead of "resuming" a
+    finished model."""
+    root = Path(config.checkpoint_dir) if config.checkpoint_dir else config.output / "checkpoints"
+    settings = json_config(config)
+    for name in ("data", "output", "checkpoint_dir", "checkpoint_every", "verify_data"):
+        settings.pop(name, None)
+    key = hashlib.sha256(json.dumps({"data": dataset.manifest.get("fingerprint"), "shards": {
+        split: [shard["sha256"] for shard in shards] for split, shards in dataset.manifest["shards"].items()},
+        "settings": settings}, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"run-{key}"
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written and the run stops so that it can be resumed."""
+
+
+def _checkpointer(directory: Path, every: int, state: checkpoints.TrainingState, train_images: int):
+    import keras
+
+    class Checkpointer(keras.callbacks.Callback):
+        """Counts steps into `state`; writes a checkpoint every `every` steps, and at once (then
+        stops training) when SIGTERM has arrived."""
+
+        terminate = False
+
+        def on_train_batch_end(self, batch, logs=None):
+            state.step += 1
+            state.global_step += 1
+            state.images_in_epoch = min(state.images_in_epoch + state.step_batch, train_images)
+            # An epoch's last step is saved by the epoch-end checkpoint, after validation, so
+            # that no checkpoint ever says "epoch finished, not yet validated".
+            last_step = state.images_in_epoch >= train_images
+            if not last_step and (self.terminate or state.global_step % every == 0):
+                checkpoints.save(directory, self.model, state)
+            if self.terminate:
+                self.model.stop_training = True
+
+    return Checkpointer()
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run the step; returns the summary also written to `train_config.json`."""
+    """Run the step; returns the summary also written to `train_config.json`.
+
+    Resumable: checkpoints go to `config.checkpoint_dir` every `checkpoint_every` steps and at
+    every epoch end; a run started with the same directory continues from the newest usable
+    one (mid-epoch: the images of that epoch already trained on are skipped)."""
     config.validate()
     try:
         dataset = records.load(config.data, verify=config.verify_data)
     except records.DatasetError as error:
         raise TrainError(str(error)) from None
-    if dataset.count("train") == 0:
+    train_images = dataset.count("train")
+    if train_images == 0:
         raise TrainError(f"{config.data} has no training images")
 
     import keras
@@ -256,41 +331,91 @@ def train(config: TrainConfig) -> dict[str, Any]:
     keras.utils.set_random_seed(config.seed)
     precision = configure_precision(config.precision)
     classes = dataset.classes
-    model = build_model(len(classes), dataset.image_size, config.weights, config.dropout)
-
-    steps_per_epoch = math.ceil(dataset.count("train") / config.batch_size)
+    checkpoint_dir = run_checkpoint_dir(config, dataset)
     learning_rate = config.resolved_learning_rate()
-    compile_for_training(model, config, steps_per_epoch)
+
+    def build(state: checkpoints.TrainingState | None):
+        step_batch = state.step_batch if state else config.batch_size
+        accumulation = state.accumulation if state else 1
+        model = build_model(len(classes), dataset.image_size, config.weights, config.dropout)
+        compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation)
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    try:
+        model, state = checkpoints.load_latest(checkpoint_dir, build)
+    except checkpoints.CheckpointError as error:
+        raise TrainError(f"{error}; delete {checkpoint_dir} to start over") from None
+    state = state or checkpoints.TrainingState(step_batch=config.batch_size, accumulation=1)
 
     config.output.mkdir(parents=True, exist_ok=True)
-    best_weights = config.output / "best.weights.h5"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     has_validation = dataset.count("validation") > 0
-    epoch_logger = _epoch_logger(dataset.count("train"))
-    callbacks = [epoch_logger]
-    if has_validation:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            str(best_weights), monitor="val_accuracy", mode="max", save_best_only=True,
-            save_weights_only=True, verbose=0))
-    log.info("training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
-             "%d epochs x %d steps of %d, learning rate %g",
-             config.weights, precision, dataset.count("train"), len(classes), dataset.image_size,
-             config.epochs, steps_per_epoch, config.batch_size, learning_rate)
-    started = time.monotonic()
-    model.fit(
-        training_dataset(dataset, config, len(classes)),
-        epochs=config.epochs,
-        validation_data=eval_dataset(dataset, "validation", config.batch_size, len(classes))
-        if has_validation else None,
-        callbacks=callbacks,
-        shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
-        verbose=0,
-    )
-    if has_validation and best_weights.exists():
-        model.load_weights(str(best_weights))
-        best_weights.unlink()
-    model.save(config.output / "model.keras")
+    best_weights = checkpoint_dir / "best.weights.h5"
+    epoch_logger = _epoch_logger(config.epochs)
+    checkpointer = _checkpointer(checkpoint_dir, config.checkpoint_every, state, train_images)
+    previous_handler = signal.getsignal(signal.SIGTERM)
 
-    history = epoch_logger.rows
+    def on_sigterm(signum, frame):
+        log.warning("SIGTERM: writing a checkpoint after the current step, then stopping")
+        checkpointer.terminate = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if state.global_step == 0:
+        log.info("training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
+                 "%d epochs x %d steps of %d, learning rate %g; checkpoints every %d steps in %s",
+                 config.weights, precision, train_images, len(classes), dataset.image_size,
+                 config.epochs, math.ceil(train_images / state.step_batch), state.step_batch,
+                 learning_rate, config.checkpoint_every, checkpoint_dir)
+    started = time.monotonic()
+    try:
+        while state.epoch < config.epochs:
+            remaining = train_images - state.images_in_epoch
+            epoch_logger.images, epoch_logger.resumed_from_step = remaining, state.step
+            model.fit(
+                training_dataset(dataset, config, len(classes), epoch=state.epoch,
+                                 skip=state.images_in_epoch, batch_size=state.step_batch),
+                initial_epoch=state.epoch, epochs=state.epoch + 1,
+                steps_per_epoch=math.ceil(remaining / state.step_batch),
+                validation_data=eval_dataset(dataset, "validation", state.step_batch, len(classes))
+                if has_validation else None,
+                callbacks=[epoch_logger, checkpointer],
+                shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
+                verbose=0,
+            )
+            if checkpointer.terminate and state.images_in_epoch < train_images:
+                raise Interrupted(f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}; "
+                                  f"run again with the same checkpoint directory ({checkpoint_dir}) "
+                                  "to resume")
+            row = epoch_logger.rows[-1]
+            state.history.append(row)
+            score = row.get("val_accuracy")
+            if score is not None and (state.best_val_accuracy is None or score > state.best_val_accuracy):
+                state.best_val_accuracy, state.best_epoch = score, state.epoch + 1
+                partial = best_weights.with_name(".best.partial.weights.h5")
+                model.save_weights(partial)
+                partial.replace(best_weights)
+            state.epoch, state.step, state.images_in_epoch = state.epoch + 1, 0, 0
+            checkpoints.save(checkpoint_dir, model, state)
+            if checkpointer.terminate:
+                raise Interrupted(f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
+                                  f"the same checkpoint directory ({checkpoint_dir}) to resume")
+            if (config.early_stopping_patience and state.best_epoch is not None
+                    and state.epoch - state.best_epoch >= config.early_stopping_patience):
+                log.info("early stop after epoch %d: validation accuracy has not improved for %d epochs "
+                         "(best %.4f at epoch %d)", state.epoch, config.early_stopping_patience,
+                         state.best_val_accuracy, state.best_epoch)
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if has_validation and best_weights.exists():
+        model.load_weights(best_weights)
+    model.save(config.output / "model.keras")
+    if not config.checkpoint_dir:
+        # Inside the model artifact they would triple its size; a finished run needs none.
+        shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
+
+    history = state.history
     best = max(history, key=lambda row: row.get("val_accuracy", -1.0))
     summary = {
         "config": json_config(config),
@@ -299,7 +424,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "classes": classes,
         "image_size": dataset.image_size,
         "resize": dataset.manifest.get("resize", "stretch"),
-        "train_images": dataset.count("train"),
+        "train_images": train_images,
+        "step_batch": state.step_batch,
+        "accumulation": state.accumulation,
+        "epochs_trained": state.epoch,
         "best_epoch": best["epoch"],
         "best_val_accuracy": best.get("val_accuracy"),
         "train_seconds": round(time.monotonic() - started, 1),
@@ -346,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
                         help="skip the shard hash and record-count check")
+    parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
+                        help="where checkpoints go and a restart resumes from (default <output>/checkpoints)")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                        help="steps between checkpoints: a kill loses at most this many")
+    parser.add_argument("--early-stopping-patience", type=int, default=defaults.early_stopping_patience,
+                        help="stop after this many epochs without a better val_accuracy (0 = off)")
     return parser
 
 
@@ -355,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     with exit_on_user_error(TrainError):
-        train(TrainConfig(**vars(args)))
+        try:
+            train(TrainConfig(**vars(args)))
+        except Interrupted as stop:
+            log.warning("%s", stop)
+            return 128 + signal.SIGTERM  # what a process killed by SIGTERM reports
     return 0
 
 

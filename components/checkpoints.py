@@ -1,0 +1,174 @@
+"""Training checkpoints that survive a killed pod: atomic, verified, the previous one kept.
+
+A checkpoint is a folder `step-<global step>/` under the checkpoint directory holding
+
+    model.weights.h5     the model's weights (Keras, by structure)
+    optimizer.npz        the optimizer's variables, gradient accumulators left out
+    state.json           epoch, step within the epoch, images seen, best validation score,
+                         history, per-step batch and accumulation, sha256 of the two files
+
+written into `.step-<n>.partial/` and renamed when complete (`state.json` last), so a kill at
+any moment leaves either the new checkpoint or none of it. The two newest are kept: if the
+newest cannot be read (a disk filled up, a file was damaged), loading falls back to the
+previous one, and says so.
+
+Optimizer variables are restored by position among the non-accumulator variables, so a
+resumed run may use a different per-step batch and accumulation (after running out of memory)
+and still continue with its Adam moments, step counter and loss scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KEEP = 2
+WEIGHTS, OPTIMIZER, STATE = "model.weights.h5", "optimizer.npz", "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint although some exist; the message names each one's problem."""
+
+
+@dataclass
+class TrainingState:
+    epoch: int = 0  # the epoch in progress (0-based)
+    step: int = 0  # steps of that epoch already done
+    global_step: int = 0  # steps done in all (per-step batches, not optimizer updates)
+    images_in_epoch: int = 0  # images of the epoch already trained on (skipped on resume)
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step_batch: int = 0
+    accumulation: int = 1
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_accumulator(variable) -> bool:
+    return "gradient_accumulator" in variable.path
+
+
+def optimizer_arrays(optimizer) -> list:
+    import numpy as np
+
+    return [np.asarray(v.numpy() if hasattr(v, "numpy") else v.value)
+            for v in optimizer.variables if not _is_accumulator(v)]
+
+
+def restore_optimizer(optimizer, arrays: list, saved_accumulation: int = 1, accumulation: int = 1) -> None:
+    """Assign saved optimizer variables by position. Keras' raw `iteration` counters count
+    steps, not updates (`iterations` is the raw count // accumulation), so when the
+    accumulation changed they are rescaled: the schedule goes on from the same update."""
+    targets = [v for v in optimizer.variables if not _is_accumulator(v)]
+    if len(targets) != len(arrays):
+        raise CheckpointError(f"the checkpoint holds {len(arrays)} optimizer variables, the optimizer "
+                              f"has {len(targets)}: not the same model or optimizer")
+    for variable, value in zip(targets, arrays, strict=True):
+        if tuple(variable.shape) != tuple(value.shape):
+            raise CheckpointError(f"optimizer variable {variable.path} has shape {tuple(variable.shape)}, "
+                                  f"the checkpoint {tuple(value.shape)}")
+        if variable.path.endswith("/iteration") and saved_accumulation != accumulation:
+            value = value // saved_accumulation * accumulation
+        variable.assign(value)
+
+
+def save(directory: Path, model, state: TrainingState) -> Path:
+    """Write a checkpoint for `state` atomically; drop all but the newest KEEP."""
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{state.global_step:09d}"
+    partial = directory / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    model.save_weights(partial / WEIGHTS)
+    np.savez(partial / OPTIMIZER, *optimizer_arrays(model.optimizer))
+    state.files = {name: _sha256(partial / name) for name in (WEIGHTS, OPTIMIZER)}
+    (partial / STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
+    for path in (partial / WEIGHTS, partial / OPTIMIZER, partial / STATE):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():  # the same step saved again (a SIGTERM right after a periodic save)
+        shutil.rmtree(final)
+    partial.rename(final)
+    for old in complete(directory)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(directory: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (partial ones are not listed)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _read_state(folder: Path) -> TrainingState:
+    try:
+        raw = json.loads((folder / STATE).read_text())
+        state = TrainingState(**raw)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{folder.name}: unreadable {STATE} ({error})") from None
+    for name, expected in state.files.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != expected:
+            raise CheckpointError(f"{folder.name}: {name} is missing or does not match its sha256")
+    return state
+
+
+def restore(folder: Path, model, saved_accumulation: int = 1, accumulation: int = 1) -> None:
+    """Load a checkpoint's weights and optimizer variables into `model` (compiled, optimizer
+    built), whose optimizer accumulates `accumulation` steps (the checkpoint's: `saved_accumulation`)."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        # The weights file also holds the optimizer's variables, which Keras skips (with a
+        # warning) when accumulators were added or removed; they come from optimizer.npz.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(folder / WEIGHTS)
+    with np.load(folder / OPTIMIZER) as arrays:
+        restore_optimizer(model.optimizer, [arrays[f"arr_{i}"] for i in range(len(arrays.files))],
+                          saved_accumulation, accumulation)
+
+
+def load_latest(directory: Path, build) -> tuple[Any, TrainingState | None]:
+    """(model, state) from the newest usable checkpoint, falling back to older ones.
+
+    `build(state)` makes the compiled model with its optimizer built, for that checkpoint's
+    per-step batch and accumulation (`state` None: a fresh start). Without any checkpoint:
+    (build(None), None). If checkpoints exist and none can be read, CheckpointError."""
+    folders = complete(directory)
+    problems = []
+    for folder in reversed(folders):
+        try:
+            state = _read_state(folder)
+            model = build(state)
+            restore(folder, model, state.accumulation, state.accumulation)
+        except (CheckpointError, OSError, ValueError) as error:
+            problems.append(f"{folder.name}: {error}")
+            log.warning("checkpoint %s is not usable, trying the previous one: %s", folder.name, error)
+            continue
+        log.info("resuming from %s: epoch %d, step %d (%d steps done in all)", folder.name,
+                 state.epoch + 1, state.step, state.global_step)
+        return model, state
+    if folders:
+        raise CheckpointError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
+    return build(None), None

@@ -1,0 +1,158 @@
+"""Checkpoints and resuming: atomic saves, fallback from a damaged checkpoint, and real training
+runs killed with SIGTERM and SIGKILL, then restarted to the same final epoch."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from components import checkpoints
+from components.train import TrainConfig, compile_for_training, run_checkpoint_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(accumulation: int = 1):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    compile_for_training(model, TrainConfig(data=Path(), output=Path(), epochs=2), steps_per_epoch=4,
+                         accumulation=accumulation)
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def fit_steps(model, steps: int) -> None:
+    rng = np.random.default_rng(steps)
+    for _ in range(steps):
+        model.train_on_batch(rng.random((8, 4)), np.eye(3)[rng.integers(0, 3, 8)])
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    model = tiny_model()
+    fit_steps(model, 3)
+    checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=3, step=3, step_batch=8))
+    kept = [np.asarray(w).copy() for w in model.get_weights()]
+    fit_steps(model, 3)
+    newest = checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=6, step=6, step_batch=8))
+    with (newest / checkpoints.WEIGHTS).open("r+b") as handle:  # flip bytes inside the file
+        handle.seek(2000)
+        handle.write(b"\x00" * 64)
+
+    restored, state = checkpoints.load_latest(tmp_path, lambda state: tiny_model())
+    assert state.global_step == 3
+    for ours, saved in zip(restored.get_weights(), kept, strict=True):
+        np.testing.assert_array_equal(ours, saved)
+    assert "step-000000006 is not usable" in caplog.text
+
+    (tmp_path / "step-000000003" / checkpoints.STATE).write_text("{")
+    with pytest.raises(checkpoints.CheckpointError, match="no usable checkpoint"):
+        checkpoints.load_latest(tmp_path, lambda state: tiny_model())
+
+
+def test_only_the_two_newest_are_kept_and_a_partial_one_is_ignored(tmp_path):
+    model = tiny_model()
+    for step in (2, 4, 6):
+        checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=step))
+    (tmp_path / ".step-000000008.partial").mkdir()  # a save killed half-way
+    assert [p.name for p in checkpoints.complete(tmp_path)] == ["step-000000004", "step-000000006"]
+    _, state = checkpoints.load_latest(tmp_path, lambda state: tiny_model())
+    assert state.global_step == 6
+
+
+def test_optimizer_state_survives_a_change_of_accumulation(tmp_path):
+    model = tiny_model()
+    fit_steps(model, 5)
+    folder = checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=5))
+    restored = tiny_model(accumulation=2)
+    checkpoints.restore(folder, restored, saved_accumulation=1, accumulation=2)
+    assert int(restored.optimizer.iterations.numpy()) == 5  # updates: the schedule goes on from there
+    moments = [v for v in restored.optimizer.variables if "momentum" in v.path]
+    assert moments and all(np.abs(np.asarray(v.numpy())).sum() > 0 for v in moments)
+
+
+def test_checkpoints_are_keyed_by_data_and_settings(prepared_dataset, tmp_path):
+    from components import records
+
+    dataset = records.load(prepared_dataset)
+    base = TrainConfig(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"))
+    same = TrainConfig(data=prepared_dataset, output=tmp_path / "b", checkpoint_dir=str(tmp_path / "c"),
+                       checkpoint_every=7)
+    other = TrainConfig(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"),
+                        epochs=11)
+    assert run_checkpoint_dir(base, dataset) == run_checkpoint_dir(same, dataset)
+    assert run_checkpoint_dir(base, dataset) != run_checkpoint_dir(other, dataset)
+    assert run_checkpoint_dir(base, dataset).parent == tmp_path / "c"
+
+
+def _newest(folder: Path) -> int:
+    found = [int(p.name.split("-")[1]) for run in folder.glob("run-*") for p in checkpoints.complete(run)]
+    return max(found, default=0)
+
+
+def _wait_for_checkpoint(process: subprocess.Popen, folder: Path, at_least: int, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before it could be interrupted"
+        if _newest(folder) >= at_least:
+            return _newest(folder)
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step >= {at_least} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_training_killed_by_sigterm_then_sigkill_resumes_to_the_same_end(prepared_dataset, tmp_path):
+    # Batch 2: ~16 steps an epoch, 4 epochs; a checkpoint every 3 steps.
+    from components import records
+
+    per_epoch = -(-records.load(prepared_dataset).count("train") // 2)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "model"
+    command = [sys.executable, "-m", "components.train", "--data", str(prepared_dataset),
+               "--output", str(out), "--epochs", "4", "--batch-size", "2", "--checkpoint-every", "3",
+               "--checkpoint-dir", str(ckpt), "--no-augment"]
+    logs = [tmp_path / f"run{i}.log" for i in range(3)]
+
+    with logs[0].open("w") as log:  # 1: SIGTERM mid-epoch -> a checkpoint at that very step, exit 143
+        first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _wait_for_checkpoint(first, ckpt, 6)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 128 + signal.SIGTERM
+    text = logs[0].read_text()
+    assert "SIGTERM: writing a checkpoint" in text
+    stopped_at = _newest(ckpt)
+    assert stopped_at >= 6
+    stop = re.search(r"stopped by SIGTERM at epoch (\d+), step (\d+)", text) or re.search(
+        r"stopped by SIGTERM at the end of epoch (\d+)()", text)
+    assert (int(stop[1]) - 1) * per_epoch + int(stop[2] or per_epoch) == stopped_at
+
+    with logs[1].open("w") as log:  # 2: resumes exactly there; then SIGKILL: no chance to save
+        second = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _wait_for_checkpoint(second, ckpt, stopped_at + 20)
+        second.kill()
+        second.wait(timeout=60)
+    assert f"resuming from step-{stopped_at:09d}" in logs[1].read_text()
+    killed_at = _newest(ckpt)  # the newest complete checkpoint: at most 3 steps behind the kill
+
+    with logs[2].open("w") as log:  # 3: resumes from the newest complete checkpoint and finishes
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    assert done.returncode == 0, logs[2].read_text()[-2000:]
+    assert f"resuming from step-{killed_at:09d}" in logs[2].read_text()
+
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    resumed = {row["epoch"]: row["resumed_from_step"] for row in history if "resumed_from_step" in row}
+    expected = {at // per_epoch + 1: at % per_epoch for at in (stopped_at, killed_at) if at % per_epoch}
+    assert resumed == expected
+    summary = json.loads((out / "train_config.json").read_text())
+    assert summary["epochs_trained"] == 4
+    run = next(ckpt.glob("run-*"))
+    final = json.loads((checkpoints.complete(run)[-1] / checkpoints.STATE).read_text())
+    assert final["global_step"] == 4 * per_epoch and final["epoch"] == 4  # none skipped or done twice
+    assert (out / "model.keras").is_file()
