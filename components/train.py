@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import checkpoints, records
+from components import batchfit, checkpoints, records
 from components.cli import json_config
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ class TrainConfig:
     checkpoint_dir: str = ""
     checkpoint_every: int = 50  # steps; a kill loses at most this many
     early_stopping_patience: int = 0  # epochs without a better val_accuracy; 0 = train them all
+    # MiB of GPU memory the framework may use (0 = all): 7680 reproduces an RTX 2070's budget
+    # on any larger card.
+    gpu_memory_limit_mib: int = 0
+    # auto: on a GPU, probe for the largest per-step batch up to batch_size (components.batchfit)
+    # and reach batch_size by gradient accumulation; off: batch_size per step, as given.
+    batch_fit: str = "auto"
+    batch_fit_cache: str = ""  # "" = <checkpoint dir>/batch-fit.json, else ~/.cache/...
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -76,6 +84,10 @@ class TrainConfig:
         if self.weights not in ("none", "imagenet") and not Path(self.weights).is_file():
             raise TrainError(f"--weights must be none, imagenet or an existing weights file; "
                              f"{self.weights} does not exist")
+        if self.batch_fit not in ("auto", "off"):
+            raise TrainError(f"--batch-fit must be auto or off, got {self.batch_fit!r}")
+        if self.gpu_memory_limit_mib < 0:
+            raise TrainError("--gpu-memory-limit must be 0 (the whole GPU) or more MiB")
         if self.checkpoint_every < 1:
             raise TrainError(f"--checkpoint-every must be at least 1 step, got {self.checkpoint_every}")
         if self.early_stopping_patience < 0:
@@ -231,12 +243,16 @@ def _epoch_logger(epochs: int):
                    "images_per_sec": round(self.images / seconds, 1)}
             if self.resumed_from_step:
                 row["resumed_from_step"] = self.resumed_from_step
+            peak = batchfit.peak_memory_mib()
+            if peak is not None:
+                row["peak_gpu_memory_mib"] = round(peak, 1)
             row.update({key: float(value) for key, value in (logs or {}).items()})
             self.rows.append(row)
-            log.info("epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.0f img/s)",
+            log.info("epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.0f img/s%s)",
                      epoch + 1, epochs, row.get("loss", math.nan), row.get("accuracy", math.nan),
                      row.get("val_loss", math.nan), row.get("val_accuracy", math.nan),
-                     row["images_per_sec"])
+                     row["images_per_sec"],
+                     f", peak GPU memory {peak:.0f} MiB" if peak is not None else "")
 
     return EpochLogger()
 
@@ -311,6 +327,37 @@ def _checkpointer(directory: Path, every: int, state: checkpoints.TrainingState,
     return Checkpointer()
 
 
+def _step_down(error: BaseException, model, state: checkpoints.TrainingState, build, checkpoint_dir: Path,
+               config: TrainConfig, cache_file: Path, gpu, probe_spec) -> Any:
+    """Out of memory mid-training: halve the per-step batch (raising accumulation to keep the
+    effective batch), remember it, and go on from the newest checkpoint. Returns the new model
+    and updates `state` in place (the checkpoint callback holds it)."""
+    smaller = state.step_batch // 2
+    smaller -= smaller % 8 if smaller >= 8 else 0
+    if smaller < 1:
+        raise TrainError(f"out of memory even at a per-step batch of 1: {error}") from None
+    new_plan = batchfit.plan(config.batch_size, smaller)
+    log.warning("out of memory at a per-step batch of %d (%s): going on from the last checkpoint with "
+                "%d x %d accumulation steps", state.step_batch, str(error).splitlines()[0][:200],
+                new_plan.step_batch, new_plan.accumulation)
+    if gpu is not None:
+        batchfit.record_out_of_memory(cache_file, gpu, probe_spec, state.step_batch)
+    del model
+    import gc
+
+    gc.collect()
+    model = build(new_plan.step_batch, new_plan.accumulation)
+    folders = checkpoints.complete(checkpoint_dir)
+    if folders:
+        saved = checkpoints.TrainingState(**json.loads((folders[-1] / checkpoints.STATE).read_text()))
+        checkpoints.restore(folders[-1], model, saved.accumulation, new_plan.accumulation)
+        vars(state).update(vars(saved))
+    else:
+        vars(state).update(vars(checkpoints.TrainingState()))
+    state.step_batch, state.accumulation = new_plan.step_batch, new_plan.accumulation
+    return model
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the step; returns the summary also written to `train_config.json`.
 
@@ -326,6 +373,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if train_images == 0:
         raise TrainError(f"{config.data} has no training images")
 
+    # Before anything starts the GPU: the cap must be set first, and the batch probes need the
+    # memory that TensorFlow would otherwise reserve in this process.
+    gpu = batchfit.detect_gpu()
+    batchfit.apply_memory_limit(config.gpu_memory_limit_mib, gpu)
+
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -333,20 +385,40 @@ def train(config: TrainConfig) -> dict[str, Any]:
     classes = dataset.classes
     checkpoint_dir = run_checkpoint_dir(config, dataset)
     learning_rate = config.resolved_learning_rate()
+    cache_file = (Path(config.batch_fit_cache) if config.batch_fit_cache
+                  else checkpoint_dir.parent / "batch-fit.json" if config.checkpoint_dir
+                  else batchfit.default_cache_file())
+    probe_spec = batchfit.ProbeSpec(
+        image_size=dataset.image_size, precision=precision, num_classes=len(classes),
+        memory_limit_mib=int((config.gpu_memory_limit_mib or (gpu.total_mib if gpu else 0))
+                             * (1 - batchfit.MARGIN)))
+    if checkpoints.complete(checkpoint_dir):
+        batch_plan = None  # resuming: the checkpoint says which batch and accumulation
+    elif config.batch_fit == "auto" and gpu is not None and gpu_available():
+        try:
+            largest = batchfit.largest_batch(config.batch_size, probe_spec, gpu, cache_file)
+        except batchfit.BatchFitError as error:
+            raise TrainError(str(error)) from None
+        batch_plan = batchfit.plan(config.batch_size, largest)
+    else:
+        batch_plan = batchfit.plan(config.batch_size, config.batch_size)
 
-    def build(state: checkpoints.TrainingState | None):
-        step_batch = state.step_batch if state else config.batch_size
-        accumulation = state.accumulation if state else 1
+    def build(step_batch: int, accumulation: int):
         model = build_model(len(classes), dataset.image_size, config.weights, config.dropout)
         compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation)
         model.optimizer.build(model.trainable_variables)
         return model
 
     try:
-        model, state = checkpoints.load_latest(checkpoint_dir, build)
+        model, state = checkpoints.load_latest(
+            checkpoint_dir, lambda saved: build(saved.step_batch, saved.accumulation) if saved
+            else build(batch_plan.step_batch, batch_plan.accumulation))
     except checkpoints.CheckpointError as error:
         raise TrainError(f"{error}; delete {checkpoint_dir} to start over") from None
-    state = state or checkpoints.TrainingState(step_batch=config.batch_size, accumulation=1)
+    state = state or checkpoints.TrainingState(step_batch=batch_plan.step_batch,
+                                               accumulation=batch_plan.accumulation)
+    log.info("per-step batch %d x %d accumulation step(s) = effective batch %d (requested %d)",
+             state.step_batch, state.accumulation, state.step_batch * state.accumulation, config.batch_size)
 
     config.output.mkdir(parents=True, exist_ok=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -361,6 +433,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpointer.terminate = True
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    extra_callbacks = []
+    if all(importlib.util.find_spec(name) for name in ("tensorflow", "tensorboard")):  # via tf.summary
+        extra_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(config.output / "tensorboard"),
+                                                           update_freq="epoch", write_graph=False))
     if state.global_step == 0:
         log.info("training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
                  "%d epochs x %d steps of %d, learning rate %g; checkpoints every %d steps in %s",
@@ -372,17 +448,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
         while state.epoch < config.epochs:
             remaining = train_images - state.images_in_epoch
             epoch_logger.images, epoch_logger.resumed_from_step = remaining, state.step
-            model.fit(
-                training_dataset(dataset, config, len(classes), epoch=state.epoch,
-                                 skip=state.images_in_epoch, batch_size=state.step_batch),
-                initial_epoch=state.epoch, epochs=state.epoch + 1,
-                steps_per_epoch=math.ceil(remaining / state.step_batch),
-                validation_data=eval_dataset(dataset, "validation", state.step_batch, len(classes))
-                if has_validation else None,
-                callbacks=[epoch_logger, checkpointer],
-                shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
-                verbose=0,
-            )
+            try:
+                model.fit(
+                    training_dataset(dataset, config, len(classes), epoch=state.epoch,
+                                     skip=state.images_in_epoch, batch_size=state.step_batch),
+                    initial_epoch=state.epoch, epochs=state.epoch + 1,
+                    steps_per_epoch=math.ceil(remaining / state.step_batch),
+                    validation_data=eval_dataset(dataset, "validation", state.step_batch, len(classes))
+                    if has_validation else None,
+                    callbacks=[epoch_logger, checkpointer, *extra_callbacks],
+                    shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
+                    verbose=0,
+                )
+            except Exception as error:
+                if not batchfit.is_out_of_memory(error):
+                    raise
+                model = _step_down(error, model, state, build, checkpoint_dir, config, cache_file, gpu,
+                                   probe_spec)
+                continue
             if checkpointer.terminate and state.images_in_epoch < train_images:
                 raise Interrupted(f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}; "
                                   f"run again with the same checkpoint directory ({checkpoint_dir}) "
@@ -427,6 +510,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "train_images": train_images,
         "step_batch": state.step_batch,
         "accumulation": state.accumulation,
+        "effective_batch": state.step_batch * state.accumulation,
+        "gpu": gpu.name if gpu else None,
+        "gpu_memory_limit_mib": config.gpu_memory_limit_mib or None,
         "epochs_trained": state.epoch,
         "best_epoch": best["epoch"],
         "best_val_accuracy": best.get("val_accuracy"),
@@ -478,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where checkpoints go and a restart resumes from (default <output>/checkpoints)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                         help="steps between checkpoints: a kill loses at most this many")
+    parser.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_mib", type=int,
+                        default=defaults.gpu_memory_limit_mib,
+                        help="MiB of GPU memory the framework may use (0 = all; 7680 = an RTX 2070)")
+    parser.add_argument("--batch-fit", choices=("auto", "off"), default=defaults.batch_fit,
+                        help="auto: largest per-step batch that fits (probed), accumulation for the rest")
+    parser.add_argument("--batch-fit-cache", default=defaults.batch_fit_cache,
+                        help="file remembering fitted batches per GPU and settings")
     parser.add_argument("--early-stopping-patience", type=int, default=defaults.early_stopping_patience,
                         help="stop after this many epochs without a better val_accuracy (0 = off)")
     return parser

@@ -81,3 +81,5 @@ def test_training_writes_model_config_history_and_the_loss_goes_down(trained_mod
     last_three = np.mean([row["loss"] for row in history[-3:]])
     assert last_three < 0.7 * history[0]["loss"], [row["loss"] for row in history]
     assert all(row["images_per_sec"] > 0 for row in history)
+    assert list((trained_model / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not (trained_model / "checkpoints").exists()  # not shipped inside the model artifact

@@ -1,0 +1,363 @@
+"""Fit the training batch to the GPU: the largest per-step batch that trains, then accumulation.
+
+    python -m components.batchfit --image-size 224 --precision mixed_float16 --requested 256
+    python -m components.batchfit --gpu-memory-limit 7680 --requested 512    # an RTX 2070's budget
+
+Each candidate batch is tried in a fresh process (a framework does not give GPU memory back
+after running out, so one process cannot try twice), with the memory cap lowered by
+MARGIN so that the real run keeps headroom for what probes do not exercise (validation,
+checkpoint saves, fragmentation). The search doubles from `start` up to the requested batch,
+then bisects between the last batch that fitted and the first that did not. The answer is
+remembered per GPU model, memory budget, image size, precision, backend and library
+versions, so a scheduled retraining probes once. The requested (effective) batch is then
+reached with gradient accumulation: `plan(requested, largest)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.07  # probes run under the budget minus this fraction
+OOM_EXIT = 3  # a probe's exit code for "out of memory"; any other failure is an error
+
+
+class BatchFitError(RuntimeError):
+    """Even the smallest batch does not fit, or a probe failed for another reason than memory."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    step_batch: int  # images per forward/backward pass
+    accumulation: int  # passes per optimizer update
+    requested: int
+
+    @property
+    def effective_batch(self) -> int:
+        return self.step_batch * self.accumulation
+
+
+def plan(requested: int, largest: int) -> BatchPlan:
+    """The fewest accumulation steps that reach `requested` with per-step batches <= `largest`,
+    the per-step batch then spread evenly (requested 256, largest 96: 3 x 86, not 96+96+64)."""
+    if requested < 1 or largest < 1:
+        raise ValueError(f"batches must be positive, got requested={requested}, largest={largest}")
+    accumulation = math.ceil(requested / largest)
+    return BatchPlan(
+        step_batch=math.ceil(requested / accumulation), accumulation=accumulation, requested=requested
+    )
+
+
+def search(fits: Callable[[int], bool], requested: int, start: int = 16, granularity: int = 8) -> int:
+    """Largest batch <= `requested` for which `fits(batch)` is True.
+
+    Doubling from `start` (capped at `requested`) until one does not fit, then bisecting to a
+    multiple of `granularity` (of 1 below it). If even `start` does not fit, halving down to 1.
+    `fits` returns False only for running out of memory; any other failure raises through."""
+    batch, low, high = min(start, requested), 0, None
+    while True:
+        if fits(batch):
+            low = batch
+            if batch == requested:
+                return batch
+            batch = min(batch * 2, requested)
+        else:
+            high = batch
+            break
+    if low == 0:
+        while batch > 1:
+            batch //= 2
+            if fits(batch):
+                low = batch
+                break
+            high = batch
+        else:
+            raise BatchFitError("not even a batch of 1 trains within the GPU memory budget")
+    step = granularity if low >= granularity else 1
+    while high - low > step:
+        middle = (low + high) // 2
+        middle -= middle % step
+        if middle <= low:
+            break
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+# ------------------------------------------------------------------------ GPU facts and the cap
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    total_mib: int
+
+
+def detect_gpu() -> Gpu | None:
+    """The first NVIDIA GPU, from nvidia-smi: no framework touches the GPU (TensorFlow would
+    reserve nearly all its memory on first use and starve the probes)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    if "," not in first:
+        return None
+    name, total = (part.strip() for part in first.rsplit(",", 1))
+    return Gpu(name=name, total_mib=int(float(total)))
+
+
+def apply_memory_limit(limit_mib: int, gpu: Gpu | None) -> None:
+    """Cap what the framework may take of the GPU, before it starts. TensorFlow: a logical
+    device with `memory_limit`; JAX: its allocator's fraction of the card."""
+    if not limit_mib or gpu is None:
+        return
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "jax":
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(limit_mib / gpu.total_mib, 1.0):.4f}"
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+        return
+    import tensorflow as tf
+
+    devices = tf.config.list_physical_devices("GPU")
+    if devices:
+        tf.config.set_logical_device_configuration(
+            devices[0], [tf.config.LogicalDeviceConfiguration(memory_limit=limit_mib)]
+        )
+
+
+def peak_memory_mib() -> float | None:
+    """Peak GPU memory the framework has used since the last call (then reset), or None
+    without a GPU."""
+    try:
+        if os.environ.get("KERAS_BACKEND", "tensorflow") == "jax":
+            import jax
+
+            stats = jax.devices()[0].memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use")
+            return None if peak is None else peak / 2**20
+        import tensorflow as tf
+
+        if not tf.config.list_logical_devices("GPU"):
+            return None
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return peak / 2**20
+    except (RuntimeError, ValueError, KeyError):
+        return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """TF's ResourceExhaustedError, JAX's RESOURCE_EXHAUSTED runtime error, or an allocator's
+    "out of memory" message."""
+    text = f"{type(error).__name__}: {error}"
+    return type(error).__name__ == "ResourceExhaustedError" or any(
+        marker in text for marker in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM when")
+    )
+
+
+# ------------------------------------------------------------------------------ probes and cache
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    image_size: int
+    precision: str
+    num_classes: int
+    memory_limit_mib: int  # the probe's own cap (budget minus MARGIN); 0 = none
+    steps: int = 2
+
+
+def probe(spec: ProbeSpec, batch: int, timeout: float = 900) -> bool:
+    """Train `steps` steps of `batch` random images in a fresh process: True if it fitted, False
+    if it ran out of memory; BatchFitError for any other failure."""
+    command = [
+        sys.executable,
+        "-m",
+        "components.batchfit",
+        "--probe",
+        json.dumps(asdict(spec)),
+        "--batch",
+        str(batch),
+    ]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BatchFitError(f"probing batch {batch} took over {timeout:.0f} s") from None
+    seconds = time.monotonic() - started
+    if done.returncode == 0:
+        log.info("batch %d fits (probe %.0f s)", batch, seconds)
+        return True
+    if done.returncode == OOM_EXIT:
+        log.info("batch %d runs out of memory (probe %.0f s)", batch, seconds)
+        return False
+    raise BatchFitError(
+        f"probing batch {batch} failed (exit {done.returncode}), not for memory: "
+        f"{(done.stderr or done.stdout).strip()[-1500:]}"
+    )
+
+
+def _run_probe(spec: ProbeSpec, batch: int) -> int:
+    """In the probe process: build our model and training step, train `spec.steps` steps."""
+    apply_memory_limit(spec.memory_limit_mib, detect_gpu())
+    try:
+        import keras
+        import numpy as np
+
+        from components.train import TrainConfig, build_model, compile_for_training
+
+        keras.mixed_precision.set_global_policy(spec.precision)
+        model = build_model(spec.num_classes, spec.image_size)
+        compile_for_training(
+            model, TrainConfig(data=Path(), output=Path(), epochs=1), steps_per_epoch=spec.steps
+        )
+        rng = np.random.default_rng(0)
+        images = rng.uniform(0, 255, (batch, spec.image_size, spec.image_size, 3)).astype("float32")
+        labels = np.eye(spec.num_classes, dtype="float32")[rng.integers(0, spec.num_classes, batch)]
+        for _ in range(spec.steps):
+            model.train_on_batch(images, labels)
+    except Exception as error:  # noqa: BLE001 - sorted into memory / not memory right here
+        if is_out_of_memory(error):
+            return OOM_EXIT
+        raise
+    return 0
+
+
+def cache_key(gpu: Gpu, spec: ProbeSpec) -> str:
+    import importlib.metadata as metadata
+
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    versions = []
+    for package in ("keras", "tensorflow" if backend == "tensorflow" else backend):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} ?")
+    budget = spec.memory_limit_mib or gpu.total_mib
+    return f"{gpu.name} | {budget} MiB | {spec.image_size} px | {spec.precision} | {backend} | " + ", ".join(
+        versions
+    )
+
+
+def largest_batch(
+    requested: int,
+    spec: ProbeSpec,
+    gpu: Gpu,
+    cache_file: Path | None,
+    fits: Callable[[int], bool] | None = None,
+) -> int:
+    """Largest per-step batch up to `requested`: from the cache, or probed and then cached."""
+    key = cache_key(gpu, spec)
+    cache = {}
+    if cache_file and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except ValueError:
+            log.warning("ignoring unreadable batch-fit cache %s", cache_file)
+    known = cache.get(key)
+    if known and (known["largest"] >= requested or known["largest"] < known["limit_probed"]):
+        log.info(
+            "batch fit from cache %s: largest batch %d (%s)",
+            cache_file,
+            min(known["largest"], requested),
+            key,
+        )
+        return min(known["largest"], requested)
+    log.info("finding the largest batch that trains (%s), up to %d", key, requested)
+    largest = search(fits or (lambda batch: probe(spec, batch)), requested)
+    if cache_file:
+        cache[key] = {"largest": largest, "limit_probed": requested, "date": time.strftime("%Y-%m-%d")}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(".partial")
+        partial.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
+        partial.replace(cache_file)
+    return largest
+
+
+def record_out_of_memory(cache_file: Path | None, gpu: Gpu, spec: ProbeSpec, failed_batch: int) -> None:
+    """Training ran out of memory at `failed_batch`: remember a smaller largest batch."""
+    if not cache_file:
+        return
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    key = cache_key(gpu, spec)
+    entry = cache.get(key, {"limit_probed": failed_batch})
+    entry.update(
+        largest=min(entry.get("largest", failed_batch), failed_batch - 1), date=time.strftime("%Y-%m-%d")
+    )
+    cache[key] = entry
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
+
+
+def default_cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "efficientnet-retrain" / "batch-fit.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.batchfit", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--requested", type=int, default=256, help="the effective batch wanted")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--precision", default="mixed_float16", choices=("float32", "mixed_float16"))
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--gpu-memory-limit", type=int, default=0, help="MiB the framework may use (0 = all)")
+    parser.add_argument("--cache", type=Path, default=default_cache_file())
+    args = parser.parse_args(argv)
+    if args.probe:
+        return _run_probe(ProbeSpec(**json.loads(args.probe)), args.batch)
+
+    from components.cli import configure_logging
+
+    configure_logging()
+    gpu = detect_gpu()
+    if gpu is None:
+        print("error: no NVIDIA GPU found (nvidia-smi); batch fitting is for GPU training", file=sys.stderr)
+        return 2
+    budget = args.gpu_memory_limit or gpu.total_mib
+    spec = ProbeSpec(
+        image_size=args.image_size,
+        precision=args.precision,
+        num_classes=args.num_classes,
+        memory_limit_mib=int(budget * (1 - MARGIN)),
+    )
+    largest = largest_batch(args.requested, spec, gpu, args.cache)
+    result = plan(args.requested, largest)
+    print(
+        json.dumps(
+            {
+                "gpu": gpu.name,
+                "largest_batch": largest,
+                **asdict(result),
+                "effective_batch": result.effective_batch,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
