@@ -265,6 +265,8 @@ def largest_batch(
     gpu: Gpu,
     cache_file: Path | None,
     fits: Callable[[int], bool] | None = None,
+    start: int = 16,
+    granularity: int = 8,
 ) -> int:
     """Largest per-step batch up to `requested`: from the cache, or probed and then cached."""
     key = cache_key(gpu, spec)
@@ -284,7 +286,7 @@ def largest_batch(
         )
         return min(known["largest"], requested)
     log.info("finding the largest batch that trains (%s), up to %d", key, requested)
-    largest = search(fits or (lambda batch: probe(spec, batch)), requested)
+    largest = search(fits or (lambda batch: probe(spec, batch)), requested, start, granularity)
     if cache_file:
         cache[key] = {"largest": largest, "limit_probed": requested, "date": time.strftime("%Y-%m-%d")}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--gpu-memory-limit", type=int, default=0, help="MiB the framework may use (0 = all)")
     parser.add_argument("--cache", type=Path, default=default_cache_file())
+    parser.add_argument("--start", type=int, default=16, help="first batch probed")
+    parser.add_argument("--granularity", type=int, default=8, help="bisect to a multiple of this")
     args = parser.parse_args(argv)
     if args.probe:
         return _run_probe(ProbeSpec(**json.loads(args.probe)), args.batch)
@@ -344,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.num_classes,
         memory_limit_mib=int(budget * (1 - MARGIN)),
     )
-    largest = largest_batch(args.requested, spec, gpu, args.cache)
+    largest = largest_batch(args.requested, spec, gpu, args.cache, start=args.start,
+                            granularity=args.granularity)
     result = plan(args.requested, largest)
     print(
         json.dumps(
