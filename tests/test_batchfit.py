@@ -134,3 +134,10 @@ def test_running_out_of_memory_mid_training_steps_down_and_finishes(prepared_dat
     images = records.load(prepared_dataset).count("train")
     # epoch 1 at 16 per step; epoch 2 runs out before its first step; epochs 2 and 3 at 8.
     assert calls == [math.ceil(images / 16)] * 2 + [math.ceil(images / 8)] * 2
+
+
+def test_a_batch_that_fits_only_by_slowing_down_is_not_chosen():
+    speeds = {64: 5000.0, 128: 6900.0, 256: 7000.0, 512: 5200.0, 1024: 3100.0}
+    assert batchfit.choose(1024, speeds) == 256  # 128 and 256 within 5% of the fastest: the larger
+    assert batchfit.choose(128, speeds) == 128
+    assert batchfit.choose(96, {}) == 96  # nothing measured (injected probes): the largest that fits
