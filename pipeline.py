@@ -58,7 +58,8 @@ def preprocess(source: str, image_size: int, resize: str, tfds_data_dir: str, da
 
 
 def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: float,
-               weights: str, precision: str, model: Output[Model], metrics: Output[Metrics]):
+               weights: str, precision: str, checkpoint_dir: str, gpu_memory_limit_mib: int,
+               model: Output[Model], metrics: Output[Metrics]):
     from pathlib import Path
 
     from components import train as step
@@ -67,9 +68,12 @@ def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: 
     configure_logging()
     summary = step.train(step.TrainConfig(data=Path(dataset.path), output=Path(model.path), epochs=epochs,
                                 batch_size=batch_size, learning_rate=learning_rate or None,
-                                weights=weights, precision=precision))
+                                weights=weights, precision=precision, checkpoint_dir=checkpoint_dir,
+                                gpu_memory_limit_mib=gpu_memory_limit_mib))
     model.metadata.update({"framework": "keras", "classes": summary["classes"],
-                           "image_size": summary["image_size"], "precision": summary["precision"]})
+                           "image_size": summary["image_size"], "precision": summary["precision"],
+                           "step_batch": summary["step_batch"], "accumulation": summary["accumulation"],
+                           "gpu": summary["gpu"]})
     if summary["best_val_accuracy"] is not None:
         metrics.log_metric("best_val_accuracy", summary["best_val_accuracy"])
         metrics.log_metric("best_epoch", summary["best_epoch"])
@@ -129,14 +133,16 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
                               "evaluate, export.")
     def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
                 batch_size: int = 32, learning_rate: float = 0.0, weights: str = "none",
-                precision: str = "auto", tfds_data_dir: str = "") -> Outputs:
+                precision: str = "auto", tfds_data_dir: str = "", checkpoint_dir: str = "",
+                gpu_memory_limit_mib: int = 0) -> Outputs:
         # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest
         prepared = preprocess_op(source=source, image_size=image_size, resize=resize,
                                  tfds_data_dir=tfds_data_dir)
         # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights)
         trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                           precision=precision)
+                           precision=precision, checkpoint_dir=checkpoint_dir,
+                           gpu_memory_limit_mib=gpu_memory_limit_mib)
         # 3. evaluate: held-out test split
         evaluated = evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"])
         # 4. export: servable SavedModel, verified after reload

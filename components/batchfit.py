@@ -264,7 +264,8 @@ def _run_probe(spec: ProbeSpec, batch: int) -> int:
             model, TrainConfig(data=Path(), output=Path(), epochs=1), steps_per_epoch=spec.steps
         )
         rng = np.random.default_rng(0)
-        images = rng.uniform(0, 255, (batch, spec.image_size, spec.image_size, 3)).astype("float32")
+        # uint8, as train feeds them (the model casts on the device)
+        images = rng.integers(0, 256, (batch, spec.image_size, spec.image_size, 3), dtype="uint8")
         labels = np.eye(spec.num_classes, dtype="float32")[rng.integers(0, spec.num_classes, batch)]
         model.train_on_batch(images, labels)  # compiles
         started = time.perf_counter()
