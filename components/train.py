@@ -73,6 +73,12 @@ class TrainConfig:
     # and reach batch_size by gradient accumulation; off: batch_size per step, as given.
     batch_fit: str = "auto"
     batch_fit_cache: str = ""  # "" = <checkpoint dir>/batch-fit.json, else ~/.cache/...
+    # XLA compilation of the training step: auto = Keras' choice (on for a GPU, off on a CPU,
+    # where it measured 5x slower: bench/RESULTS.md), on, off.
+    xla: str = "auto"
+    # Weight the loss by the manifest's inverse-frequency class weights, so that a rare class
+    # counts as much as a common one; near 1 everywhere on balanced data.
+    class_weights: bool = True
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -86,6 +92,8 @@ class TrainConfig:
         if self.weights not in ("none", "imagenet") and not Path(self.weights).is_file():
             raise TrainError(f"--weights must be none, imagenet or an existing weights file; "
                              f"{self.weights} does not exist")
+        if self.xla not in ("auto", "on", "off"):
+            raise TrainError(f"--xla must be auto, on or off, got {self.xla!r}")
         if self.batch_fit not in ("auto", "off"):
             raise TrainError(f"--batch-fit must be auto or off, got {self.batch_fit!r}")
         if self.gpu_memory_limit_mib < 0:
@@ -282,6 +290,7 @@ def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accum
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
                                        gradient_accumulation_steps=accumulation if accumulation > 1 else None)
     model.compile(
+        jit_compile={"auto": "auto", "on": True, "off": False}[config.xla],
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
@@ -437,6 +446,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpointer.terminate = True
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    manifest_weights = dataset.manifest.get("class_weights") or {}
+    class_weight = ({index: float(manifest_weights.get(name, 1.0)) for index, name in enumerate(classes)}
+                    if config.class_weights and manifest_weights else None)
     extra_callbacks = []
     if all(importlib.util.find_spec(name) for name in ("tensorflow", "tensorboard")):  # via tf.summary
         extra_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(config.output / "tensorboard"),
@@ -461,6 +473,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     validation_data=eval_dataset(dataset, "validation", state.step_batch, len(classes))
                     if has_validation else None,
                     callbacks=[epoch_logger, checkpointer, *extra_callbacks],
+                    class_weight=class_weight,
                     shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
                     verbose=0,
                 )
@@ -575,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: largest per-step batch that fits (probed), accumulation for the rest")
     parser.add_argument("--batch-fit-cache", default=defaults.batch_fit_cache,
                         help="file remembering fitted batches per GPU and settings")
+    parser.add_argument("--xla", choices=("auto", "on", "off"), default=defaults.xla,
+                        help="XLA-compile the training step (auto: on a GPU only)")
+    parser.add_argument("--no-class-weights", dest="class_weights", action="store_false",
+                        help="do not weight the loss by the manifest's class weights")
     parser.add_argument("--early-stopping-patience", type=int, default=defaults.early_stopping_patience,
                         help="stop after this many epochs without a better val_accuracy (0 = off)")
     return parser

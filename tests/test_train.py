@@ -83,3 +83,26 @@ def test_training_writes_model_config_history_and_the_loss_goes_down(trained_mod
     assert all(row["images_per_sec"] > 0 for row in history)
     assert list((trained_model / "tensorboard").rglob("events.out.tfevents.*"))
     assert not (trained_model / "checkpoints").exists()  # not shipped inside the model artifact
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_class_weights_from_the_manifest_reach_fit(prepared_dataset, tmp_path, monkeypatch, enabled):
+    from components import records
+
+    seen = {}
+
+    def fit(self, *args, **kwargs):
+        seen.update(kwargs, jit_compile=self.jit_compile)
+        raise _StopBeforeTraining
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    with pytest.raises(_StopBeforeTraining):
+        train(TrainConfig(data=prepared_dataset, output=tmp_path / "m", class_weights=enabled, xla="off"))
+    manifest = records.load(prepared_dataset).manifest
+    expected = {i: manifest["class_weights"][name] for i, name in enumerate(manifest["classes"])}
+    assert seen["class_weight"] == (expected if enabled else None)
+    assert seen["jit_compile"] is False
