@@ -89,9 +89,10 @@ class TrainConfig:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise TrainError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if self.weights not in ("none", "imagenet") and not Path(self.weights).is_file():
-            raise TrainError(f"--weights must be none, imagenet or an existing weights file; "
-                             f"{self.weights} does not exist")
+        if (self.weights not in ("none", "imagenet") and not is_remote(self.weights)
+                and not Path(self.weights).is_file()):
+            raise TrainError(f"--weights must be none, imagenet, an existing weights file or an "
+                             f"s3://, minio:// or gs:// URI of one; {self.weights} does not exist")
         if self.xla not in ("auto", "on", "off"):
             raise TrainError(f"--xla must be auto, on or off, got {self.xla!r}")
         if self.batch_fit not in ("auto", "off"):
@@ -139,6 +140,33 @@ def configure_precision(requested: str) -> str:
         precision = requested
     keras.mixed_precision.set_global_policy(precision)
     return precision
+
+
+REMOTE_SCHEMES = ("s3://", "minio://", "gs://")
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(REMOTE_SCHEMES)
+
+
+def fetch_weights(uri: str, folder: Path) -> str:
+    """Download a weights file from an object store (for air-gapped clusters that keep
+    `efficientnetb0_notop.h5` in a bucket) into `folder`; the local path. Keras needs the file
+    name's extension, so it is kept."""
+    from components import storage
+
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if not name or parent.endswith(":/"):
+        raise TrainError(f"--weights {uri} names no file; expected scheme://bucket/path/file.h5")
+    try:
+        data = storage.open_source(parent).read(name)
+    except storage.StorageError as error:
+        raise TrainError(f"cannot read --weights {uri}: {error}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    local = folder / name
+    local.write_bytes(data)
+    log.info("fetched weights %s (%.1f MB)", uri, len(data) / 1e6)
+    return str(local)
 
 
 REMAT_MODES = ("none", "activations", "larger_than", "full")
@@ -416,8 +444,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     else:
         batch_plan = batchfit.plan(config.batch_size, config.batch_size)
 
+    weights = (fetch_weights(config.weights, checkpoint_dir.parent / "weights") if is_remote(config.weights)
+               else config.weights)
+
     def build(step_batch: int, accumulation: int):
-        model = build_model(len(classes), dataset.image_size, config.weights, config.dropout)
+        model = build_model(len(classes), dataset.image_size, weights, config.dropout)
         compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation)
         model.optimizer.build(model.trainable_variables)
         return model
@@ -569,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     parser.add_argument("--weights", default=defaults.weights,
-                        help="none | imagenet | path to an EfficientNet-B0 no-top weights file")
+                        help="none | imagenet | path or s3://, minio://, gs:// URI of EfficientNet-B0 "
+                             "no-top weights")
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
