@@ -49,12 +49,17 @@ class TrainConfig:
     # The effective batch: per step when it fits, otherwise reached by gradient accumulation
     # (batch_fit). 32 also suits the small datasets this is often run on.
     batch_size: int = 32
-    # None picks by weights: 1e-3 from scratch, 3e-4 when fine-tuning pretrained weights
+    # None picks by weights: 1e-3 from scratch, 1e-4 when fine-tuning pretrained weights
     # (larger steps would wreck the ImageNet features in the first epoch).
     learning_rate: float | None = None
     weight_decay: float = 1e-4  # AdamW, decoupled
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 at the last step
-    weights: str = "none"  # none | imagenet | path to an EfficientNet-B0 no-top weights file
+    weights: str = "none"  # none | imagenet | path or URI of EfficientNet-B0 no-top weights
+    # Fine-tuning pretrained weights in two phases (the Keras transfer-learning recipe): first
+    # the new head alone for head_epochs (random head gradients would wreck the features),
+    # then the top unfreeze_blocks of EfficientNet-B0's 16 blocks too, whole, BatchNorm frozen.
+    head_epochs: int = 2
+    unfreeze_blocks: int = 5
     precision: str = "auto"  # auto: mixed_float16 on a GPU, float32 on CPU
     dropout: float = 0.2  # before the new classification head, as in EfficientNet-B0
     label_smoothing: float = 0.1
@@ -93,6 +98,8 @@ class TrainConfig:
                 and not Path(self.weights).is_file()):
             raise TrainError(f"--weights must be none, imagenet, an existing weights file or an "
                              f"s3://, minio:// or gs:// URI of one; {self.weights} does not exist")
+        if self.head_epochs < 0 or not 0 <= self.unfreeze_blocks <= 16:
+            raise TrainError("--head-epochs must be 0 or more and --unfreeze-blocks in 0..16")
         if self.xla not in ("auto", "on", "off"):
             raise TrainError(f"--xla must be auto, on or off, got {self.xla!r}")
         if self.batch_fit not in ("auto", "off"):
@@ -113,7 +120,22 @@ class TrainConfig:
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 3e-4 if self.pretrained else 1e-3
+        return 1e-4 if self.pretrained else 1e-3
+
+    def phase(self, epoch: int) -> int:
+        """0: from scratch, everything trains; 1: pretrained, the new head alone (backbone
+        frozen); 2: pretrained, the head and the top `unfreeze_blocks` blocks."""
+        if not self.pretrained:
+            return 0
+        return 1 if epoch < self.head_epochs else 2
+
+    def phase_plan(self, phase: int) -> tuple[int, float]:
+        """(epochs, peak learning rate) of a phase: its own warm-up + cosine schedule."""
+        if phase == 1:
+            return min(self.head_epochs, self.epochs), HEAD_LEARNING_RATE
+        if phase == 2:
+            return self.epochs - min(self.head_epochs, self.epochs), self.resolved_learning_rate()
+        return self.epochs, self.resolved_learning_rate()
 
 
 def gpu_available() -> bool:
@@ -143,6 +165,27 @@ def configure_precision(requested: str) -> str:
 
 
 REMOTE_SCHEMES = ("s3://", "minio://", "gs://")
+HEAD_LEARNING_RATE = 1e-3  # phase 1: a new, randomly initialised head
+
+
+def set_phase(model, phase: int, unfreeze_blocks: int) -> None:
+    """Make the layers of `phase` trainable (see TrainConfig.phase); BatchNorm of pretrained
+    weights stays frozen in every phase. Recompile afterwards."""
+    import keras
+
+    if phase == 0:
+        return
+    backbone = model.layers[1]
+    if phase == 1:
+        backbone.trainable = False
+        return
+    blocks = list(dict.fromkeys(layer.name.split("_")[0] for layer in backbone.layers
+                                if layer.name.startswith("block")))
+    top = set(blocks[len(blocks) - unfreeze_blocks:]) if unfreeze_blocks else set()
+    backbone.trainable = True
+    for layer in backbone.layers:
+        in_top = layer.name.split("_")[0] in top or layer.name.startswith("top_")
+        layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def is_remote(location: str) -> bool:
@@ -297,7 +340,8 @@ def _epoch_logger(epochs: int):
     return EpochLogger()
 
 
-def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1) -> None:
+def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1,
+                         epochs: int | None = None, learning_rate: float | None = None) -> None:
     """The optimizer, schedule and loss of every training run (and of bench/gpu_memory.py):
     AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
     cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
@@ -306,9 +350,9 @@ def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accum
     schedule counts updates (Keras' `iterations` does too)."""
     import keras
 
-    total_steps = math.ceil(steps_per_epoch / accumulation) * config.epochs
-    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
-    learning_rate = config.resolved_learning_rate()
+    total_steps = max(math.ceil(steps_per_epoch / accumulation) * (epochs or config.epochs), 1)
+    warmup_steps = max(min(int(config.warmup_epochs * steps_per_epoch / accumulation), total_steps - 1), 0)
+    learning_rate = learning_rate or config.resolved_learning_rate()
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup_steps else learning_rate,
         decay_steps=total_steps - warmup_steps,
@@ -387,10 +431,11 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, bu
     import gc
 
     gc.collect()
-    model = build(new_plan.step_batch, new_plan.accumulation)
     folders = checkpoints.complete(checkpoint_dir)
-    if folders:
-        saved = checkpoints.TrainingState(**json.loads((folders[-1] / checkpoints.STATE).read_text()))
+    saved = (checkpoints.TrainingState(**json.loads((folders[-1] / checkpoints.STATE).read_text()))
+             if folders else None)
+    model = build(new_plan.step_batch, new_plan.accumulation, saved.epoch if saved else 0)
+    if saved:
         checkpoints.restore(folders[-1], model, saved.accumulation, new_plan.accumulation)
         vars(state).update(vars(saved))
     else:
@@ -447,15 +492,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
     weights = (fetch_weights(config.weights, checkpoint_dir.parent / "weights") if is_remote(config.weights)
                else config.weights)
 
-    def build(step_batch: int, accumulation: int):
-        model = build_model(len(classes), dataset.image_size, weights, config.dropout)
-        compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation)
+    def prepare(model, step_batch: int, accumulation: int, epoch: int):
+        """Set the phase of `epoch` and compile with that phase's schedule (a fresh optimizer)."""
+        phase = config.phase(epoch)
+        set_phase(model, phase, config.unfreeze_blocks)
+        phase_epochs, phase_rate = config.phase_plan(phase)
+        compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation,
+                             epochs=phase_epochs, learning_rate=phase_rate)
         model.optimizer.build(model.trainable_variables)
+        if phase:
+            log.info("phase %d: %s, %d epoch(s) at a peak learning rate of %g", phase,
+                     "the new head alone" if phase == 1 else f"head + top {config.unfreeze_blocks} blocks",
+                     phase_epochs, phase_rate)
         return model
+
+    def build(step_batch: int, accumulation: int, epoch: int = 0):
+        model = build_model(len(classes), dataset.image_size, weights, config.dropout)
+        return prepare(model, step_batch, accumulation, epoch)
 
     try:
         model, state = checkpoints.load_latest(
-            checkpoint_dir, lambda saved: build(saved.step_batch, saved.accumulation) if saved
+            checkpoint_dir, lambda saved: build(saved.step_batch, saved.accumulation, saved.epoch) if saved
             else build(batch_plan.step_batch, batch_plan.accumulation))
     except checkpoints.CheckpointError as error:
         raise TrainError(f"{error}; delete {checkpoint_dir} to start over") from None
@@ -526,7 +583,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 partial = best_weights.with_name(".best.partial.weights.h5")
                 model.save_weights(partial)
                 partial.replace(best_weights)
+            row["phase"] = config.phase(state.epoch)
             state.epoch, state.step, state.images_in_epoch = state.epoch + 1, 0, 0
+            if state.epoch < config.epochs and config.phase(state.epoch) != config.phase(state.epoch - 1):
+                # Before the checkpoint, so that it holds the optimizer of the phase it resumes in.
+                model = prepare(model, state.step_batch, state.accumulation, state.epoch)
             checkpoints.save(checkpoint_dir, model, state)
             if checkpointer.terminate:
                 raise Interrupted(f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
@@ -540,7 +601,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     if has_validation and best_weights.exists():
-        model.load_weights(best_weights)
+        import warnings
+
+        with warnings.catch_warnings():  # its optimizer variables may be another phase's: not needed
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(best_weights)
     model.save(config.output / "model.keras")
     if not config.checkpoint_dir:
         # Inside the model artifact they would triple its size; a finished run needs none.
@@ -596,12 +661,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning-rate", type=float, default=None,
-                        help="peak learning rate (default: 1e-3 from scratch, 3e-4 pretrained)")
+                        help="peak learning rate (default: 1e-3 from scratch; pretrained: 1e-4 "
+                             "after the head epochs)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     parser.add_argument("--weights", default=defaults.weights,
                         help="none | imagenet | path or s3://, minio://, gs:// URI of EfficientNet-B0 "
                              "no-top weights")
+    parser.add_argument("--head-epochs", type=int, default=defaults.head_epochs,
+                        help="pretrained weights: epochs training the new head alone first")
+    parser.add_argument("--unfreeze-blocks", type=int, default=defaults.unfreeze_blocks,
+                        help="pretrained weights: top EfficientNet-B0 blocks trained after the head epochs")
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
