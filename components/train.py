@@ -1,15 +1,23 @@
 """train: fine-tune (or train from scratch) EfficientNet-B0 on prepared TFRecord shards.
 
     python -m components.train --data /tmp/prepared --output /tmp/model --epochs 10 \
-        --weights imagenet
+        --weights imagenet --batch-size 256 --gpu-memory-limit 7680 --checkpoint-dir /mnt/ckpt
 
 Writes to `--output`: `model.keras` (the weights that scored best on validation),
-`train_config.json` (the resolved config: precision actually used, classes, image size) and
-`history.json` (per-epoch loss/accuracy and images/s).
+`train_config.json` (the resolved config: precision actually used, per-step batch and
+accumulation, classes, image size), `history.json` (per epoch: metrics, images/s, phase,
+peak GPU memory) and `tensorboard/`.
 
-Weights: `imagenet` (Keras downloads `efficientnetb0_notop.h5` once; needs internet), a path to
-that file or any EfficientNet-B0 no-top weights file (air-gapped clusters), or `none` (from
-scratch; what tests and the built-in dataset use, since nothing may be downloaded there).
+Weights: `imagenet` (Keras downloads `efficientnetb0_notop.h5` once; needs internet), a path
+or an s3://, minio://, gs:// URI of that file or any EfficientNet-B0 no-top weights
+(air-gapped clusters), or `none` (from scratch; what tests and the built-in dataset use).
+Pretrained weights train in two phases: the new head alone, then the top blocks too.
+
+On a GPU the per-step batch is fitted to the memory budget (`components.batchfit`) and the
+requested batch reached by gradient accumulation; running out of memory mid-run halves the
+per-step batch and goes on from the last checkpoint. Checkpoints (`components.checkpoints`)
+every `--checkpoint-every` steps and at each epoch end make a killed run resumable: run the
+same command again.
 """
 
 from __future__ import annotations
