@@ -12,6 +12,10 @@ any moment leaves either the new checkpoint or none of it. The two newest are ke
 newest cannot be read (a disk filled up, a file was damaged), loading falls back to the
 previous one, and says so.
 
+With an `s3://` or `minio://` checkpoint location, `RemoteMirror` keeps a copy of the local
+folder in the bucket (files first, `state.json` last, so a half-uploaded checkpoint is never
+taken for a complete one) and brings it back before a restarted run looks for checkpoints.
+
 Optimizer variables are restored by position among the non-accumulator variables, so a
 resumed run may use a different per-step batch and accumulation (after running out of memory)
 and still continue with its Adam moments, step counter and loss scale.
@@ -172,3 +176,44 @@ def load_latest(directory: Path, build) -> tuple[Any, TrainingState | None]:
     if folders:
         raise CheckpointError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
     return build(None), None
+
+
+class RemoteMirror:
+    """The checkpoint folder mirrored under an S3-compatible prefix (a pod's disk does not
+    survive a retry; a bucket does)."""
+
+    def __init__(self, uri: str):
+        from components import storage
+
+        self.uri = uri.rstrip("/")
+        self.folder = storage.ObjectStoreFolder(self.uri)
+
+    def pull(self, directory: Path) -> None:
+        """Download the remote checkpoints that are complete (state.json present) and best weights."""
+        names = self.folder.names()
+        complete_steps = sorted({name.split("/")[0] for name in names if name.endswith("/" + STATE)})
+        for step in complete_steps[-KEEP:]:
+            target = directory / step
+            if target.exists():
+                continue
+            partial = directory / f".{step}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            for name in (WEIGHTS, OPTIMIZER, STATE):
+                self.folder.get_file(f"{step}/{name}", partial / name)
+            partial.rename(target)
+        if "best.weights.h5" in names:
+            self.folder.get_file("best.weights.h5", directory / "best.weights.h5")
+        if complete_steps:
+            log.info("fetched checkpoints %s from %s", ", ".join(complete_steps[-KEEP:]), self.uri)
+
+    def push(self, checkpoint: Path, best: Path | None = None) -> None:
+        for name in (WEIGHTS, OPTIMIZER, STATE):  # state.json last: it marks the upload complete
+            self.folder.put_file(f"{checkpoint.name}/{name}", checkpoint / name)
+        if best is not None and best.exists():
+            self.folder.put_file(best.name, best)
+        keep = {p.name for p in complete(checkpoint.parent)}
+        stale = [name for name in self.folder.names()
+                 if name.startswith("step-") and name.split("/")[0] not in keep]
+        for name in sorted(stale, key=lambda n: not n.endswith(STATE)):  # unmark complete first
+            self.folder.remove(name)

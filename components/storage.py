@@ -239,6 +239,34 @@ class ObjectStoreSource(_BucketSource):
             raise self._explain(error) from None
 
 
+class ObjectStoreFolder(ObjectStoreSource):
+    """A prefix of an S3-compatible bucket used as a folder: put, get, list and remove files."""
+
+    def _call(self, action, *args):
+        import urllib3
+        from minio.error import S3Error
+
+        try:
+            return action(*args)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._explain(error) from None
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._call(self.client.fput_object, self.bucket, self.object_name(key), str(path))
+
+    def get_file(self, key: str, path: Path) -> None:
+        self._call(self.client.fget_object, self.bucket, self.object_name(key), str(path))
+
+    def names(self) -> list[str]:
+        """Every key under the prefix (an empty list for none; a missing bucket is an error)."""
+        prefix = self.list_prefix
+        items = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
+        return sorted(item.object_name[len(prefix):] for item in items if not item.is_dir)
+
+    def remove(self, key: str) -> None:
+        self._call(self.client.remove_object, self.bucket, self.object_name(key))
+
+
 class GCSSource(_BucketSource):
     def __init__(self, uri: str):
         from google.auth.exceptions import DefaultCredentialsError

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import batchfit, checkpoints, records
+from components import batchfit, checkpoints, records, storage
 from components.cli import json_config
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class TrainConfig:
     augment: bool = True  # random horizontal flip + random shift (pad 1/8 and crop)
     seed: int = 42
     verify_data: bool = True  # check shard hashes and record counts before training
-    # Where checkpoints go ("" = <output>/checkpoints). Give a volume that outlives the pod
-    # (a KFP retry then resumes instead of starting over).
+    # Where checkpoints go ("" = <output>/checkpoints): a folder, or an s3:// / minio:// prefix
+    # (mirrored after each save). Give one that outlives the pod, so a KFP retry resumes.
     checkpoint_dir: str = ""
     checkpoint_every: int = 50  # steps; a kill loses at most this many
     early_stopping_patience: int = 0  # epochs without a better val_accuracy; 0 = train them all
@@ -382,7 +382,8 @@ def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) ->
     shapes training, so a restart of the same run resumes, while next week's run on new data
     (or with other settings) sharing the same volume starts fresh instead of "resuming" a
     finished model."""
-    root = Path(config.checkpoint_dir) if config.checkpoint_dir else config.output / "checkpoints"
+    root = (Path(config.checkpoint_dir) if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
+            else config.output / "checkpoints")
     settings = json_config(config)
     for name in ("data", "output", "checkpoint_dir", "checkpoint_every", "verify_data"):
         settings.pop(name, None)
@@ -396,7 +397,7 @@ class Interrupted(RuntimeError):
     """SIGTERM arrived; a checkpoint was written and the run stops so that it can be resumed."""
 
 
-def _checkpointer(directory: Path, every: int, state: checkpoints.TrainingState, train_images: int):
+def _checkpointer(save, every: int, state: checkpoints.TrainingState, train_images: int):
     import keras
 
     class Checkpointer(keras.callbacks.Callback):
@@ -413,7 +414,7 @@ def _checkpointer(directory: Path, every: int, state: checkpoints.TrainingState,
             # that no checkpoint ever says "epoch finished, not yet validated".
             last_step = state.images_in_epoch >= train_images
             if not last_step and (self.terminate or state.global_step % every == 0):
-                checkpoints.save(directory, self.model, state)
+                save(self.model)
             if self.terminate:
                 self.model.stop_training = True
 
@@ -478,9 +479,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
     precision = configure_precision(config.precision)
     classes = dataset.classes
     checkpoint_dir = run_checkpoint_dir(config, dataset)
+    mirror = None
+    if is_remote(config.checkpoint_dir):
+        if config.checkpoint_dir.startswith("gs://"):
+            raise TrainError("--checkpoint-dir: gs:// is not supported for checkpoints; use a volume "
+                             "path or an s3:// / minio:// prefix")
+        # A local working copy under the output folder, mirrored to the bucket after each save.
+        remote = f"{config.checkpoint_dir.rstrip('/')}/{checkpoint_dir.name}"
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            mirror = checkpoints.RemoteMirror(remote)
+            mirror.pull(checkpoint_dir)
+        except storage.StorageError as error:
+            raise TrainError(f"cannot use --checkpoint-dir {remote}: {error}") from None
     learning_rate = config.resolved_learning_rate()
     cache_file = (Path(config.batch_fit_cache) if config.batch_fit_cache
-                  else checkpoint_dir.parent / "batch-fit.json" if config.checkpoint_dir
+                  else checkpoint_dir.parent / "batch-fit.json"
+                  if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
                   else batchfit.default_cache_file())
     probe_spec = batchfit.ProbeSpec(
         image_size=dataset.image_size, precision=precision, num_classes=len(classes),
@@ -534,7 +549,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     has_validation = dataset.count("validation") > 0
     best_weights = checkpoint_dir / "best.weights.h5"
     epoch_logger = _epoch_logger(config.epochs)
-    checkpointer = _checkpointer(checkpoint_dir, config.checkpoint_every, state, train_images)
+    def save_checkpoint(current_model) -> None:
+        folder = checkpoints.save(checkpoint_dir, current_model, state)
+        if mirror is not None:
+            mirror.push(folder, best_weights)
+
+    checkpointer = _checkpointer(save_checkpoint, config.checkpoint_every, state, train_images)
     previous_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
@@ -596,7 +616,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if state.epoch < config.epochs and config.phase(state.epoch) != config.phase(state.epoch - 1):
                 # Before the checkpoint, so that it holds the optimizer of the phase it resumes in.
                 model = prepare(model, state.step_batch, state.accumulation, state.epoch)
-            checkpoints.save(checkpoint_dir, model, state)
+            save_checkpoint(model)
             if checkpointer.terminate:
                 raise Interrupted(f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
                                   f"the same checkpoint directory ({checkpoint_dir}) to resume")
@@ -615,7 +635,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights)
     model.save(config.output / "model.keras")
-    if not config.checkpoint_dir:
+    if not config.checkpoint_dir or mirror is not None:
         # Inside the model artifact they would triple its size; a finished run needs none.
         shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
 
@@ -688,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
                         help="skip the shard hash and record-count check")
     parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
-                        help="where checkpoints go and a restart resumes from (default <output>/checkpoints)")
+                        help="folder or s3:// / minio:// prefix where checkpoints go and a restart "
+                             "resumes from (default <output>/checkpoints, removed when done)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                         help="steps between checkpoints: a kill loses at most this many")
     parser.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_mib", type=int,
