@@ -311,12 +311,7 @@ def largest_batch(
 ) -> int:
     """Largest per-step batch up to `requested`: from the cache, or probed and then cached."""
     key = cache_key(gpu, spec)
-    cache = {}
-    if cache_file and cache_file.is_file():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except ValueError:
-            log.warning("ignoring unreadable batch-fit cache %s", cache_file)
+    cache = _read_cache(cache_file)
     known = cache.get(key)
     if known and (known["largest"] >= requested or known["largest"] < known["limit_probed"]):
         log.info(
@@ -332,10 +327,7 @@ def largest_batch(
     largest = choose(largest, speeds)
     if cache_file:
         cache[key] = {"largest": largest, "limit_probed": requested, "date": time.strftime("%Y-%m-%d")}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(".partial")
-        partial.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
-        partial.replace(cache_file)
+        _write_cache(cache_file, cache)
     return largest
 
 
@@ -343,15 +335,32 @@ def record_out_of_memory(cache_file: Path | None, gpu: Gpu, spec: ProbeSpec, fai
     """Training ran out of memory at `failed_batch`: remember a smaller largest batch."""
     if not cache_file:
         return
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache = _read_cache(cache_file)
     key = cache_key(gpu, spec)
     entry = cache.get(key, {"limit_probed": failed_batch})
     entry.update(
         largest=min(entry.get("largest", failed_batch), failed_batch - 1), date=time.strftime("%Y-%m-%d")
     )
     cache[key] = entry
+    _write_cache(cache_file, cache)
+
+
+def _read_cache(cache_file: Path | None) -> dict:
+    if not cache_file or not cache_file.is_file():
+        return {}
+    try:
+        return json.loads(cache_file.read_text())
+    except ValueError:
+        log.warning("ignoring unreadable batch-fit cache %s", cache_file)
+        return {}
+
+
+def _write_cache(cache_file: Path, cache: dict) -> None:
+    """Written aside and renamed: a kill mid-write never leaves half a cache."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    partial = cache_file.with_suffix(".partial")
+    partial.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    partial.replace(cache_file)
 
 
 def default_cache_file() -> Path:
