@@ -153,19 +153,20 @@ def restore(folder: Path, model, saved_accumulation: int = 1, accumulation: int 
                           saved_accumulation, accumulation)
 
 
-def load_latest(directory: Path, build) -> tuple[Any, TrainingState | None]:
+def load_latest(directory: Path, build, accumulation: int | None = None) -> tuple[Any, TrainingState | None]:
     """(model, state) from the newest usable checkpoint, falling back to older ones.
 
-    `build(state)` makes the compiled model with its optimizer built, for that checkpoint's
-    per-step batch and accumulation (`state` None: a fresh start). Without any checkpoint:
-    (build(None), None). If checkpoints exist and none can be read, CheckpointError."""
+    `build(state)` makes the compiled model with its optimizer built (`state` None: a fresh
+    start), accumulating `accumulation` steps per update (default: the checkpoint's own).
+    Without any checkpoint: (build(None), None). If checkpoints exist and none can be read,
+    CheckpointError."""
     folders = complete(directory)
     problems = []
     for folder in reversed(folders):
         try:
             state = _read_state(folder)
             model = build(state)
-            restore(folder, model, state.accumulation, state.accumulation)
+            restore(folder, model, state.accumulation, accumulation or state.accumulation)
         except (CheckpointError, OSError, ValueError) as error:
             problems.append(f"{folder.name}: {error}")
             log.warning("checkpoint %s is not usable, trying the previous one: %s", folder.name, error)

@@ -440,15 +440,14 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, bu
     import gc
 
     gc.collect()
-    folders = checkpoints.complete(checkpoint_dir)
-    saved = (checkpoints.TrainingState(**json.loads((folders[-1] / checkpoints.STATE).read_text()))
-             if folders else None)
-    model = build(new_plan.step_batch, new_plan.accumulation, saved.epoch if saved else 0)
-    if saved:
-        checkpoints.restore(folders[-1], model, saved.accumulation, new_plan.accumulation)
-        vars(state).update(vars(saved))
-    else:
-        vars(state).update(vars(checkpoints.TrainingState()))
+    try:
+        model, saved = checkpoints.load_latest(
+            checkpoint_dir, lambda saved: build(new_plan.step_batch, new_plan.accumulation,
+                                                saved.epoch if saved else 0),
+            accumulation=new_plan.accumulation)
+    except checkpoints.CheckpointError as failure:
+        raise TrainError(f"{failure}; delete {checkpoint_dir} to start over") from None
+    vars(state).update(vars(saved or checkpoints.TrainingState()))
     state.step_batch, state.accumulation = new_plan.step_batch, new_plan.accumulation
     return model
 
