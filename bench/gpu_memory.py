@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 SIZE = 224
 CLASSES = 10
 
@@ -203,8 +204,10 @@ def run_probe(setting: str, batch: int, cap_mib: int, total_mib: int, steps: int
 
 def largest_batch(setting: str, cap_mib: int, total_mib: int, log: list, start: int = 64,
                   limit: int = 384, granularity: int = 16) -> int:
-    """Doubling from `start`, then bisecting to `granularity`; 0 when even `start` fails
-    (then `start` // 2 and // 4 are tried, so a setting that fits little still gets a figure)."""
+    """The product's own search (`components.batchfit.search`: doubling from `start`, then
+    bisecting to `granularity`, halving below `start`); 0 when not even a batch of 1 fits."""
+    from components.batchfit import BatchFitError, search
+
     def fits(batch: int) -> bool:
         result = run_probe(setting, batch, cap_mib, total_mib, steps=2, warmup=1, timeout=420, log=log)
         if not result["ok"] and not result.get("oom"):
@@ -212,29 +215,10 @@ def largest_batch(setting: str, cap_mib: int, total_mib: int, log: list, start: 
                                f"{result['error']}")
         return result["ok"]
 
-    low, high = 0, None
-    batch = start
-    while batch <= limit:
-        if fits(batch):
-            low, batch = batch, batch * 2
-        else:
-            high = batch
-            break
-    if low == 0:
-        for smaller in (start // 2, start // 4):
-            if fits(smaller):
-                return smaller
+    try:
+        return search(fits, limit, start, granularity)
+    except BatchFitError:
         return 0
-    high = high or limit + granularity
-    while high - low > granularity:
-        middle = (low + high) // 2 // granularity * granularity
-        if middle in (low, high):
-            break
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 def main() -> int:
