@@ -332,7 +332,6 @@ class TFDSSource:
         self.uri = uri
         self.spec = f"{name}:{version}" if version else name
         self.data_dir = data_dir or None
-        self._own_scratch = scratch is None
         self.scratch = Path(tempfile.mkdtemp(prefix="tfds-")) if scratch is None else scratch
 
     @property
