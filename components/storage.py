@@ -266,6 +266,87 @@ class ObjectStoreFolder(ObjectStoreSource):
     def remove(self, key: str) -> None:
         self._call(self.client.remove_object, self.bucket, self.object_name(key))
 
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """One PUT: S3 replaces an object atomically, so a reader sees the old or the new bytes."""
+        import io
+
+        self._call(self.client.put_object, self.bucket, self.object_name(key), io.BytesIO(data), len(data))
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object."""
+        import urllib3
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(self.bucket, self.object_name(key))
+        except S3Error as error:
+            if error.code == "NoSuchKey":
+                return None
+            raise self._explain(error) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._explain(error) from None
+        try:
+            return response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._explain(error) from None
+        finally:
+            response.close()
+            response.release_conn()
+
+    def check(self) -> None:
+        """Fail now, with a clear message, if the bucket is missing or the credentials are refused."""
+        if not self._call(self.client.bucket_exists, self.bucket):
+            raise StorageError(f"bucket {self.bucket!r} does not exist at {self._where()}")
+
+
+class LocalFolder:
+    """A local folder with the `ObjectStoreFolder` interface; every write is atomic (a file is
+    written aside and renamed), as an object PUT is."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = str(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _write(self, key: str, write) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        write(partial)
+        os.replace(partial, target)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._write(key, lambda partial: shutil.copyfile(path, partial))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, lambda partial: partial.write_bytes(data))
+
+    def get_file(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"{source} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        source = self._path(key)
+        return source.read_bytes() if source.is_file() else None
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(path.relative_to(self.root).as_posix() for path in self.root.rglob("*")
+                      if path.is_file() and not path.name.endswith(".partial"))
+
+    def remove(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"{self.root} exists and is not a folder")
+
 
 class GCSSource(_BucketSource):
     def __init__(self, uri: str):
@@ -418,6 +499,17 @@ class TFDSSource:
 
     def class_folders(self) -> list[str]:
         return []  # a label with no examples is simply absent, as in an object store
+
+
+def open_folder(uri: str) -> LocalFolder | ObjectStoreFolder:
+    """A read-write folder: a local path, or an `s3://` / `minio://` bucket prefix."""
+    scheme = urlparse(uri).scheme if "://" in uri else ""
+    if not scheme:
+        return LocalFolder(Path(uri))
+    if scheme in OBJECT_STORE_SCHEMES:
+        return ObjectStoreFolder(uri)
+    raise StorageError(f"unsupported location {uri!r}: use a local folder, s3://bucket/prefix or "
+                       "minio://bucket/prefix")
 
 
 def open_source(uri: str, tfds_data_dir: str | None = None, scratch: Path | None = None) -> Source:

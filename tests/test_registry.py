@@ -1,0 +1,172 @@
+"""The model registry against a real HTTP S3 endpoint (moto's server standing in for MinIO)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components import registry as reg
+from components import storage
+from tests import s3_server
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = s3_server.start()
+    server.client().make_bucket("models")
+    yield server
+    server.process.kill()
+    server.process.wait()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
+    return s3
+
+
+def model_folder(root: Path, marker: str) -> Path:
+    (root / "saved_model" / "variables").mkdir(parents=True)
+    (root / "saved_model" / "saved_model.pb").write_bytes(b"graph " + marker.encode())
+    (root / "saved_model" / "variables" / "variables.data").write_bytes(marker.encode() * 1000)
+    (root / "model_card.md").write_text(f"# model {marker}\n")
+    return root
+
+
+@pytest.fixture
+def s3_registry(s3_env, request):
+    # One model name per test: the bucket is shared by the module.
+    return reg.Registry("s3://models/team", request.node.name.replace("[", "-").replace("]", ""))
+
+
+def test_push_promote_rollback_and_list(s3_registry, tmp_path):
+    first = s3_registry.push(model_folder(tmp_path / "a", "a"), {"metrics": {"accuracy": 0.9}})
+    s3_registry.promote(first, "first run")
+    second = s3_registry.push(model_folder(tmp_path / "b", "b"), {"metrics": {"accuracy": 0.95}})
+    assert (first, second) == (1, 2)
+    assert s3_registry.production()["version"] == 1  # pushing does not promote
+    s3_registry.promote(second)
+    assert s3_registry.production()["history"] == [1, 2]
+
+    rows = reg.list_versions(s3_registry)
+    assert [(r["version"], r["state"], r["production"], r["accuracy"]) for r in rows] == [
+        (1, "complete", False, 0.9), (2, "complete", True, 0.95)]
+
+    assert s3_registry.rollback()["version"] == 1
+    fetched = tmp_path / "fetched"
+    manifest = s3_registry.fetch(s3_registry.production()["version"], fetched)
+    assert (fetched / "model_card.md").read_text() == "# model a\n"
+    assert set(manifest["files"]) == {"model_card.md", "saved_model/saved_model.pb",
+                                      "saved_model/variables/variables.data"}
+    with pytest.raises(reg.RegistryError, match="nothing earlier to roll back"):
+        s3_registry.rollback()
+
+
+def test_versions_are_immutable_and_never_reused(s3_registry, tmp_path):
+    folder = model_folder(tmp_path / "a", "a")
+    assert [s3_registry.push(folder, {}) for _ in range(3)] == [1, 2, 3]
+    manifest = s3_registry.manifest(2)
+    assert manifest["files"]["model_card.md"]["sha256"] == reg.sha256_file(folder / "model_card.md")
+
+
+def test_an_upload_failing_half_way_leaves_production_on_the_last_complete_version(
+        s3_registry, tmp_path, monkeypatch):
+    good = s3_registry.push(model_folder(tmp_path / "a", "a"), {})
+    s3_registry.promote(good)
+
+    real_put = storage.ObjectStoreFolder.put_file
+    uploads = []
+
+    def put_then_fail(self, key, path):
+        uploads.append(key)
+        if len(uploads) == 2:
+            raise storage.StorageError("connection reset by peer (injected after one file was stored)")
+        real_put(self, key, path)
+
+    monkeypatch.setattr(storage.ObjectStoreFolder, "put_file", put_then_fail)
+    with pytest.raises(reg.RegistryError, match="connection reset"):
+        s3_registry.push(model_folder(tmp_path / "b", "b"), {})
+    monkeypatch.setattr(storage.ObjectStoreFolder, "put_file", real_put)
+
+    assert s3_registry.production()["version"] == good
+    assert [(v.number, v.complete) for v in s3_registry.versions()] == [(1, True), (2, False)]
+    with pytest.raises(reg.RegistryError, match="incomplete"):
+        s3_registry.promote(2)
+    with pytest.raises(reg.RegistryError, match="incomplete"):
+        s3_registry.fetch(2, tmp_path / "x")
+    # The half-written version is never written into again: the next push is version 3.
+    assert s3_registry.push(model_folder(tmp_path / "c", "c"), {}) == 3
+
+
+def test_a_tampered_file_is_refused_on_download(s3_registry, s3, tmp_path):
+    version = s3_registry.push(model_folder(tmp_path / "a", "a"), {})
+    key = f"team/{s3_registry.model}/{version}/saved_model/saved_model.pb"
+    data = b"graph a but altered"
+    import io
+
+    s3.client().put_object("models", key, io.BytesIO(data), len(data))
+    with pytest.raises(reg.RegistryError, match="does not match its manifest"):
+        s3_registry.fetch(version, tmp_path / "fetched")
+    assert not (tmp_path / "fetched" / "saved_model" / "saved_model.pb").exists()
+
+
+def test_a_manifest_naming_a_path_outside_the_target_is_refused(s3_registry, s3, tmp_path):
+    version = s3_registry.push(model_folder(tmp_path / "a", "a"), {})
+    manifest = s3_registry.manifest(version)
+    manifest["files"]["../../escaped.txt"] = {"size": 1, "sha256": "0" * 64}
+    key = f"{s3_registry.model}/{version}/MANIFEST.json"
+    s3_registry.folder.put_bytes(key, json.dumps(manifest).encode())
+    with pytest.raises(reg.RegistryError, match="unsafe file name"):
+        s3_registry.fetch(version, tmp_path / "fetched")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a\\b", "C:/x", "a//b", "./a", ""])
+def test_unsafe_keys(key):
+    with pytest.raises(reg.RegistryError):
+        reg.safe_key(key)
+
+
+def test_safe_keys_pass():
+    assert reg.safe_key("saved_model/variables/variables.index") == "saved_model/variables/variables.index"
+
+
+def test_missing_bucket_and_bad_credentials_are_clear(s3_env, monkeypatch, tmp_path):
+    folder = model_folder(tmp_path / "a", "a")
+    with pytest.raises(reg.RegistryError, match="bucket 'no-such-bucket' does not exist"):
+        reg.Registry("s3://no-such-bucket", "m").push(folder, {})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(reg.RegistryError, match="refused the credentials"):
+        reg.Registry("s3://models", "m").push(folder, {})
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    with pytest.raises(reg.RegistryError, match="no object store credentials"):
+        reg.Registry("s3://models", "m")
+
+
+def test_local_folder_registry_and_cli(tmp_path, capsys):
+    root = tmp_path / "registry"
+    registry = reg.Registry(str(root), "patterns")
+    for marker in "ab":
+        folder = model_folder(tmp_path / marker, marker)
+        registry.promote(registry.push(folder, {"metrics": {"accuracy": 0.5}}))
+    assert not list(root.rglob("*.partial"))
+    assert reg.main(["rollback", "--registry", str(root), "--model", "patterns"]) == 0
+    assert reg.main(["list", "--registry", str(root), "--model", "patterns"]) == 0
+    out = capsys.readouterr().out
+    assert "production: version 1" in out
+    lines = out.splitlines()
+    assert any(line.split()[:3] == ["1", "complete", "*"] for line in lines)
+    assert any(line.split()[:2] == ["2", "complete"] and "*" not in line for line in lines)
+    with pytest.raises(SystemExit) as exit_info:
+        reg.main(["promote", "--registry", str(root), "--model", "patterns", "--version", "7"])
+    assert exit_info.value.code == 2
+
+
+def test_bad_model_names_are_refused(tmp_path):
+    for name in ("../x", "a/b", "", ".hidden"):
+        with pytest.raises(reg.RegistryError, match="model name"):
+            reg.Registry(str(tmp_path), name)
