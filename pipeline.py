@@ -2,6 +2,9 @@
 
     python pipeline.py compile [--output pipeline.yaml]
     python pipeline.py run-local [--data SOURCE] [--image-size N] [--epochs N] [--workdir DIR]
+    python pipeline.py models list --registry URI --model-name NAME
+    python pipeline.py promote --registry URI --model-name NAME --version N
+    python pipeline.py rollback --registry URI --model-name NAME
 
 `run-local` runs the whole pipeline on this machine through `kfp.local` (each step a
 subprocess, exactly the component code a cluster runs) and writes
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kfp import compiler, dsl
-from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 log = logging.getLogger("pipeline")
 
@@ -33,6 +36,8 @@ PIPELINE_NAME = "efficientnet-retrain"
 # time with --image / --gpu-image to point at your own registry.
 DEFAULT_IMAGE = "efficientnet-retrain:cpu"
 DEFAULT_GPU_IMAGE = "efficientnet-retrain:gpu"
+DEFAULT_MODEL_NAME = "image-classifier"
+BUILTIN_MODEL_NAME = "patterns"
 # Built-in dataset: 64 px keeps the patterns clear and a 2-core CPU run within minutes.
 BUILTIN_IMAGE_SIZE = 64
 BUILTIN_EPOCHS = 15
@@ -80,35 +85,55 @@ def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: 
     metrics.log_metric("train_seconds", summary["train_seconds"])
 
 
-def evaluate(dataset: Input[Dataset], model: Input[Model], metrics: Output[Metrics],
-                  confusion: Output[ClassificationMetrics], report: Output[Dataset]) -> float:
+def evaluate(dataset: Input[Dataset], model: Input[Model], registry: str, model_name: str,
+             min_accuracy: float, margin: float, max_class_drop: float, metrics: Output[Metrics],
+             confusion: Output[ClassificationMetrics], report: Output[Markdown],
+             evaluation: Output[Artifact]) -> bool:
+    """Returns whether the candidate is blessed; accuracy and reasons are in `evaluation`."""
+    import shutil
     from pathlib import Path
 
     from components import evaluate as step
     from components.cli import configure_logging
 
     configure_logging()
-    result = step.evaluate(step.EvaluateConfig(model=Path(model.path), data=Path(dataset.path),
-                                     output=Path(report.path)))
-    for key, value in result.items():
+    result = step.evaluate(step.EvaluateConfig(
+        model=Path(model.path), data=Path(dataset.path), output=Path(evaluation.path), registry=registry,
+        model_name=model_name, min_accuracy=min_accuracy, margin=margin, max_class_drop=max_class_drop))
+    candidate = result["candidate"]
+    for key, value in candidate.items():
         if isinstance(value, float):
             metrics.log_metric(key, value)
-    confusion.log_confusion_matrix(result["classes"], result["confusion_matrix"])
-    return result["accuracy"]
+    if result["production"] and result["production"]["metrics"]:
+        metrics.log_metric("production_accuracy", result["production"]["metrics"]["accuracy"])
+    metrics.log_metric("blessed", float(result["decision"]["blessed"]))
+    confusion.log_confusion_matrix(candidate["classes"], candidate["confusion_matrix"])
+    shutil.copyfile(Path(evaluation.path) / step.REPORT, report.path)
+    return result["decision"]["blessed"]
 
 
-def export(model: Input[Model], dataset: Input[Dataset], servable: Output[Model]):
+def export(model: Input[Model], dataset: Input[Dataset], evaluation: Input[Artifact], formats: str,
+           registry: str, model_name: str, run_id: str, servable: Output[Model], metrics: Output[Metrics]):
     from pathlib import Path
 
     from components import export as step
     from components.cli import configure_logging
 
     configure_logging()
-    info = step.export(step.ExportConfig(model=Path(model.path), data=Path(dataset.path),
-                               output=Path(servable.path)))
+    info = step.export(step.ExportConfig(
+        model=Path(model.path), data=Path(dataset.path), output=Path(servable.path),
+        evaluation=Path(evaluation.path), formats=step.parse_formats(formats), registry=registry,
+        model_name=model_name, run_id=run_id))
+    verification = info["verification"]
     servable.metadata.update({"format": "tf_saved_model", "signature": "serving_default",
-                              "classes": info["classes"],
-                              "max_abs_difference": info["verification"]["max_abs_difference"]})
+                              "classes": info["classes"], "formats": ["saved_model", *info["formats"]],
+                              "registry": info.get("registry")})
+    metrics.log_metric("max_abs_difference", verification["max_abs_difference"])
+    for row in verification["latency"]["batches"]:
+        metrics.log_metric(f"cpu_latency_batch{row['batch']}_p50_ms_per_image", row["p50_ms_per_image"])
+        metrics.log_metric(f"cpu_latency_batch{row['batch']}_p95_ms_per_image", row["p95_ms_per_image"])
+    if "registry" in info:
+        metrics.log_metric("registry_version", info["registry"]["version"])
 
 
 def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE):
@@ -125,16 +150,19 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
     export_op = component(export, image)
 
     class Outputs(NamedTuple):
-        test_accuracy: float
-        exported_model: Model
+        blessed: bool
+        evaluation: Artifact  # evaluation.json: metrics, production comparison, decision
+        evaluation_report: Markdown
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Retrain an EfficientNet-B0 image classifier: preprocess, train, "
-                              "evaluate, export.")
+                              "evaluate against production, export and push only a blessed model.")
     def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
                 batch_size: int = 32, learning_rate: float = 0.0, weights: str = "none",
                 precision: str = "auto", tfds_data_dir: str = "", checkpoint_dir: str = "",
-                gpu_memory_limit_mib: int = 0) -> Outputs:
+                gpu_memory_limit_mib: int = 0, registry: str = "", model_name: str = DEFAULT_MODEL_NAME,
+                min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
+                export_formats: str = "") -> Outputs:
         # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest
         prepared = preprocess_op(source=source, image_size=image_size, resize=resize,
                                  tfds_data_dir=tfds_data_dir)
@@ -143,12 +171,19 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
                            precision=precision, checkpoint_dir=checkpoint_dir,
                            gpu_memory_limit_mib=gpu_memory_limit_mib)
-        # 3. evaluate: held-out test split
-        evaluated = evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"])
-        # 4. export: servable SavedModel, verified after reload
-        exported = export_op(model=trained.outputs["model"], dataset=prepared.outputs["dataset"])
-        return Outputs(test_accuracy=evaluated.outputs["Output"],
-                       exported_model=exported.outputs["servable"])
+        # 3. evaluate: held-out test split, candidate and production side by side -> blessed?
+        evaluated = evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
+                                registry=registry, model_name=model_name, min_accuracy=min_accuracy,
+                                margin=margin, max_class_drop=max_class_drop)
+        # 4. export: only a blessed model is exported, verified, pushed and made production
+        # (evaluate's single return value, `Output`: kfp.local 2.17.3 resolves a condition on a
+        # task output only under that name, and silently skips the branch for any other.)
+        with dsl.If(evaluated.outputs["Output"] == True, name="blessed"):  # noqa: E712 (KFP condition)
+            export_op(model=trained.outputs["model"], dataset=prepared.outputs["dataset"],
+                      evaluation=evaluated.outputs["evaluation"], formats=export_formats,
+                      registry=registry, model_name=model_name, run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        return Outputs(blessed=evaluated.outputs["Output"], evaluation=evaluated.outputs["evaluation"],
+                       evaluation_report=evaluated.outputs["report"])
 
     return retrain
 
@@ -162,8 +197,14 @@ def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = 
 def run_local(data: str | None, workdir: Path, image_size: int | None = None,
               epochs: int | None = None, batch_size: int = 32, learning_rate: float = 0.0,
               weights: str = "none", precision: str = "auto", resize: str = "stretch",
-              tfds_data_dir: str = "") -> dict:
-    """Run the whole pipeline through kfp.local and return the run summary."""
+              tfds_data_dir: str = "", registry: str | None = None, model_name: str | None = None,
+              min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
+              export_formats: str = "") -> dict:
+    """Run the whole pipeline through kfp.local and return the run summary.
+
+    The model registry defaults to `<workdir>/registry`, so consecutive runs in one workdir
+    compare each new model with the one the previous blessed run put in production.
+    """
     from kfp import local
 
     from components.preprocess import MIN_IMAGE_SIZE
@@ -202,6 +243,13 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     elif local_folder:
         data = str(Path(data).resolve())
 
+    if model_name is None:
+        model_name = BUILTIN_MODEL_NAME if builtin else DEFAULT_MODEL_NAME
+    if registry is None:
+        registry = str(workdir / "registry")
+    elif "://" not in registry:
+        registry = str(Path(registry).resolve())
+
     # The step subprocesses import `components` from this checkout, installed or not.
     repo = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
@@ -211,12 +259,29 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     started = time.monotonic()
     task = build_pipeline()(source=data, image_size=image_size, resize=resize, epochs=epochs,
                             batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                            precision=precision, tfds_data_dir=tfds_data_dir)
-    exported = task.outputs["exported_model"]
+                            precision=precision, tfds_data_dir=tfds_data_dir, registry=registry,
+                            model_name=model_name, min_accuracy=min_accuracy, margin=margin,
+                            max_class_drop=max_class_drop, export_formats=export_formats)
+    from components.registry import Registry
+
+    production = Registry(registry, model_name).production()
+    production_version = production["version"] if production else None
+    from components import blessing
+    from components.evaluate import EVALUATION
+
+    evaluation = json.loads((Path(task.outputs["evaluation"].path) / EVALUATION).read_text())
     summary = {
-        "test_accuracy": float(task.outputs["test_accuracy"]),
-        "exported_model": exported.path,
-        "classes": exported.metadata.get("classes"),
+        "test_accuracy": evaluation["candidate"]["accuracy"],
+        "blessed": bool(task.outputs["blessed"]),
+        "decision": blessing.summary_line(evaluation["decision"]),
+        "production_accuracy": ((evaluation.get("production") or {}).get("metrics") or {}).get("accuracy"),
+        "evaluation_report": task.outputs["evaluation_report"].path,
+        "registry": registry,
+        "model_name": model_name,
+        "production_version": production_version,
+        # The production version as stored in a local registry: what serves after this run.
+        "exported_model": (str(Path(registry) / model_name / str(production_version))
+                           if production_version and "://" not in registry else None),
         "source": data,
         "image_size": image_size,
         "resize": resize,
@@ -255,25 +320,64 @@ def main(argv: list[str] | None = None) -> int:
                          help="none | imagenet | path to EfficientNet-B0 no-top weights")
     run_cmd.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_float16"))
     run_cmd.add_argument("--workdir", type=Path, default=Path("local-run"))
+    run_cmd.add_argument("--registry", default=None,
+                         help="model registry: s3://bucket[/prefix], minio://... or a folder "
+                              "(default: <workdir>/registry)")
+    run_cmd.add_argument("--model-name", default=None,
+                         help=f"name in the registry (default {DEFAULT_MODEL_NAME}; "
+                              f"{BUILTIN_MODEL_NAME} for the built-in dataset)")
+    run_cmd.add_argument("--min-accuracy", type=float, default=0.0, help="bless only at or above this")
+    run_cmd.add_argument("--margin", type=float, default=0.01,
+                         help="bless only if accuracy >= production accuracy - margin")
+    run_cmd.add_argument("--max-class-drop", type=float, default=0.10,
+                         help="bless only if no class's recall falls more than this against production")
+    run_cmd.add_argument("--export-formats", default="", help="extra export formats: litert,onnx")
+    for name, text in (("promote", "point a model's production at a complete registry version"),
+                       ("rollback", "point a model's production back at the version before"),
+                       ("models", "list a model's registry versions with their metrics")):
+        command = commands.add_parser(name, help=text)
+        if name == "models":
+            command.add_argument("action", choices=("list",))
+        command.add_argument("--registry", required=True,
+                             help="s3://bucket[/prefix], minio://... or a folder (e.g. local-run/registry)")
+        command.add_argument("--model-name", required=True, dest="model")
+        if name == "promote":
+            command.add_argument("--version", type=int, required=True)
     args = parser.parse_args(argv)
 
-    from components.cli import configure_logging
+    from components.cli import configure_logging, exit_on_user_error
 
     configure_logging()
     if args.command == "compile":
         path = compile_pipeline(args.output, args.image, args.gpu_image)
         print(f"wrote {path}")
         return 0
+    if args.command in ("promote", "rollback", "models"):
+        from components import registry
+
+        args.command = "list" if args.command == "models" else args.command
+        with exit_on_user_error(registry.RegistryError):
+            return registry.run_command(args)
     try:
         summary = run_local(args.data, args.workdir, args.image_size, args.epochs, args.batch_size,
                             args.learning_rate, args.weights, args.precision, args.resize,
-                            args.tfds_data_dir)
+                            args.tfds_data_dir, args.registry, args.model_name, args.min_accuracy,
+                            args.margin, args.max_class_drop, args.export_formats)
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
         # own error line is in the log above it.
         log.error("error: %s", error)
         return 1
-    print(f"test accuracy {summary['test_accuracy']:.4f}; exported model: {summary['exported_model']}")
+    print(f"test accuracy {summary['test_accuracy']:.4f}")
+    print(summary["decision"])
+    if summary["blessed"]:
+        print(f"exported and pushed: {summary['model_name']} version {summary['production_version']} is in "
+              f"production ({summary['exported_model'] or summary['registry']})")
+    else:
+        serving = summary["production_version"]
+        print(f"not exported; production stays at "
+              f"{'version ' + str(serving) if serving else 'no version'} of {summary['model_name']}")
+    print(f"evaluation report: {summary['evaluation_report']}")
     print(f"run summary: {summary['summary_path']}")
     return 0
 

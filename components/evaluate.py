@@ -1,9 +1,19 @@
-"""evaluate: measure a trained model on the held-out test split.
+"""evaluate: measure a trained model on the held-out test split and decide whether it is blessed.
 
-    python -m components.evaluate --model /tmp/model --data /tmp/prepared --output /tmp/eval
+    python -m components.evaluate --model /tmp/model --data /tmp/prepared --output /tmp/eval \
+        [--registry s3://models --model-name flowers] [--min-accuracy 0.8] [--margin 0.01]
 
-Writes `<output>/metrics.json`: accuracy, top-k accuracy, per-class precision/recall/F1 and
-support, macro averages, and the confusion matrix (rows: true class, columns: predicted).
+Writes into `<output>`:
+    evaluation.json       everything: the candidate's accuracy, top-k, macro and per-class
+                          precision/recall/F1, confusion matrix, expected calibration error,
+                          most-confused class pairs; the production model's metrics on the same
+                          images; the blessing decision with every check and its numbers
+    report.md             the same for people, with the confusion matrix and example images
+    confusion_matrix.png
+
+With `--registry`, the production model (`components.registry`) is downloaded (every file
+checked against its manifest) and run through its own serving signature on the same encoded
+test images in the same step, so both models are scored on identical inputs.
 """
 
 from __future__ import annotations
@@ -11,16 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from components import records
+from components import blessing, records
 
 log = logging.getLogger(__name__)
+
+EVALUATION = "evaluation.json"
+REPORT = "report.md"
+CONFUSION_PNG = "confusion_matrix.png"
 
 
 class EvaluateError(ValueError):
@@ -35,6 +50,18 @@ class EvaluateConfig:
     split: str = "test"
     top_k: int = 3  # also reported: top-1 alone hides "right class, second guess"
     batch_size: int = 64
+    registry: str = ""  # s3://bucket[/prefix], minio://... or a folder; "" = no production comparison
+    model_name: str = "image-classifier"
+    min_accuracy: float = blessing.BlessingConfig.min_accuracy
+    margin: float = blessing.BlessingConfig.margin
+    max_class_drop: float = blessing.BlessingConfig.max_class_drop
+    calibration_bins: int = 15  # the usual choice in the calibration literature (Guo et al. 2017)
+    confused_pairs: int = 5
+    examples_per_pair: int = 3
+
+    def blessing(self) -> blessing.BlessingConfig:
+        return blessing.BlessingConfig(min_accuracy=self.min_accuracy, margin=self.margin,
+                                       max_class_drop=self.max_class_drop)
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
@@ -69,24 +96,170 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     }
 
 
-def predict_split(model, dataset: records.PreparedDataset, split: str, batch_size: int):
-    """(labels, probabilities) for every record of `split`, in file order."""
+def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> dict[str, Any]:
+    """Expected calibration error: the gap between confidence and accuracy, averaged over
+    equal-width confidence bins weighted by how many predictions fall in each."""
+    confidence = probabilities.max(axis=1) if len(labels) else np.zeros(0)
+    correct = probabilities.argmax(axis=1) == labels if len(labels) else np.zeros(0, bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, error = [], 0.0
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        if count:
+            gap = abs(float(correct[members].mean()) - float(confidence[members].mean()))
+            error += gap * count / len(labels)
+            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
+                          "accuracy": float(correct[members].mean()),
+                          "confidence": float(confidence[members].mean())})
+    return {"expected_calibration_error": float(error), "bins": bins, "table": table}
+
+
+def confused_pairs(confusion: np.ndarray, classes: list[str], limit: int) -> list[dict[str, Any]]:
+    """The `limit` largest off-diagonal cells: which class is most often taken for which."""
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:limit]
+    pairs = []
+    for flat in order:
+        true, predicted = np.unravel_index(flat, off.shape)
+        count = int(off[true, predicted])
+        if count == 0:
+            break
+        support = int(confusion[true].sum())
+        pairs.append({"true": classes[true], "predicted": classes[predicted], "count": count,
+                      "support": support, "share": count / support})
+    return pairs
+
+
+def full_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                 config: EvaluateConfig) -> dict[str, Any]:
+    metrics = classification_metrics(labels, probabilities, classes, config.top_k)
+    metrics["top_k"] = min(config.top_k, len(classes))
+    metrics["split"] = config.split
+    ece = calibration(labels, probabilities, config.calibration_bins)
+    metrics["expected_calibration_error"] = ece.pop("expected_calibration_error")
+    metrics["calibration"] = ece
+    metrics["confused_pairs"] = confused_pairs(np.asarray(metrics["confusion_matrix"]), classes,
+                                               config.confused_pairs)
+    return metrics
+
+
+class ProductionModel:
+    """The registry's production SavedModel, called through its own serving signature."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], classes: list[str]):
+        import tensorflow as tf
+
+        info = json.loads((folder / "export_info.json").read_text())
+        self.version = manifest["version"]
+        self.classes = info["classes"]
+        self.image_size = info["image_size"]
+        self.comparable = sorted(self.classes) == sorted(classes)
+        # Columns of the production output, in the candidate's class order.
+        self.columns = [self.classes.index(name) for name in classes] if self.comparable else []
+        self.serve = None
+        if self.comparable:
+            self.serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
+
+    def predict(self, encoded) -> np.ndarray:
+        probabilities = self.serve(image_bytes=encoded)["probabilities"].numpy()
+        return probabilities[:, self.columns]
+
+
+def load_production(config: EvaluateConfig,
+                    classes: list[str]) -> tuple[ProductionModel | None, str, Path | None]:
+    """(production model or None, a note saying what was compared, its temporary folder)."""
+    from components import registry
+
+    if not config.registry:
+        return None, "no registry given: judged by the thresholds alone", None
+    try:
+        fetched = registry.fetch_production(config.registry, config.model_name)
+    except registry.RegistryError as error:
+        raise EvaluateError(f"cannot read the production model from the registry: {error}") from None
+    if fetched is None:
+        return None, (f"{config.model_name} has no production version in {config.registry} yet (first run): "
+                      "judged by the thresholds alone"), None
+    folder, manifest = fetched
+    production = ProductionModel(folder, manifest, classes)
+    if not production.comparable:
+        note = (f"production version {production.version} was trained on classes {production.classes}, "
+                f"the test data has {classes}: it cannot be scored on these labels, so the candidate is "
+                "judged by the thresholds alone")
+        return None, note, folder
+    return production, f"production version {production.version}, scored on the same test images", folder
+
+
+def predict(model, production: ProductionModel | None, dataset: records.PreparedDataset, split: str,
+            batch_size: int):
+    """(labels, candidate probabilities, production probabilities or None, sources), file order.
+
+    The candidate gets the decoded pixels it was trained on; production gets the encoded bytes,
+    as a client would send them, through its serving signature.
+    """
     import tensorflow as tf
 
-    data = (records.read_split(dataset, split)
-            .map(lambda image, label: (tf.cast(image, tf.float32), label))
-            .batch(batch_size)
-            .prefetch(tf.data.AUTOTUNE))
-    labels, probabilities = [], []
-    for images, batch_labels in data:
-        probabilities.append(np.asarray(model.predict_on_batch(images), dtype=np.float32))
+    def parse(serialized):
+        example = records.parse_example(serialized)
+        return example["image/encoded"], example["image/class/label"], example["image/source"]
+
+    size = dataset.image_size
+
+    def decode(encoded):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return tf.ensure_shape(image, [size, size, 3])
+
+    data = tf.data.TFRecordDataset(dataset.files(split)).map(parse).batch(batch_size)
+    labels, candidate, baseline, sources = [], [], [], []
+    for encoded, batch_labels, batch_sources in data:
+        pixels = tf.cast(tf.map_fn(decode, encoded, fn_output_signature=tf.uint8), tf.float32)
+        candidate.append(np.asarray(model.predict_on_batch(pixels), dtype=np.float32))
+        if production is not None:
+            baseline.append(production.predict(encoded))
         labels.append(batch_labels.numpy())
-    if not labels:
-        return np.zeros((0,), np.int64), np.zeros((0, len(dataset.classes)), np.float32)
-    return np.concatenate(labels).astype(np.int64), np.concatenate(probabilities)
+        sources.extend(s.decode() for s in batch_sources.numpy())
+    return (np.concatenate(labels).astype(np.int64), np.concatenate(candidate),
+            np.concatenate(baseline) if production is not None else None, sources)
+
+
+def pair_examples(dataset: records.PreparedDataset, split: str, labels: np.ndarray,
+                  probabilities: np.ndarray, sources: list[str], pairs: list[dict[str, Any]],
+                  per_pair: int) -> dict[tuple[str, str], list]:
+    """Up to `per_pair` misclassified images of each confused pair, most confident mistakes first."""
+    import tensorflow as tf
+
+    from components import report
+
+    classes = dataset.classes
+    predicted = probabilities.argmax(axis=1)
+    wanted: dict[int, tuple[str, str]] = {}
+    for pair in pairs:
+        t, p = classes.index(pair["true"]), classes.index(pair["predicted"])
+        hits = np.flatnonzero((labels == t) & (predicted == p))
+        hits = hits[np.argsort(-probabilities[hits, p], kind="stable")][:per_pair]
+        for index in hits:
+            wanted[int(index)] = (pair["true"], pair["predicted"])
+    examples: dict[tuple[str, str], list] = {}
+    if not wanted:
+        return examples
+    for index, serialized in enumerate(tf.data.TFRecordDataset(dataset.files(split))):
+        if index in wanted:
+            encoded = records.parse_example(serialized)["image/encoded"].numpy()
+            examples.setdefault(wanted[index], []).append({
+                "index": index, "source": sources[index],
+                "confidence": float(probabilities[index, predicted[index]]),
+                "thumbnail": report.thumbnail_jpeg(encoded)})
+        if index >= max(wanted):
+            break
+    for items in examples.values():
+        items.sort(key=lambda e: -e["confidence"])
+    return examples
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    from components import report
     from components.train import TrainError, load_trained
 
     try:
@@ -99,27 +272,71 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                             f"the data has {dataset.classes}")
     if dataset.count(config.split) == 0:
         raise EvaluateError(f"split {config.split!r} of {config.data} is empty: nothing to evaluate")
-    labels, probabilities = predict_split(model, dataset, config.split, config.batch_size)
-    metrics = classification_metrics(labels, probabilities, dataset.classes, config.top_k)
-    metrics["split"] = config.split
+
+    production, note, scratch = load_production(config, dataset.classes)
+    try:
+        labels, probabilities, baseline, sources = predict(model, production, dataset, config.split,
+                                                           config.batch_size)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    candidate = full_metrics(labels, probabilities, dataset.classes, config)
+    production_result: dict[str, Any] | None = None
+    if production is not None:
+        production_result = {"version": production.version, "note": note,
+                              "image_size": production.image_size,
+                              "metrics": full_metrics(labels, baseline, dataset.classes, config)}
+        if production.image_size != dataset.image_size:
+            production_result["note"] += (f" (it resizes the {dataset.image_size} px test images to its own "
+                                          f"{production.image_size} px)")
+    elif config.registry:
+        production_result = {"version": None, "note": note, "metrics": None}
+    decision = blessing.decide(candidate, production_result["metrics"] if production_result else None,
+                               config.blessing(), production_note=note)
+    evaluation = {"candidate": candidate, "production": production_result, "decision": decision,
+                  "thresholds": asdict(config.blessing()), "model_name": config.model_name,
+                  "registry": config.registry, "data_fingerprint": dataset.manifest.get("fingerprint")}
+
     config.output.mkdir(parents=True, exist_ok=True)
-    (config.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("%s accuracy %.4f (top-%d %.4f, macro F1 %.4f) on %d images", config.split,
-             metrics["accuracy"], min(config.top_k, len(dataset.classes)),
-             metrics[f"top_{min(config.top_k, len(dataset.classes))}_accuracy"], metrics["macro_f1"],
-             metrics["examples"])
-    return metrics
+    png = report.confusion_png(candidate["confusion_matrix"], dataset.classes)
+    (config.output / CONFUSION_PNG).write_bytes(png)
+    examples = pair_examples(dataset, config.split, labels, probabilities, sources,
+                             candidate["confused_pairs"], config.examples_per_pair)
+    (config.output / REPORT).write_text(report.markdown(evaluation, png, examples))
+    (config.output / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
+
+    k = candidate["top_k"]
+    log.info("%s accuracy %.4f (top-%d %.4f, macro F1 %.4f, ECE %.4f) on %d images", config.split,
+             candidate["accuracy"], k, candidate[f"top_{k}_accuracy"], candidate["macro_f1"],
+             candidate["expected_calibration_error"], candidate["examples"])
+    if production is not None:
+        log.info("production version %s on the same images: accuracy %.4f", production.version,
+                 production_result["metrics"]["accuracy"])
+    log.info("%s", blessing.summary_line(decision))
+    return evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = EvaluateConfig(model=Path(), data=Path(), output=Path())
     parser = argparse.ArgumentParser(prog="python -m components.evaluate",
-                                     description="Evaluate a trained model on held-out shards.")
+                                     description="Evaluate a trained model on held-out shards and decide "
+                                                 "whether it may replace production.")
     parser.add_argument("--model", type=Path, required=True, help="output folder of train")
     parser.add_argument("--data", type=Path, required=True, help="output folder of preprocess")
-    parser.add_argument("--output", type=Path, required=True, help="folder for metrics.json")
-    parser.add_argument("--split", choices=records.SPLITS, default="test")
-    parser.add_argument("--top-k", type=int, default=EvaluateConfig.top_k)
-    parser.add_argument("--batch-size", type=int, default=EvaluateConfig.batch_size)
+    parser.add_argument("--output", type=Path, required=True,
+                        help="folder for evaluation.json and report.md")
+    parser.add_argument("--split", choices=records.SPLITS, default=defaults.split)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--registry", default="",
+                        help="model registry holding the production model to compare with "
+                             "(s3://bucket[/prefix], minio://... or a folder)")
+    parser.add_argument("--model-name", default=defaults.model_name, help="model name in the registry")
+    parser.add_argument("--min-accuracy", type=float, default=defaults.min_accuracy)
+    parser.add_argument("--margin", type=float, default=defaults.margin,
+                        help="bless only if accuracy >= production accuracy - margin")
+    parser.add_argument("--max-class-drop", type=float, default=defaults.max_class_drop,
+                        help="largest allowed fall of one class's recall against production")
     return parser
 
 

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from components.evaluate import EvaluateConfig, EvaluateError, classification_metrics, evaluate
+from components.evaluate import (
+    EvaluateConfig,
+    EvaluateError,
+    calibration,
+    classification_metrics,
+    confused_pairs,
+    evaluate,
+)
 
 
 def test_metrics_match_a_hand_computed_case():
@@ -43,11 +50,79 @@ def test_missing_model_is_a_clear_error(tmp_path, prepared_dataset):
         evaluate(EvaluateConfig(model=tmp_path / "none", data=prepared_dataset, output=tmp_path / "e"))
 
 
+def test_expected_calibration_error_by_hand():
+    # Two bins (0-0.5, 0.5-1]: confidences 0.9, 0.8 (one right) and 0.6 (right), 0.4 (wrong).
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.4, 0.6]])
+    labels = np.array([0, 1, 0, 1])
+    # Confidence is the max probability: 0.9, 0.8, 0.6, 0.6 -> all in the upper bin.
+    # Predictions 0, 0, 0, 1: correct, wrong, correct, correct -> accuracy 0.75.
+    # ECE = |0.75 - mean(0.9, 0.8, 0.6, 0.6)| = |0.75 - 0.725| = 0.025.
+    result = calibration(labels, probabilities, bins=2)
+    assert result["expected_calibration_error"] == pytest.approx(0.025)
+    assert result["table"] == [{"low": 0.5, "high": 1.0, "count": 4, "accuracy": 0.75,
+                                "confidence": pytest.approx(0.725)}]
+
+
+def test_a_perfectly_calibrated_model_has_zero_error():
+    probabilities = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert calibration(np.array([0, 1]), probabilities, 15)["expected_calibration_error"] == 0.0
+
+
+def test_confused_pairs_are_the_largest_off_diagonal_cells():
+    confusion = np.array([[5, 3, 0], [1, 6, 0], [0, 4, 2]])
+    pairs = confused_pairs(confusion, ["a", "b", "c"], limit=2)
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [("c", "b", 4), ("a", "b", 3)]
+    assert pairs[0]["share"] == pytest.approx(4 / 6)
+    assert confused_pairs(np.eye(3, dtype=int), ["a", "b", "c"], limit=5) == []
+
+
 @pytest.mark.slow
 def test_evaluates_a_trained_model(trained_model, prepared_dataset, tmp_path):
-    metrics = evaluate(EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval"))
-    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert written["accuracy"] == metrics["accuracy"]
-    assert metrics["examples"] == 8  # 4 classes x round(12 images x 0.2)
-    assert np.sum(metrics["confusion_matrix"]) == 8
+    result = evaluate(EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval"))
+    written = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    metrics = result["candidate"]
+    assert written["candidate"]["accuracy"] == metrics["accuracy"]
+    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
+    test_count = sum(shard["records"] for shard in manifest["shards"]["test"])
+    assert metrics["examples"] == test_count
+    assert np.sum(metrics["confusion_matrix"]) == test_count
     assert 0.0 <= metrics["accuracy"] <= metrics["top_3_accuracy"] <= 1.0
+    assert 0.0 <= metrics["expected_calibration_error"] <= 1.0
+    assert written["decision"]["blessed"] == result["decision"]["blessed"]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Confusion matrix" in report and "data:image/png;base64," in report
+    assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+    for pair in metrics["confused_pairs"]:
+        assert f"**{pair['true']}** taken for **{pair['predicted']}**" in report
+
+
+@pytest.mark.slow
+def test_production_is_scored_through_its_serving_signature_on_the_same_images(
+        trained_model, prepared_dataset, tmp_path):
+    """The same model, once as the Keras candidate and once as the exported production
+    SavedModel fed raw record bytes: identical scores, so the comparison is like for like."""
+    from components import registry
+    from components.export import SAVED_MODEL, ExportConfig, export
+
+    exported = tmp_path / "exported"
+    export(ExportConfig(model=trained_model, data=prepared_dataset, output=exported, latency_runs=2))
+    store = registry.Registry(str(tmp_path / "registry"), "tiny")
+    store.promote(store.push(exported, {}))
+
+    result = evaluate(EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval",
+                                     registry=str(tmp_path / "registry"), model_name="tiny"))
+    production = result["production"]
+    assert production["version"] == 1
+    assert production["metrics"]["confusion_matrix"] == result["candidate"]["confusion_matrix"]
+    assert production["metrics"]["accuracy"] == result["candidate"]["accuracy"]
+    assert [c["check"] for c in result["decision"]["checks"]] == [
+        "min_accuracy", "beats_majority", "margin", "max_class_drop"]
+    margin = next(c for c in result["decision"]["checks"] if c["check"] == "margin")
+    assert margin["passed"]  # equal to production is within any margin
+
+    # A production file altered in the bucket: evaluation refuses to go on rather than skip it.
+    pb = tmp_path / "registry" / "tiny" / "1" / SAVED_MODEL / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes() + b"\0")
+    with pytest.raises(EvaluateError, match="does not match its manifest"):
+        evaluate(EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval2",
+                                registry=str(tmp_path / "registry"), model_name="tiny"))

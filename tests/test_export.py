@@ -12,19 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.export import ExportConfig, ExportError, export
+from components.export import SAVED_MODEL, ExportConfig, ExportError, export
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def exported(trained_model, prepared_dataset, tmp_path_factory):
-    output = tmp_path_factory.mktemp("export") / "servable"
-    info = export(ExportConfig(model=trained_model, data=prepared_dataset, output=output))
-    return output, info
+    root = tmp_path_factory.mktemp("export")
+    info = export(ExportConfig(model=trained_model, data=prepared_dataset, output=root / "servable",
+                               formats=("litert", "onnx"), latency_runs=3))
+    return root / "servable" / SAVED_MODEL, info
 
 
-def test_export_is_verified_after_reload(exported):
+def test_export_is_verified_after_reload_in_every_format(exported):
     output, info = exported
     verification = json.loads((output / "export_info.json").read_text())["verification"]
     assert verification == info["verification"]
@@ -32,6 +33,40 @@ def test_export_is_verified_after_reload(exported):
     assert verification["max_abs_difference"] <= 1e-4
     assert verification["signature_inputs"] == ["image_bytes"]
     assert verification["signature_outputs"] == ["labels", "probabilities"]
+    for fmt in ("litert", "onnx"):
+        assert verification[fmt]["labels_match"] and verification[fmt]["max_abs_difference"] <= 1e-4
+    assert (output.parent / "litert" / "model.tflite").is_file()
+    assert (output.parent / "onnx" / "model.onnx").is_file()
+
+
+def test_latency_is_measured_at_batch_1_and_32(exported):
+    _, info = exported
+    rows = info["verification"]["latency"]["batches"]
+    assert [row["batch"] for row in rows] == [1, 32]
+    for row in rows:
+        assert row["runs"] == 3
+        assert 0 < row["p50_ms"] <= row["p95_ms"]
+        assert row["p50_ms_per_image"] == pytest.approx(row["p50_ms"] / row["batch"], abs=1e-3)
+
+
+def test_model_card_describes_the_model(exported, prepared_dataset):
+    output, info = exported
+    card = (output.parent / "model_card.md").read_text()
+    manifest = json.loads((prepared_dataset / "manifest.json").read_text())
+    assert manifest["fingerprint"] in card
+    assert ", ".join(f"`{name}`" for name in info["classes"]) in card
+    assert "formats: saved_model, litert, onnx" in card
+    assert "CPU latency, batch 32" in card
+
+
+def test_onnx_file_takes_the_image_alone(exported):
+    import onnx
+
+    output, info = exported
+    graph = onnx.load(str(output.parent / "onnx" / "model.onnx")).graph
+    assert [i.name for i in graph.input] == ["pixels"]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [info["image_size"],
+                                                                                    info["image_size"], 3]
 
 
 def test_saved_model_serves_raw_jpeg_and_png_of_any_size(exported, tmp_path):
@@ -108,3 +143,70 @@ def test_serving_signature_uses_the_datasets_resize_policy(trained_model, tmp_pa
     padded = imaging.resize(tf.constant(image), summary["image_size"], "pad")
     expected = np.asarray(model(tf.cast(padded, tf.float32)[None], training=False))
     np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def _raw_images() -> dict[str, bytes]:
+    """One file of each kind preprocess accepts, with the traps the field notes list."""
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    kinds = {}
+
+    def save(name, image, fmt, **options):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **options)
+        kinds[name] = buffer.getvalue()
+
+    save("rgb.jpg", Image.fromarray(pixels), "JPEG", quality=90)
+    alpha = rng.integers(0, 256, (40, 56), dtype=np.uint8)
+    save("rgba.png", Image.fromarray(np.dstack([pixels, alpha])), "PNG")
+    save("gray.png", Image.fromarray(pixels[..., 0]), "PNG")
+    save("gray.jpg", Image.fromarray(pixels[..., 1]), "JPEG")
+    save("cmyk.jpg", Image.fromarray(pixels).convert("CMYK"), "JPEG")
+    save("palette.gif", Image.fromarray(pixels).convert("P"), "GIF")
+    save("photo.bmp", Image.fromarray(pixels), "BMP")
+    save("photo.webp", Image.fromarray(pixels), "WEBP", lossless=True)
+    save("sixteen-bit.png", Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    save("exif-rotated.jpg", Image.fromarray(pixels[:, :30]), "JPEG", exif=exif.tobytes())
+    save("large.jpg", Image.fromarray(rng.integers(0, 256, (600, 900, 3), dtype=np.uint8)), "JPEG")
+    return kinds
+
+
+def test_exported_model_on_raw_bytes_matches_keras_on_the_preprocessed_records(exported, trained_model,
+                                                                              tmp_path):
+    """No train/serve skew: every kind of raw file, through the SavedModel, gives what the Keras
+    model gives on the record preprocess made of that file (PNG records: exact pixels)."""
+    import tensorflow as tf
+
+    from components import records
+    from components.preprocess import PreprocessConfig, preprocess
+    from components.train import load_trained
+
+    output, info = exported
+    raw = _raw_images()
+    source = tmp_path / "raw"
+    for index, (name, data) in enumerate(raw.items()):
+        # Every file in every class folder, so each split gets one of each kind.
+        for label in ("a", "b"):
+            (source / label).mkdir(parents=True, exist_ok=True)
+            (source / label / f"{index}-{name}").write_bytes(data)
+    prepared = tmp_path / "prepared"
+    preprocess(PreprocessConfig(source=source, output=prepared, image_size=info["image_size"],
+                                encoding="png", resize=info["resize"], min_images_per_class=1,
+                                validation_fraction=0.0, test_fraction=0.0))
+    model, _ = load_trained(trained_model)
+    serve = tf.saved_model.load(str(output)).signatures["serving_default"]
+    dataset = records.load(prepared)
+    compared = set()
+    for serialized in tf.data.TFRecordDataset(dataset.files("train")):
+        example = records.parse_example(serialized)
+        name = example["image/source"].numpy().decode().split("/")[-1].split("-", 1)[1]
+        if name in compared:
+            continue
+        record_pixels = tf.io.decode_png(example["image/encoded"], channels=3)
+        expected = np.asarray(model(tf.cast(record_pixels, tf.float32)[None], training=False))
+        served = serve(image_bytes=tf.constant([raw[name]]))["probabilities"].numpy()
+        np.testing.assert_allclose(served, expected, atol=1e-4, err_msg=name)
+        compared.add(name)
+    assert compared == set(raw)
