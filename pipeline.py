@@ -262,13 +262,12 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
                             precision=precision, tfds_data_dir=tfds_data_dir, registry=registry,
                             model_name=model_name, min_accuracy=min_accuracy, margin=margin,
                             max_class_drop=max_class_drop, export_formats=export_formats)
+    from components import blessing
+    from components.evaluate import EVALUATION
     from components.registry import Registry
 
     production = Registry(registry, model_name).production()
     production_version = production["version"] if production else None
-    from components import blessing
-    from components.evaluate import EVALUATION
-
     evaluation = json.loads((Path(task.outputs["evaluation"].path) / EVALUATION).read_text())
     summary = {
         "test_accuracy": evaluation["candidate"]["accuracy"],
@@ -282,6 +281,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         # The production version as stored in a local registry: what serves after this run.
         "exported_model": (str(Path(registry) / model_name / str(production_version))
                            if production_version and "://" not in registry else None),
+        "classes": evaluation["candidate"]["classes"],
         "source": data,
         "image_size": image_size,
         "resize": resize,

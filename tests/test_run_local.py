@@ -15,39 +15,72 @@ from tests.conftest import make_image_folder
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _run_local(source: Path, workdir: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "64",
+         "--resize", "pad", "--batch-size", "16", "--workdir", str(workdir), "--model-name", "patterns",
+         *flags], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
-def test_run_local_end_to_end_and_the_export_serves_raw_bytes(tmp_path):
-    source = make_image_folder(tmp_path / "images", images_per_class=10, broken=True)
+def test_two_runs_a_good_model_then_a_worse_one_that_must_not_replace_it(tmp_path):
+    """The scheduled-retraining guarantee, end to end through kfp.local: run 1 is blessed,
+    exported, pushed and made production; run 2 (one epoch) is scored against it on the same
+    test images, not blessed, not exported, and production stays on version 1."""
+    from components.registry import Registry
+    from components.sample_data import SampleDataConfig, generate
+
+    # 100 images per class at 64 px, 8 epochs from scratch: test accuracy 0.46 on 39 test
+    # images when measured (4 classes, the largest 28%), so the first run is blessed; the
+    # built-in dataset's broken files are in and rejected.
+    source = generate(SampleDataConfig(output=tmp_path / "images", images_per_class=100, seed=1))
     workdir = tmp_path / "work"
-    result = subprocess.run(
-        [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "32",
-         "--resize", "pad", "--epochs", "2", "--batch-size", "8", "--workdir", str(workdir)],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary_path = workdir / "run-summary.json"
-    assert f"run summary: {summary_path}" in result.stdout
-    summary = json.loads(summary_path.read_text())
-    assert isinstance(summary["test_accuracy"], float) and 0.0 <= summary["test_accuracy"] <= 1.0
+    first = _run_local(source, workdir, "--epochs", "8")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = json.loads((workdir / "run-summary.json").read_text())
+    assert summary["blessed"], summary["decision"]
+    assert "first run" in summary["decision"]
+    assert "exported and pushed: patterns version 1 is in production" in first.stdout
+    registry = Registry(summary["registry"], "patterns")
+    assert registry.production()["version"] == 1
     exported = Path(summary["exported_model"])
-    assert (exported / "saved_model.pb").is_file()
-    info = json.loads((exported / "export_info.json").read_text())
+    assert exported == workdir / "registry" / "patterns" / "1"
+    info = json.loads((exported / "saved_model" / "export_info.json").read_text())
     assert info["verification"]["passed"]
     assert summary["resize"] == info["resize"] == "pad"  # the serving signature pads as preprocess did
+    assert (exported / "model_card.md").read_text().count(summary["source"]) == 1
+    assert (exported / "evaluation" / "report.md").is_file()
 
-    raw = sorted((source / "dots").glob("*.jpg"))[0]
-    raw = raw if raw.name != "broken-truncated.jpg" else sorted((source / "dots").glob("*.jpg"))[1]
-    png = sorted((source / "checkerboard").glob("*.png"))[0]
+    second = _run_local(source, workdir, "--epochs", "1")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary2 = json.loads((workdir / "run-summary.json").read_text())
+    assert not summary2["blessed"]
+    assert summary2["production_accuracy"] == summary["test_accuracy"]  # same images, same model
+    assert f"vs production {summary['test_accuracy']:.4f}: worse than the margin" in summary2["decision"]
+    assert "not exported; production stays at version 1 of patterns" in second.stdout
+    assert "Skipping conditional task" in second.stderr  # kfp.local skipped the export branch
+    assert [(v.number, v.complete) for v in registry.versions()] == [(1, True)]
+    assert registry.production()["version"] == 1
+    report = Path(summary2["evaluation_report"]).read_text()
+    assert "**Not blessed**" in report and "| margin | **no** |" in report
+
+    # The production model serves raw files of the source folder, in a fresh interpreter.
+    raw = sorted((source / "dots").glob("dots-*.jpg"))[0]
     script = textwrap.dedent(f"""
         import json, tensorflow as tf
-        model = tf.saved_model.load({str(exported)!r})
-        data = [open(p, "rb").read() for p in ({str(raw)!r}, {str(png)!r})]
-        out = model.signatures["serving_default"](image_bytes=tf.constant(data))
+        model = tf.saved_model.load({str(exported / "saved_model")!r})
+        out = model.signatures["serving_default"](image_bytes=tf.constant([open({str(raw)!r}, "rb").read()]))
         print(json.dumps([l.decode() for l in out["labels"].numpy()]))
     """)
     served = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert served.returncode == 0, served.stderr[-2000:]
-    labels = json.loads(served.stdout.strip().splitlines()[-1])
-    assert len(labels) == 2 and set(labels) <= set(summary["classes"])
+    assert json.loads(served.stdout.strip().splitlines()[-1])[0] in summary["classes"]
+
+    listed = subprocess.run([sys.executable, "pipeline.py", "models", "list", "--registry",
+                             summary["registry"], "--model-name", "patterns"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:3] == ["1", "complete", "*"]
 
 
 def test_run_local_with_a_missing_folder_fails_clearly(tmp_path):
