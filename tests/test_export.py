@@ -166,9 +166,17 @@ def _raw_images() -> dict[str, bytes]:
     save("photo.bmp", Image.fromarray(pixels), "BMP")
     save("photo.webp", Image.fromarray(pixels), "WEBP", lossless=True)
     save("sixteen-bit.png", Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), "PNG")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored sideways
-    save("exif-rotated.jpg", Image.fromarray(pixels[:, :30]), "JPEG", exif=exif.tobytes())
+    for orientation in (2, 3, 6, 8):  # mirrored, upside down, sideways either way
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        save(f"exif-{orientation}.jpg", Image.fromarray(pixels[:, :30]), "JPEG", exif=exif.tobytes())
+    save("progressive.jpg", Image.fromarray(pixels), "JPEG", progressive=True)
+    save("gray-alpha.png", Image.fromarray(np.dstack([pixels[..., 2], alpha]), mode="LA"), "PNG")
+    save("palette-transparent.png", Image.fromarray(pixels).convert("P"), "PNG", transparency=0)
+    frames = [Image.fromarray(pixels).convert("P"), Image.fromarray(255 - pixels).convert("P")]
+    save("animated.gif", frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    save("rgba.webp", Image.fromarray(np.dstack([pixels, alpha])), "WEBP", lossless=True)
+    save("rgba.bmp", Image.fromarray(np.dstack([pixels, alpha])), "BMP")
     save("large.jpg", Image.fromarray(rng.integers(0, 256, (600, 900, 3), dtype=np.uint8)), "JPEG")
     return kinds
 
