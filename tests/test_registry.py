@@ -170,3 +170,31 @@ def test_bad_model_names_are_refused(tmp_path):
     for name in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(reg.RegistryError, match="model name"):
             reg.Registry(str(tmp_path), name)
+
+
+def test_pipeline_cli_lists_promotes_and_rolls_back(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "registry"
+    registry = reg.Registry(str(root), "flowers")
+    for marker in "abc":
+        registry.push(model_folder(tmp_path / marker, marker), {"metrics": {"accuracy": 0.5}})
+    repo = Path(__file__).resolve().parent.parent
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "pipeline.py", *args, "--registry", str(root),
+                               "--model-name", "flowers"], cwd=repo, capture_output=True, text=True)
+
+    assert cli("promote", "--version", "1").returncode == 0
+    promoted = cli("promote", "--version", "3")
+    assert promoted.returncode == 0 and "flowers production: version 3" in promoted.stdout
+    rolled = cli("rollback")
+    assert rolled.returncode == 0 and "flowers production: version 1" in rolled.stdout
+    listed = cli("models", "list")
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert sorted(rows) == ["1", "2", "3"]
+    assert rows["1"].split()[1:3] == ["complete", "*"]
+    assert "*" not in rows["2"] and "*" not in rows["3"]
+    refused = cli("rollback")
+    assert refused.returncode == 2 and "nothing earlier to roll back" in refused.stderr
