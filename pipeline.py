@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,8 +44,18 @@ BUILTIN_IMAGE_SIZE = 64
 BUILTIN_EPOCHS = 15
 
 
-def preprocess(source: str, image_size: int, resize: str, tfds_data_dir: str, dataset: Output[Dataset],
-               report: Output[Markdown]):
+def fingerprint(source: str, tfds_data_dir: str) -> str:
+    from components import preprocess as step
+    from components.cli import configure_logging
+
+    configure_logging()
+    return step.source_fingerprint(source, tfds_data_dir)
+
+
+def preprocess(source: str, source_fingerprint: str, image_size: int, resize: str, tfds_data_dir: str,
+               dataset: Output[Dataset], report: Output[Markdown]):
+    """`source_fingerprint` is not read: as an input it puts the data's identity into the
+    cache key, so a changed bucket is preprocessed again and an unchanged one is not."""
     from pathlib import Path
 
     from components import preprocess as step
@@ -136,14 +147,101 @@ def export(model: Input[Model], dataset: Input[Dataset], evaluation: Input[Artif
         metrics.log_metric("registry_version", info["registry"]["version"])
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE):
-    """The pipeline function, with components bound to the given container images."""
+@dataclass(frozen=True)
+class Resources:
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+    timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the steps run on Kubernetes; compile-time settings (`python pipeline.py compile`)."""
+
+    # The GPU feature discovery label of the training node, and its value for the RTX 2070.
+    gpu_label_key: str = "nvidia.com/gpu.product"
+    gpu_label_value: str = "NVIDIA-GeForce-RTX-2070"
+    # Object-store credentials: only the secret's name and keys go into the YAML.
+    secret_name: str = "mlpipeline-minio-artifact"  # Kubeflow's own MinIO credentials
+    secret_access_key_key: str = "accesskey"
+    secret_secret_key_key: str = "secretkey"
+    s3_endpoint: str = "http://minio-service.kubeflow:9000"  # Kubeflow's in-cluster MinIO
+    run_as_user: int = 1000  # the image's USER
+    # /dev/shm for the input pipeline's worker processes and TF's shared memory: Docker's
+    # 64 MB default is too small for batches of 224 px images.
+    shm_size: str = "2Gi"
+    train_retries: int = 3  # a lost node or an eviction: the retry resumes from checkpoints
+    pipeline_root: str = ""  # "" = the namespace's default (multi-user clusters set their own)
+
+
+# Per step: requests sized for an RTX 2070 workstation node (8 cores, 32 GB), limits for
+# peaks. train: TF + the input pipeline's decode threads + a 10k-record shuffle buffer.
+RESOURCES = {
+    "fingerprint": Resources("250m", "1", "512Mi", "1Gi", 15 * 60),
+    "preprocess": Resources("2", "4", "4Gi", "8Gi", 6 * 3600),
+    "train": Resources("4", "8", "12Gi", "16Gi", 24 * 3600),
+    "evaluate": Resources("2", "4", "4Gi", "8Gi", 2 * 3600),
+    "export": Resources("2", "4", "6Gi", "8Gi", 2 * 3600),  # tf2onnx holds the graph twice
+}
+
+
+def on_cluster(task, step: str, cluster: Cluster):
+    """Resources, timeout, non-root user and object-store access for one step's pod."""
+    from kfp import kubernetes
+
+    limits = RESOURCES[step]
+    (task.set_cpu_request(limits.cpu_request).set_cpu_limit(limits.cpu_limit)
+         .set_memory_request(limits.memory_request).set_memory_limit(limits.memory_limit))
+    kubernetes.set_timeout(task, limits.timeout_seconds)
+    kubernetes.set_security_context(task, run_as_user=cluster.run_as_user, run_as_group=cluster.run_as_user,
+                                    run_as_non_root=True)
+    kubernetes.use_secret_as_env(task, cluster.secret_name,
+                                 {cluster.secret_access_key_key: "AWS_ACCESS_KEY_ID",
+                                  cluster.secret_secret_key_key: "AWS_SECRET_ACCESS_KEY"})
+    task.set_env_variable("AWS_ENDPOINT_URL", cluster.s3_endpoint)  # an address, not a secret
+    return task
+
+
+def on_rtx2070(task, cluster: Cluster):
+    """The train step, and only it: one GPU on the RTX 2070 node, shared memory, retries."""
+    from kfp import kubernetes
+
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    kubernetes.add_node_selector(task, cluster.gpu_label_key, cluster.gpu_label_value)
+    # The NVIDIA GPU operator taints GPU nodes so that only pods asking for a GPU land there.
+    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=cluster.shm_size)
+    # 1 min, 2 min, 4 min: long enough for a node to come back or the pod to be rescheduled.
+    task.set_retry(num_retries=cluster.train_retries, backoff_duration="60s", backoff_factor=2,
+                   backoff_max_duration="600s")
+    return task
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE,
+                   cluster: Cluster | None = None):
+    """The pipeline function, with components bound to the given container images.
+
+    `cluster` adds the Kubernetes settings (placement, resources, secrets); without it the
+    pipeline is for `kfp.local`, which would otherwise apply the cluster's object-store
+    address to every local step.
+    """
+
+    def place(task, step: str):
+        if cluster is not None:
+            on_cluster(task, step, cluster)
+            if step == "train":
+                on_rtx2070(task, cluster)
+        return task
 
     def component(func, base_image):
         # Our images carry kfp and this project already: installing kfp at start-up would
         # need the network and could pull a version other than the one we compiled with.
         return dsl.component(func, base_image=base_image, install_kfp_package=False)
 
+    fingerprint_op = component(fingerprint, image)
     preprocess_op = component(preprocess, image)
     train_op = component(train, gpu_image)
     evaluate_op = component(evaluate, image)
@@ -156,41 +254,53 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Retrain an EfficientNet-B0 image classifier: preprocess, train, "
-                              "evaluate against production, export and push only a blessed model.")
+                              "evaluate against production, export and push only a blessed model.",
+                  pipeline_root=(cluster.pipeline_root if cluster else "") or None)
     def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
                 batch_size: int = 32, learning_rate: float = 0.0, weights: str = "none",
                 precision: str = "auto", tfds_data_dir: str = "", checkpoint_dir: str = "",
                 gpu_memory_limit_mib: int = 0, registry: str = "", model_name: str = DEFAULT_MODEL_NAME,
                 min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
                 export_formats: str = "") -> Outputs:
-        # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest
-        prepared = preprocess_op(source=source, image_size=image_size, resize=resize,
-                                 tfds_data_dir=tfds_data_dir)
-        # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights)
+        # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest. Cached by the
+        #    data's fingerprint, taken fresh (never cached) from the listing each run.
+        listed = place(fingerprint_op(source=source, tfds_data_dir=tfds_data_dir), "fingerprint")
+        listed.set_caching_options(False)
+        prepared = place(preprocess_op(source=source, source_fingerprint=listed.output,
+                                       image_size=image_size, resize=resize, tfds_data_dir=tfds_data_dir),
+                         "preprocess")
+        # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights), on the RTX 2070
         trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
                            precision=precision, checkpoint_dir=checkpoint_dir,
                            gpu_memory_limit_mib=gpu_memory_limit_mib)
+        place(trained, "train")
         # 3. evaluate: held-out test split, candidate and production side by side -> blessed?
-        evaluated = evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
-                                registry=registry, model_name=model_name, min_accuracy=min_accuracy,
-                                margin=margin, max_class_drop=max_class_drop)
+        evaluated = place(evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
+                                      registry=registry, model_name=model_name, min_accuracy=min_accuracy,
+                                      margin=margin, max_class_drop=max_class_drop), "evaluate")
+        evaluated.set_retry(num_retries=1, backoff_duration="60s")  # a registry read that timed out
         # 4. export: only a blessed model is exported, verified, pushed and made production
         # (evaluate's single return value, `Output`: kfp.local 2.17.3 resolves a condition on a
         # task output only under that name, and silently skips the branch for any other.)
         with dsl.If(evaluated.outputs["Output"] == True, name="blessed"):  # noqa: E712 (KFP condition)
-            export_op(model=trained.outputs["model"], dataset=prepared.outputs["dataset"],
-                      evaluation=evaluated.outputs["evaluation"], formats=export_formats,
-                      registry=registry, model_name=model_name, run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            # No retry: a push that half-failed leaves an incomplete version, and a retry would
+            # push a second copy; the next scheduled run is the retry.
+            place(export_op(model=trained.outputs["model"], dataset=prepared.outputs["dataset"],
+                            evaluation=evaluated.outputs["evaluation"], formats=export_formats,
+                            registry=registry, model_name=model_name,
+                            run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "export")
         return Outputs(blessed=evaluated.outputs["Output"], evaluation=evaluated.outputs["evaluation"],
                        evaluation_report=evaluated.outputs["report"])
 
     return retrain
 
 
-def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE) -> Path:
+def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE,
+                     cluster: Cluster | None = None) -> Path:
+    """Write the IR YAML for a cluster (default `Cluster()` settings)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(image, gpu_image), str(output))
+    compiler.Compiler().compile(build_pipeline(image, gpu_image, cluster or Cluster()), str(output))
     return output
 
 
@@ -302,6 +412,19 @@ def main(argv: list[str] | None = None) -> int:
     compile_cmd.add_argument("--output", type=Path, default=Path("pipeline.yaml"))
     compile_cmd.add_argument("--image", default=DEFAULT_IMAGE, help="CPU step image")
     compile_cmd.add_argument("--gpu-image", default=DEFAULT_GPU_IMAGE, help="train step image")
+    defaults = Cluster()
+    compile_cmd.add_argument("--gpu-label", default=f"{defaults.gpu_label_key}={defaults.gpu_label_value}",
+                             help="KEY=VALUE node label that selects the training GPU node")
+    compile_cmd.add_argument("--secret", default=defaults.secret_name,
+                             help="Kubernetes secret holding the object-store credentials")
+    compile_cmd.add_argument("--secret-keys", default=f"{defaults.secret_access_key_key},"
+                                                      f"{defaults.secret_secret_key_key}",
+                             help="ACCESS,SECRET: the secret's keys for the access and secret key")
+    compile_cmd.add_argument("--s3-endpoint", default=defaults.s3_endpoint,
+                             help="object-store endpoint the pods reach (AWS_ENDPOINT_URL)")
+    compile_cmd.add_argument("--pipeline-root", default="",
+                             help="where KFP puts artifacts (default: the namespace's own)")
+    compile_cmd.add_argument("--train-retries", type=int, default=defaults.train_retries)
     run_cmd = commands.add_parser("run-local", help="run the pipeline here through kfp.local")
     run_cmd.add_argument("--data", default=None,
                          help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
@@ -349,7 +472,15 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging()
     if args.command == "compile":
-        path = compile_pipeline(args.output, args.image, args.gpu_image)
+        label_key, _, label_value = args.gpu_label.partition("=")
+        access, _, secret = args.secret_keys.partition(",")
+        if not label_key or not label_value or not access or not secret:
+            parser.error("--gpu-label takes KEY=VALUE and --secret-keys ACCESS,SECRET")
+        cluster = Cluster(gpu_label_key=label_key, gpu_label_value=label_value, secret_name=args.secret,
+                          secret_access_key_key=access, secret_secret_key_key=secret,
+                          s3_endpoint=args.s3_endpoint, pipeline_root=args.pipeline_root,
+                          train_retries=args.train_retries)
+        path = compile_pipeline(args.output, args.image, args.gpu_image, cluster)
         print(f"wrote {path}")
         return 0
     if args.command in ("promote", "rollback", "models"):

@@ -133,6 +133,24 @@ class SourceListing:
     fingerprint: str
 
 
+def source_fingerprint(source: str, tfds_data_dir: str = "") -> str:
+    """The data fingerprint of `source` from its listing alone: what keys a cached preprocess.
+
+    A TFDS dataset is fingerprinted by its name, version and data folder (a prepared TFDS
+    version does not change, and listing it would mean copying every image out of it).
+    """
+    if source.startswith(storage.TFDS_PREFIX):
+        return hashlib.sha256(f"{source}|{tfds_data_dir}".encode()).hexdigest()
+    try:
+        opened = storage.open_source(source)
+    except storage.StorageError as error:
+        raise PreprocessError(str(error)) from None
+    try:
+        return list_source(opened).fingerprint
+    finally:
+        opened.close()
+
+
 def list_source(source: storage.Source) -> SourceListing:
     """Classes, their files and the data fingerprint, from the listing alone (no image read)."""
     try:

@@ -99,7 +99,7 @@ def markdown(evaluation: dict[str, Any], confusion: bytes,
         before = production["metrics"].get(key) if production and production.get("metrics") else None
         lines.append(f"| {key} | {_number(candidate[key])} | {_number(before)} |")
     if production:
-        lines += ["", f"Production: version {production.get('version')} — {production.get('note', '')}"]
+        lines += ["", f"Production: {production.get('note', '')}."]
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support | production recall |",
               "|---|---|---|---|---|---|"]
     production_classes = (production or {}).get("metrics", {}) or {}

@@ -14,6 +14,16 @@ import pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["preprocess", "train", "evaluate", "export"]
+TASKS = ["fingerprint", *STEPS]
+
+
+def load_spec(text: str) -> dict:
+    """The pipeline spec, with the platform (Kubernetes) spec KFP writes as a second document."""
+    documents = list(yaml.safe_load_all(text))
+    spec = documents[0]
+    for extra in documents[1:]:
+        spec.update(extra)
+    return spec
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +31,7 @@ def spec(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
     pipeline.compile_pipeline(path, image="registry.example/retrain:1",
                               gpu_image="registry.example/retrain-gpu:1")
-    return yaml.safe_load(path.read_text())
+    return load_spec(path.read_text())
 
 
 def _tasks(spec) -> dict:
@@ -34,10 +44,11 @@ def _tasks(spec) -> dict:
     return tasks
 
 
-def test_four_tasks_in_order(spec):
+def test_tasks_in_order(spec):
     tasks = _tasks(spec)
-    assert sorted(tasks) == sorted(STEPS)
-    assert tasks["preprocess"].get("dependentTasks", []) == []
+    assert sorted(tasks) == sorted(TASKS)
+    assert tasks["fingerprint"].get("dependentTasks", []) == []
+    assert tasks["preprocess"]["dependentTasks"] == ["fingerprint"]
     assert tasks["train"]["dependentTasks"] == ["preprocess"]
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["preprocess", "train"]
     condition = spec["root"]["dag"]["tasks"]["condition-1"]
@@ -106,8 +117,9 @@ def test_export_records_the_pipeline_run_in_the_registry(spec):
 def test_only_train_runs_in_the_gpu_image(spec):
     executors = spec["deploymentSpec"]["executors"]
     images = {name.removeprefix("exec-"): body["container"]["image"] for name, body in executors.items()}
-    assert images == {"preprocess": "registry.example/retrain:1", "train": "registry.example/retrain-gpu:1",
-                      "evaluate": "registry.example/retrain:1", "export": "registry.example/retrain:1"}
+    assert images == {"fingerprint": "registry.example/retrain:1", "preprocess": "registry.example/retrain:1",
+                      "train": "registry.example/retrain-gpu:1", "evaluate": "registry.example/retrain:1",
+                      "export": "registry.example/retrain:1"}
     for body in executors.values():
         # install_kfp_package=False: the image brings kfp, nothing is pip-installed at start.
         assert "pip install" not in " ".join(body["container"]["command"])
@@ -140,7 +152,7 @@ def test_compile_cli_writes_yaml(tmp_path):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout
-    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "efficientnet-retrain"
+    assert load_spec(out.read_text())["pipelineInfo"]["name"] == "efficientnet-retrain"
 
 
 def test_every_step_has_a_cli():
@@ -154,3 +166,118 @@ def test_every_step_has_a_cli():
 def test_preprocess_publishes_a_markdown_report(spec):
     outputs = spec["components"]["comp-preprocess"]["outputDefinitions"]["artifacts"]
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+
+
+def _kubernetes(spec) -> dict:
+    executors = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {name.removeprefix("exec-"): body for name, body in executors.items()}
+
+
+def _containers(spec) -> dict:
+    executors = spec["deploymentSpec"]["executors"]
+    return {name.removeprefix("exec-"): body["container"] for name, body in executors.items()}
+
+
+def test_only_train_asks_for_a_gpu_on_the_rtx2070_node(spec):
+    containers, kubernetes = _containers(spec), _kubernetes(spec)
+    assert containers["train"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert containers["train"]["resources"]["accelerator"]["resourceCount"] == "1"
+    train = kubernetes["train"]
+    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-2070"}
+    assert train["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert train["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "2Gi",
+                                        "volumeName": "dshm"}]
+    for task in TASKS:
+        if task != "train":
+            assert "accelerator" not in containers[task].get("resources", {}), task
+            assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(kubernetes[task]), task
+
+
+def test_every_task_has_limits_a_timeout_and_runs_as_non_root(spec):
+    containers, kubernetes = _containers(spec), _kubernetes(spec)
+    for task in TASKS:
+        resources = containers[task]["resources"]
+        for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
+            assert resources[key], (task, key)
+        assert kubernetes[task]["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000",
+                                                       "runAsNonRoot": True}, task
+        assert int(kubernetes[task]["activeDeadlineSeconds"]) > 0, task
+    assert containers["train"]["resources"]["resourceMemoryLimit"] == "16Gi"
+
+
+def test_train_retries_with_backoff_and_preprocess_does_not(spec):
+    tasks = _tasks(spec)
+    assert tasks["train"]["retryPolicy"] == {"backoffDuration": "60s", "backoffFactor": 2.0,
+                                             "backoffMaxDuration": "600s", "maxRetryCount": 3}
+    for task in ("fingerprint", "preprocess", "export"):
+        assert "retryPolicy" not in tasks[task], task
+
+
+def test_credentials_come_only_from_the_secret(spec):
+    containers, kubernetes = _containers(spec), _kubernetes(spec)
+    for task in TASKS:
+        (secret,) = kubernetes[task]["secretAsEnv"]
+        assert secret["secretName"] == "mlpipeline-minio-artifact"
+        assert secret["keyToEnv"] == [{"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "accesskey"},
+                                      {"envVar": "AWS_SECRET_ACCESS_KEY", "secretKey": "secretkey"}]
+        assert containers[task]["env"] == [{"name": "AWS_ENDPOINT_URL",
+                                            "value": "http://minio-service.kubeflow:9000"}]
+
+
+def test_preprocess_is_cached_by_the_data_fingerprint_taken_fresh_each_run(spec):
+    tasks = _tasks(spec)
+    assert tasks["fingerprint"]["cachingOptions"] == {}  # caching off: the listing runs every time
+    assert tasks["preprocess"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["preprocess"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "fingerprint"}
+
+
+def test_no_canary_credential_reaches_the_yaml(tmp_path):
+    """Compiled with credentials in the environment, as on a developer's laptop."""
+    import os
+    import secrets
+
+    canaries = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+                "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+                "MINIO_ACCESS_KEY": secrets.token_hex(10), "MINIO_SECRET_KEY": secrets.token_hex(20)}
+    out = tmp_path / "p.yaml"
+    result = subprocess.run([sys.executable, "pipeline.py", "compile", "--output", str(out)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, **canaries})
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "AWS_SECRET_ACCESS_KEY" in text  # the variable is wired, by name only
+    for value in canaries.values():
+        assert value not in text
+
+
+def test_compile_options_change_the_cluster_settings(tmp_path):
+    out = tmp_path / "p.yaml"
+    result = subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(out), "--gpu-label",
+         "node.example/gpu=rtx2070", "--secret", "team-s3", "--secret-keys", "id,key",
+         "--s3-endpoint", "https://s3.example:9000", "--pipeline-root", "minio://team/pipelines",
+         "--image", "reg.example/retrain@sha256:" + "a" * 64], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    spec = load_spec(out.read_text())
+    kubernetes = _kubernetes(spec)
+    assert kubernetes["train"]["nodeSelector"]["labels"] == {"node.example/gpu": "rtx2070"}
+    assert kubernetes["evaluate"]["secretAsEnv"][0]["secretName"] == "team-s3"
+    assert kubernetes["evaluate"]["secretAsEnv"][0]["keyToEnv"][0]["secretKey"] == "id"
+    assert _containers(spec)["export"]["env"][0]["value"] == "https://s3.example:9000"
+    assert _containers(spec)["export"]["image"] == "reg.example/retrain@sha256:" + "a" * 64
+    assert spec["defaultPipelineRoot"] == "minio://team/pipelines"
+
+
+def test_pipeline_root_is_left_to_the_cluster_by_default(spec):
+    assert "defaultPipelineRoot" not in spec
+
+
+def test_the_local_pipeline_carries_no_cluster_settings(tmp_path):
+    """kfp.local would apply the in-cluster store address to local steps."""
+    from kfp import compiler
+
+    out = tmp_path / "local.yaml"
+    compiler.Compiler().compile(pipeline.build_pipeline(), str(out))
+    spec = load_spec(out.read_text())
+    assert "platforms" not in spec
+    assert all("env" not in container for container in _containers(spec).values())
