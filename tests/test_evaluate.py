@@ -96,21 +96,39 @@ def test_evaluates_a_trained_model(trained_model, prepared_dataset, tmp_path):
         assert f"**{pair['true']}** taken for **{pair['predicted']}**" in report
 
 
+@pytest.fixture
+def s3_env(monkeypatch):
+    from tests import s3_server
+
+    server = s3_server.start()
+    server.client().make_bucket("models")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
+    yield server
+    server.process.kill()
+    server.process.wait()
+
+
 @pytest.mark.slow
 def test_production_is_scored_through_its_serving_signature_on_the_same_images(
-        trained_model, prepared_dataset, tmp_path):
+        trained_model, prepared_dataset, tmp_path, s3_env):
     """The same model, once as the Keras candidate and once as the exported production
-    SavedModel fed raw record bytes: identical scores, so the comparison is like for like."""
+    SavedModel in an S3 registry, fed raw record bytes: identical scores, so the comparison is
+    like for like."""
+    import io
+
     from components import registry
-    from components.export import SAVED_MODEL, ExportConfig, export
+    from components.export import ExportConfig, export
 
     exported = tmp_path / "exported"
     export(ExportConfig(model=trained_model, data=prepared_dataset, output=exported, latency_runs=2))
-    store = registry.Registry(str(tmp_path / "registry"), "tiny")
+    store = registry.Registry("s3://models/registry", "tiny")
     store.promote(store.push(exported, {}))
 
-    result = evaluate(EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval",
-                                     registry=str(tmp_path / "registry"), model_name="tiny"))
+    config = EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval",
+                            registry="s3://models/registry", model_name="tiny")
+    result = evaluate(config)
     production = result["production"]
     assert production["version"] == 1
     assert production["metrics"]["confusion_matrix"] == result["candidate"]["confusion_matrix"]
@@ -121,8 +139,8 @@ def test_production_is_scored_through_its_serving_signature_on_the_same_images(
     assert margin["passed"]  # equal to production is within any margin
 
     # A production file altered in the bucket: evaluation refuses to go on rather than skip it.
-    pb = tmp_path / "registry" / "tiny" / "1" / SAVED_MODEL / "saved_model.pb"
-    pb.write_bytes(pb.read_bytes() + b"\0")
+    key = "registry/tiny/1/saved_model/saved_model.pb"
+    altered = s3_env.client().get_object("models", key).read() + b"\0"
+    s3_env.client().put_object("models", key, io.BytesIO(altered), len(altered))
     with pytest.raises(EvaluateError, match="does not match its manifest"):
-        evaluate(EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval2",
-                                registry=str(tmp_path / "registry"), model_name="tiny"))
+        evaluate(config)
