@@ -2,6 +2,8 @@
 
     python pipeline.py compile [--output pipeline.yaml]
     python pipeline.py run-local [--data SOURCE] [--image-size N] [--epochs N] [--workdir DIR]
+    python pipeline.py submit --host URL --namespace NS --param source=minio://data/flowers [--wait]
+    python pipeline.py schedule apply|list|pause|resume|delete [NAME] --host URL --namespace NS ...
     python pipeline.py models list --registry URI --model-name NAME
     python pipeline.py promote --registry URI --model-name NAME --version N
     python pipeline.py rollback --registry URI --model-name NAME
@@ -405,26 +407,140 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     return summary
 
 
+def add_cluster_options(command: argparse.ArgumentParser) -> None:
+    """What `compile` binds into the YAML: images and the Kubernetes settings of `Cluster`."""
+    defaults = Cluster()
+    command.add_argument("--image", default=DEFAULT_IMAGE, help="CPU step image (tag or @sha256 digest)")
+    command.add_argument("--gpu-image", default=DEFAULT_GPU_IMAGE, help="train step image")
+    command.add_argument("--gpu-label", default=f"{defaults.gpu_label_key}={defaults.gpu_label_value}",
+                         help="KEY=VALUE node label that selects the training GPU node")
+    command.add_argument("--secret", default=defaults.secret_name,
+                         help="Kubernetes secret holding the object-store credentials")
+    command.add_argument("--secret-keys", default=f"{defaults.secret_access_key_key},"
+                                                  f"{defaults.secret_secret_key_key}",
+                         help="ACCESS,SECRET: the secret's keys for the access and secret key")
+    command.add_argument("--s3-endpoint", default=defaults.s3_endpoint,
+                         help="object-store endpoint the pods reach (AWS_ENDPOINT_URL)")
+    command.add_argument("--pipeline-root", default="",
+                         help="where KFP puts artifacts (default: the namespace's own)")
+    command.add_argument("--train-retries", type=int, default=defaults.train_retries)
+
+
+def add_connection_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--host", default=os.environ.get("KFP_HOST", ""),
+                         help="KFP API address, e.g. http://localhost:8080 (env KFP_HOST)")
+    command.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow"),
+                         help="Kubeflow profile namespace (env KFP_NAMESPACE)")
+    command.add_argument("--token-file", default="", help="file holding a bearer token (or env KFP_TOKEN)")
+    command.add_argument("--ca-bundle", default="", help="CA certificates for a private TLS certificate")
+    command.add_argument("--pipeline-name", default=PIPELINE_NAME,
+                         help="the KFP pipeline to add a version to")
+    command.add_argument("--experiment", default=PIPELINE_NAME)
+    command.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="a pipeline parameter (repeat); numbers and true/false are typed")
+
+
+def cluster_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Cluster:
+    label_key, _, label_value = args.gpu_label.partition("=")
+    access, _, secret = args.secret_keys.partition(",")
+    if not label_key or not label_value or not access or not secret:
+        parser.error("--gpu-label takes KEY=VALUE and --secret-keys ACCESS,SECRET")
+    return Cluster(gpu_label_key=label_key, gpu_label_value=label_value, secret_name=args.secret,
+                   secret_access_key_key=access, secret_secret_key_key=secret,
+                   s3_endpoint=args.s3_endpoint, pipeline_root=args.pipeline_root,
+                   train_retries=args.train_retries)
+
+
+def pipeline_params(pairs: list[str], package: Path) -> dict:
+    """`NAME=VALUE` flags checked against the compiled pipeline's parameters, typed as declared."""
+    import yaml
+
+    declared = next(yaml.safe_load_all(package.read_text()))["root"]["inputDefinitions"]["parameters"]
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in declared:
+            raise SystemExit(f"error: --param {pair!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(sorted(declared))}")
+        kind = declared[name]["parameterType"]
+        try:
+            convert = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float,
+                       "BOOLEAN": lambda v: {"true": True, "false": False}[v.lower()]}.get(kind, str)
+            params[name] = convert(value)
+        except (ValueError, KeyError):
+            raise SystemExit(f"error: --param {name}={value!r} is not a valid {kind.lower()}") from None
+    missing = sorted(n for n, d in declared.items() if "defaultValue" not in d and not d.get("isOptional")
+                     and n not in params)
+    if missing:
+        raise SystemExit(f"error: the pipeline needs --param {missing[0]}=... (no default)")
+    return params
+
+
+def run_on_cluster(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import tempfile
+
+    import cluster as kube
+
+    if args.command == "schedule" and args.action != "list" and not args.name:
+        parser.error(f"schedule {args.action} needs a NAME")
+    conn = kube.connection(args.host, args.namespace, args.token_file, args.ca_bundle)
+    if args.command == "schedule" and args.action == "list":
+        rows = kube.list_schedules(conn, args.experiment)
+        for row in rows:
+            print(f"{row['name']}\t{row['status']}\t{row['trigger']}\t{row['id']}")
+        if not rows:
+            print(f"no schedules in experiment {args.experiment} (namespace {args.namespace})")
+        return 0
+    if args.command == "schedule" and args.action in ("pause", "resume", "delete"):
+        ids = kube.change_schedule(conn, args.experiment, args.name, args.action)
+        print(f"{args.action}: schedule {args.name} ({', '.join(ids)})")
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        package = compile_pipeline(Path(scratch) / "pipeline.yaml", args.image, args.gpu_image,
+                                   cluster_from_args(parser, args))
+        params = pipeline_params(args.param, package)
+        if args.command == "submit":
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            result = kube.submit(conn, kube.SubmitConfig(
+                package=package, pipeline_name=args.pipeline_name, experiment=args.experiment,
+                run_name=args.run_name or f"{args.pipeline_name}-{stamp}", params=params, wait=args.wait,
+                poll_seconds=args.poll, timeout_seconds=args.timeout))
+            print(f"run {result['run_id']}: {result['state']}")
+            return kube.TERMINAL_STATES.get(result["state"], 0) if args.wait else 0
+        result = kube.apply_schedule(conn, kube.ScheduleConfig(
+            name=args.name, package=package, pipeline_name=args.pipeline_name, experiment=args.experiment,
+            params=params, cron=args.cron, timezone=args.timezone, every=args.every))
+    trigger = f"cron {result['cron_utc']} UTC ({result['note']})" if result["cron_utc"] else \
+        f"every {result['interval_second']} s"
+    print(f"schedule {args.name} ({result['recurring_run_id']}): {trigger}"
+          + (f"; replaced {', '.join(result['replaced'])}" if result["replaced"] else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python pipeline.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     compile_cmd = commands.add_parser("compile", help="write the KFP IR YAML")
     compile_cmd.add_argument("--output", type=Path, default=Path("pipeline.yaml"))
-    compile_cmd.add_argument("--image", default=DEFAULT_IMAGE, help="CPU step image")
-    compile_cmd.add_argument("--gpu-image", default=DEFAULT_GPU_IMAGE, help="train step image")
-    defaults = Cluster()
-    compile_cmd.add_argument("--gpu-label", default=f"{defaults.gpu_label_key}={defaults.gpu_label_value}",
-                             help="KEY=VALUE node label that selects the training GPU node")
-    compile_cmd.add_argument("--secret", default=defaults.secret_name,
-                             help="Kubernetes secret holding the object-store credentials")
-    compile_cmd.add_argument("--secret-keys", default=f"{defaults.secret_access_key_key},"
-                                                      f"{defaults.secret_secret_key_key}",
-                             help="ACCESS,SECRET: the secret's keys for the access and secret key")
-    compile_cmd.add_argument("--s3-endpoint", default=defaults.s3_endpoint,
-                             help="object-store endpoint the pods reach (AWS_ENDPOINT_URL)")
-    compile_cmd.add_argument("--pipeline-root", default="",
-                             help="where KFP puts artifacts (default: the namespace's own)")
-    compile_cmd.add_argument("--train-retries", type=int, default=defaults.train_retries)
+    add_cluster_options(compile_cmd)
+    submit_cmd = commands.add_parser("submit", help="compile, upload as a new pipeline version, start a run")
+    add_cluster_options(submit_cmd)
+    add_connection_options(submit_cmd)
+    submit_cmd.add_argument("--run-name", default="", help="default: <pipeline name>-<UTC time>")
+    submit_cmd.add_argument("--wait", action="store_true", help="follow the run; exit 1 unless it succeeds")
+    submit_cmd.add_argument("--timeout", type=float, default=0, help="with --wait: stop waiting after N s")
+    submit_cmd.add_argument("--poll", type=float, default=10.0, help="with --wait: seconds between checks")
+    schedule_cmd = commands.add_parser("schedule",
+                                       help="recurring runs: apply | list | pause | resume | delete")
+    schedule_cmd.add_argument("action", choices=("apply", "list", "pause", "resume", "delete"))
+    schedule_cmd.add_argument("name", nargs="?", default="", help="the schedule's name (all but list)")
+    add_cluster_options(schedule_cmd)
+    add_connection_options(schedule_cmd)
+    schedule_cmd.add_argument("--cron", default="",
+                              help='"MIN HOUR DAY MONTH WEEKDAY" (or 6 fields, seconds first), in --timezone')
+    schedule_cmd.add_argument("--timezone", default="UTC", help="IANA zone the cron is meant in, e.g. "
+                                                                "Europe/Berlin (converted to UTC)")
+    schedule_cmd.add_argument("--every", default="", help="an interval instead of cron: 30m, 6h, 1d")
     run_cmd = commands.add_parser("run-local", help="run the pipeline here through kfp.local")
     run_cmd.add_argument("--data", default=None,
                          help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
@@ -472,17 +588,14 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging()
     if args.command == "compile":
-        label_key, _, label_value = args.gpu_label.partition("=")
-        access, _, secret = args.secret_keys.partition(",")
-        if not label_key or not label_value or not access or not secret:
-            parser.error("--gpu-label takes KEY=VALUE and --secret-keys ACCESS,SECRET")
-        cluster = Cluster(gpu_label_key=label_key, gpu_label_value=label_value, secret_name=args.secret,
-                          secret_access_key_key=access, secret_secret_key_key=secret,
-                          s3_endpoint=args.s3_endpoint, pipeline_root=args.pipeline_root,
-                          train_retries=args.train_retries)
-        path = compile_pipeline(args.output, args.image, args.gpu_image, cluster)
+        path = compile_pipeline(args.output, args.image, args.gpu_image, cluster_from_args(parser, args))
         print(f"wrote {path}")
         return 0
+    if args.command in ("submit", "schedule"):
+        import cluster as kube
+
+        with exit_on_user_error(kube.ClusterError):
+            return run_on_cluster(parser, args)
     if args.command in ("promote", "rollback", "models"):
         from components import registry
 
