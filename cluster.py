@@ -408,3 +408,148 @@ def change_schedule(conn: Connection, experiment: str, name: str, action: str) -
     except kfp_server_api.ApiException as error:
         raise explain(error, f"{action} of schedule {name!r}") from None
     return [r.recurring_run_id for r in matches]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str  # what was found, or how to fix it
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    secret_name: str = "mlpipeline-minio-artifact"
+    secret_keys: tuple[str, str] = ("accesskey", "secretkey")
+    gpu_label_key: str = "nvidia.com/gpu.product"
+    gpu_label_value: str = "NVIDIA-GeForce-RTX-2070"
+    bucket: str = ""  # e.g. "models" (the registry's) or "mlpipeline"; "" skips the bucket check
+    s3_endpoint: str = ""  # as reachable from here, e.g. http://localhost:9000 after a port-forward
+    kube_context: str = ""
+
+
+def doctor(conn: Connection, config: DoctorConfig, environ: dict[str, str] | None = None) -> list[Check]:
+    """Pre-flight checks before the first run on a cluster; each failure says how to fix it.
+
+    Uses the KFP API (as `submit` does) and the Kubernetes API through the user's kubeconfig.
+    """
+    checks = []
+    try:
+        check_reachable(conn)
+        checks.append(Check("kfp-api", True, f"{conn.host} answers with the KFP v2beta1 API"))
+    except ClusterError as error:
+        checks.append(Check("kfp-api", False, str(error)))
+    try:
+        core = _kubernetes(config.kube_context)
+    except ClusterError as error:
+        return checks + [Check("kubernetes-api", False, str(error))]
+    checks += _kubernetes_checks(core, conn.namespace, config)
+    if config.bucket:
+        checks.append(_bucket_check(core, conn.namespace, config, os.environ if environ is None else environ))
+    return checks
+
+
+def _kubernetes(context: str):
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        k8s_config.load_kube_config(context=context or None)
+    except (ConfigException, FileNotFoundError, TypeError) as error:
+        raise ClusterError(f"no usable kubeconfig ({error}): set KUBECONFIG or run `kubectl config "
+                           "use-context`") from None
+    return k8s.CoreV1Api()
+
+
+def _api_failure(error: Exception, what: str, fix: str) -> str:
+    status = getattr(error, "status", None)
+    if status in (401, 403):
+        return f"{what}: the Kubernetes API refused (HTTP {status}); {fix}"
+    if status is None:
+        return f"{what}: cannot reach the Kubernetes API ({str(error)[:200]}); check the kubeconfig's server"
+    return f"{what}: HTTP {status}: {getattr(error, 'reason', '')}"
+
+
+def _kubernetes_checks(core, namespace: str, config: DoctorConfig) -> list[Check]:
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    errors = (ApiException, urllib3.exceptions.HTTPError)
+    checks = []
+    try:
+        core.read_namespace(namespace)
+        checks.append(Check("namespace", True, f"namespace {namespace} exists"))
+    except errors as error:
+        if getattr(error, "status", None) == 404:
+            checks.append(Check("namespace", False, f"namespace {namespace} does not exist: create a "
+                                                    "Kubeflow profile for it, or pass the right --namespace"))
+        elif getattr(error, "status", None) == 403:
+            checks.append(Check("namespace", True, f"namespace {namespace}: not readable with these "
+                                                   "credentials (normal for a namespaced account)"))
+        else:
+            checks.append(Check("namespace", False,
+                                _api_failure(error, "namespace", "check the kubeconfig user")))
+    try:
+        secret = core.read_namespaced_secret(config.secret_name, namespace)
+        missing = [key for key in config.secret_keys if key not in (secret.data or {})]
+        found = f"secret {config.secret_name} has keys {', '.join(config.secret_keys)}"
+        lacking = (f"secret {config.secret_name} lacks the key(s) {', '.join(missing)}: see "
+                   "manifests/examples/s3-credentials.yaml")
+        checks.append(Check("secret", not missing, lacking if missing else found))
+    except errors as error:
+        if getattr(error, "status", None) == 404:
+            checks.append(Check("secret", False, f"no secret {config.secret_name} in {namespace}: fill in "
+                                                 "manifests/examples/s3-credentials.yaml and apply it there"))
+        else:
+            checks.append(Check("secret", False, _api_failure(
+                error, "secret", f"the account needs `get` on secret {config.secret_name} "
+                                 "(manifests/ci-access)")))
+    try:
+        nodes = core.list_node(label_selector=f"{config.gpu_label_key}={config.gpu_label_value}").items
+        gpus = {node.metadata.name: int((node.status.allocatable or {}).get("nvidia.com/gpu", "0"))
+                for node in nodes}
+        usable = [name for name, count in gpus.items() if count > 0]
+        if usable:
+            checks.append(Check("gpu-node", True, f"{', '.join(usable)}: {config.gpu_label_key}="
+                                                  f"{config.gpu_label_value}, allocatable nvidia.com/gpu"))
+        elif gpus:
+            checks.append(Check("gpu-node", False, f"{', '.join(gpus)} carry the label but no allocatable "
+                                                   "nvidia.com/gpu: install the NVIDIA device plugin or GPU "
+                                                   "operator (manifests/README.md)"))
+        else:
+            checks.append(Check("gpu-node", False, f"no node is labelled {config.gpu_label_key}="
+                                                   f"{config.gpu_label_value}: label the RTX 2070 node "
+                                                   "(manifests/README.md) or compile with --gpu-label"))
+    except errors as error:
+        checks.append(Check("gpu-node", False, _api_failure(
+            error, "nodes", "the account needs `list` on nodes (manifests/ci-access)")))
+    return checks
+
+
+def _bucket_check(core, namespace: str, config: DoctorConfig, environ: dict[str, str]) -> Check:
+    """The bucket, reached with the credentials the pods get (from the secret), or with
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from this environment when they are set."""
+    import base64
+
+    from components import storage
+
+    env = dict(environ)
+    if config.s3_endpoint:
+        env["AWS_ENDPOINT_URL"] = config.s3_endpoint
+    if not env.get("AWS_ACCESS_KEY_ID"):
+        try:
+            data = core.read_namespaced_secret(config.secret_name, namespace).data or {}
+            env["AWS_ACCESS_KEY_ID"] = base64.b64decode(data[config.secret_keys[0]]).decode()
+            env["AWS_SECRET_ACCESS_KEY"] = base64.b64decode(data[config.secret_keys[1]]).decode()
+        except Exception:  # reported by the secret check already
+            return Check("bucket", False, f"bucket {config.bucket}: no credentials to try it with (see the "
+                                          "secret check, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    try:
+        folder = storage.ObjectStoreFolder(f"s3://{config.bucket}", environ=env)
+        folder.check()
+    except storage.StorageError as error:
+        hint = "" if config.s3_endpoint else (" (from outside the cluster: kubectl port-forward -n kubeflow "
+                                              "svc/minio-service 9000:9000 and --s3-endpoint http://localhost:9000)")
+        return Check("bucket", False, f"{error}{hint}")
+    return Check("bucket", True, f"bucket {config.bucket} is reachable with the pipeline's credentials")

@@ -4,6 +4,7 @@
     python pipeline.py run-local [--data SOURCE] [--image-size N] [--epochs N] [--workdir DIR]
     python pipeline.py submit --host URL --namespace NS --param source=minio://data/flowers [--wait]
     python pipeline.py schedule apply|list|pause|resume|delete [NAME] --host URL --namespace NS ...
+    python pipeline.py doctor --host URL --namespace NS [--bucket models]
     python pipeline.py models list --registry URI --model-name NAME
     python pipeline.py promote --registry URI --model-name NAME --version N
     python pipeline.py rollback --registry URI --model-name NAME
@@ -517,6 +518,27 @@ def run_on_cluster(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return 0
 
 
+def run_doctor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import cluster as kube
+    from components.cli import exit_on_user_error
+
+    settings = cluster_from_args(parser, args)
+    with exit_on_user_error(kube.ClusterError):
+        conn = kube.connection(args.host, args.namespace, args.token_file, args.ca_bundle)
+    checks = kube.doctor(conn, kube.DoctorConfig(
+        secret_name=settings.secret_name,
+        secret_keys=(settings.secret_access_key_key, settings.secret_secret_key_key),
+        gpu_label_key=settings.gpu_label_key, gpu_label_value=settings.gpu_label_value,
+        bucket=args.bucket, s3_endpoint=args.s3_endpoint_here or args.s3_endpoint,
+        kube_context=args.kube_context))
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'} {check.name:<15} {check.detail}")
+    failed = [check.name for check in checks if not check.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed"
+          + (f"; fix: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python pipeline.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -541,6 +563,14 @@ def main(argv: list[str] | None = None) -> int:
     schedule_cmd.add_argument("--timezone", default="UTC", help="IANA zone the cron is meant in, e.g. "
                                                                 "Europe/Berlin (converted to UTC)")
     schedule_cmd.add_argument("--every", default="", help="an interval instead of cron: 30m, 6h, 1d")
+    doctor_cmd = commands.add_parser("doctor", help="pre-flight checks of a cluster before the first run")
+    add_cluster_options(doctor_cmd)
+    add_connection_options(doctor_cmd)
+    doctor_cmd.add_argument("--bucket", default="", help="also check this bucket with the pipeline's "
+                                                         "credentials (e.g. the registry's)")
+    doctor_cmd.add_argument("--s3-endpoint-here", default="",
+                            help="the object store as reachable from this machine (default: --s3-endpoint)")
+    doctor_cmd.add_argument("--kube-context", default="", help="kubeconfig context (default: current)")
     run_cmd = commands.add_parser("run-local", help="run the pipeline here through kfp.local")
     run_cmd.add_argument("--data", default=None,
                          help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
@@ -596,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with exit_on_user_error(kube.ClusterError):
             return run_on_cluster(parser, args)
+    if args.command == "doctor":
+        return run_doctor(parser, args)
     if args.command in ("promote", "rollback", "models"):
         from components import registry
 

@@ -206,3 +206,73 @@ def test_parameters_are_checked_before_anything_is_sent(kfp_api):
                 "--param", "epochs=ten")
     assert typed.returncode != 0 and "epochs='ten' is not a valid number_integer" in typed.stderr
     assert kfp_api.state.calls("POST", "/runs") == []
+
+
+@pytest.fixture
+def k8s_api():
+    from tests import k8s_stand_in
+
+    server = k8s_stand_in.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3():
+    from tests import s3_server
+
+    server = s3_server.start()
+    yield server
+    server.process.kill()
+    server.process.wait()
+
+
+def test_contract_doctor_passes_on_a_ready_cluster(kfp_api, k8s_api, s3, tmp_path):
+    import base64
+
+    s3.client().make_bucket("models")
+    k8s_api.cluster.namespaces.add("team-a")
+    k8s_api.cluster.secrets[("team-a", "mlpipeline-minio-artifact")] = {
+        "accesskey": base64.b64encode(s3.access_key.encode()).decode(),
+        "secretkey": base64.b64encode(s3.secret_key.encode()).decode()}
+    k8s_api.cluster.nodes.append({"name": "rtx-node", "allocatable": {"nvidia.com/gpu": "1"},
+                                  "labels": {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-2070"}})
+    result = cli("doctor", "--host", kfp_api.url, "--namespace", "team-a", "--bucket", "models",
+                 "--s3-endpoint-here", s3.url, KUBECONFIG=str(k8s_api.kubeconfig(tmp_path / "kubeconfig")))
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [
+        ["ok", "kfp-api"], ["ok", "namespace"], ["ok", "secret"], ["ok", "gpu-node"], ["ok", "bucket"]]
+    assert lines[-1] == "5 of 5 checks passed"
+    assert s3.secret_key not in result.stdout + result.stderr
+    assert "/api/v1/nodes?labelSelector=nvidia.com%2Fgpu.product%3DNVIDIA-GeForce-RTX-2070" in \
+        k8s_api.cluster.requests
+
+
+def test_contract_doctor_names_each_problem_and_its_fix(kfp_api, k8s_api, s3, tmp_path):
+    k8s_api.cluster.namespaces.add("team-a")
+    k8s_api.cluster.nodes.append({"name": "rtx-node", "allocatable": {},  # no device plugin
+                                  "labels": {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-2070"}})
+    result = cli("doctor", "--host", kfp_api.url, "--namespace", "team-a", "--bucket", "no-such-bucket",
+                 "--s3-endpoint-here", s3.url, token="wrong",
+                 KUBECONFIG=str(k8s_api.kubeconfig(tmp_path / "kubeconfig")),
+                 AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key)
+    assert result.returncode == 1
+    out = {line.split()[1]: line for line in result.stdout.splitlines()[:-1]}
+    assert out["kfp-api"].startswith("FAIL") and "HTTP 401" in out["kfp-api"]
+    assert out["namespace"].startswith("ok")
+    assert out["secret"].startswith("FAIL") and "manifests/examples/s3-credentials.yaml" in out["secret"]
+    assert out["gpu-node"].startswith("FAIL") and "no allocatable nvidia.com/gpu" in out["gpu-node"]
+    assert out["bucket"].startswith("FAIL") and "bucket 'no-such-bucket' does not exist" in out["bucket"]
+    assert result.stdout.splitlines()[-1] == "1 of 5 checks passed; fix: kfp-api, secret, gpu-node, bucket"
+
+
+def test_contract_doctor_without_a_labelled_node_or_namespace(kfp_api, k8s_api, tmp_path):
+    k8s_api.cluster.nodes.append({"name": "cpu-node", "allocatable": {}, "labels": {}})
+    result = cli("doctor", "--host", kfp_api.url, "--namespace", "team-b",
+                 KUBECONFIG=str(k8s_api.kubeconfig(tmp_path / "kubeconfig")))
+    assert result.returncode == 1
+    out = {line.split()[1]: line for line in result.stdout.splitlines()[:-1]}
+    assert "namespace team-b does not exist" in out["namespace"]
+    assert "no node is labelled nvidia.com/gpu.product=NVIDIA-GeForce-RTX-2070" in out["gpu-node"]
+    assert "bucket" not in out  # not asked for
