@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast test-launcher lint compile clean
+.PHONY: help setup run test test-fast test-launcher lint compile images clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,14 @@ test-fast: $(STAMP) ## lint, then the tests not marked slow (seconds, no trainin
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
+
+REVISION := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+IMAGE ?= efficientnet-retrain
+images: ## build the CPU and GPU step images, tagged with the git revision (needs docker)
+	docker build -f docker/Dockerfile --build-arg REVISION=$(REVISION) -t $(IMAGE):cpu-$(REVISION) -t $(IMAGE):cpu .
+	docker build -f docker/Dockerfile --build-arg REVISION=$(REVISION) --build-arg EXTRA=gpu \
+		-t $(IMAGE):gpu-$(REVISION) -t $(IMAGE):gpu .
+	@echo "compile with: python pipeline.py compile --image $(IMAGE):cpu-$(REVISION) --gpu-image $(IMAGE):gpu-$(REVISION)"
 
 compile: $(STAMP) ## write pipeline.yaml (KFP IR)
 	$(BIN)/python pipeline.py compile --output pipeline.yaml
