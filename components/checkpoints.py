@@ -23,7 +23,6 @@ and still continue with its Adam moments, step counter and loss scale.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from components.records import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,6 @@ class TrainingState:
     step_batch: int = 0
     accumulation: int = 1
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_accumulator(variable) -> bool:
@@ -103,7 +96,7 @@ def save(directory: Path, model, state: TrainingState) -> Path:
     partial.mkdir()
     model.save_weights(partial / WEIGHTS)
     np.savez(partial / OPTIMIZER, *optimizer_arrays(model.optimizer))
-    state.files = {name: _sha256(partial / name) for name in (WEIGHTS, OPTIMIZER)}
+    state.files = {name: sha256_file(partial / name) for name in (WEIGHTS, OPTIMIZER)}
     (partial / STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
     for path in (partial / WEIGHTS, partial / OPTIMIZER, partial / STATE):
         with path.open("rb") as handle:
@@ -131,7 +124,7 @@ def _read_state(folder: Path) -> TrainingState:
         raise CheckpointError(f"{folder.name}: unreadable {STATE} ({error})") from None
     for name, expected in state.files.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or sha256_file(path) != expected:
             raise CheckpointError(f"{folder.name}: {name} is missing or does not match its sha256")
     return state
 

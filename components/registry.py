@@ -24,7 +24,6 @@ target folder.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from components import storage
+from components.records import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ def safe_key(key: str) -> str:
             or any(part in ("", ".", "..") for part in key.split("/"))):
         raise RegistryError(f"refusing unsafe file name {key!r} in a registry manifest")
     return key
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
