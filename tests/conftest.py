@@ -20,6 +20,26 @@ def make_image_folder(root: Path, images_per_class: int = 8, broken: bool = Fals
                                      image_size=TINY_SIZE, seed=1, add_broken_files=broken))
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A real HTTP S3 endpoint (moto's server, standing in for MinIO), one per test module."""
+    from tests import s3_server
+
+    server = s3_server.start()
+    yield server
+    server.process.kill()
+    server.process.wait()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """`s3`, with its endpoint and credentials in this process's environment."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
+    return s3
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """4 classes x 8 valid images, 32 px, no broken files."""

@@ -217,16 +217,6 @@ def k8s_api():
     server.close()
 
 
-@pytest.fixture
-def s3():
-    from tests import s3_server
-
-    server = s3_server.start()
-    yield server
-    server.process.kill()
-    server.process.wait()
-
-
 def test_contract_doctor_passes_on_a_ready_cluster(kfp_api, k8s_api, s3, tmp_path):
     import base64
 

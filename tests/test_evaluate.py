@@ -96,20 +96,6 @@ def test_evaluates_a_trained_model(trained_model, prepared_dataset, tmp_path):
         assert f"**{pair['true']}** taken for **{pair['predicted']}**" in report
 
 
-@pytest.fixture
-def s3_env(monkeypatch):
-    from tests import s3_server
-
-    server = s3_server.start()
-    server.client().make_bucket("models")
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
-    yield server
-    server.process.kill()
-    server.process.wait()
-
-
 @pytest.mark.slow
 def test_production_is_scored_through_its_serving_signature_on_the_same_images(
         trained_model, prepared_dataset, tmp_path, s3_env):
@@ -121,6 +107,7 @@ def test_production_is_scored_through_its_serving_signature_on_the_same_images(
     from components import registry
     from components.export import ExportConfig, export
 
+    s3_env.client().make_bucket("models")
     exported = tmp_path / "exported"
     export(ExportConfig(model=trained_model, data=prepared_dataset, output=exported, latency_runs=2))
     store = registry.Registry("s3://models/registry", "tiny")

@@ -17,21 +17,13 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from tests import launcher_harness, s3_server
+from tests import launcher_harness
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.launcher,
               pytest.mark.skipif(os.geteuid() != 0 and not os.access("/", os.W_OK),
                                  reason="the KFP executor's /minio mount needs root (CI runs as root)")]
-
-
-@pytest.fixture
-def s3():
-    server = s3_server.start()
-    yield server
-    server.process.kill()
-    server.process.wait()
 
 
 def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s3, tmp_path, monkeypatch):

@@ -9,24 +9,11 @@ import pytest
 
 from components import registry as reg
 from components import storage
-from tests import s3_server
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = s3_server.start()
-    server.client().make_bucket("models")
-    yield server
-    server.process.kill()
-    server.process.wait()
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch):
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
-    return s3
+@pytest.fixture(scope="module", autouse=True)
+def models_bucket(s3):
+    s3.client().make_bucket("models")
 
 
 def model_folder(root: Path, marker: str) -> Path:

@@ -160,37 +160,28 @@ def test_training_killed_by_sigterm_then_sigkill_resumes_to_the_same_end(prepare
 
 
 @pytest.mark.slow
-def test_checkpoints_in_an_s3_bucket_let_a_new_pod_resume(prepared_dataset, tmp_path, monkeypatch, caplog):
+def test_checkpoints_in_an_s3_bucket_let_a_new_pod_resume(prepared_dataset, tmp_path, s3_env, caplog):
     from components.train import train
-    from tests import s3_server
 
-    server = s3_server.start()
-    try:
-        server.client().make_bucket("training")
-        for key, value in server.env().items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
-        settings = dict(data=prepared_dataset, epochs=2, batch_size=8, augment=False, checkpoint_every=2,
-                        checkpoint_dir="s3://training/checkpoints")
-        first = train(TrainConfig(output=tmp_path / "pod1", **settings))
-        names = sorted(o.object_name for o in server.client().list_objects("training", recursive=True))
-        steps = sorted({name.split("/")[2] for name in names if "/step-" in name})
-        run = names[0].split("/")[1]
-        assert len(steps) == 2 and all(f"checkpoints/{run}/{step}/state.json" in names for step in steps)
-        assert any(name.endswith("/best.weights.h5") for name in names)
-        assert not (tmp_path / "pod1" / "checkpoints").exists()  # the local copy is removed
+    s3_env.client().make_bucket("training")
+    settings = dict(data=prepared_dataset, epochs=2, batch_size=8, augment=False, checkpoint_every=2,
+                    checkpoint_dir="s3://training/checkpoints")
+    first = train(TrainConfig(output=tmp_path / "pod1", **settings))
+    names = sorted(o.object_name for o in s3_env.client().list_objects("training", recursive=True))
+    steps = sorted({name.split("/")[2] for name in names if "/step-" in name})
+    run = names[0].split("/")[1]
+    assert len(steps) == 2 and all(f"checkpoints/{run}/{step}/state.json" in names for step in steps)
+    assert any(name.endswith("/best.weights.h5") for name in names)
+    assert not (tmp_path / "pod1" / "checkpoints").exists()  # the local copy is removed
 
-        # Another pod, nothing on its disk: the bucket says the run is done; nothing is retrained.
-        caplog.clear()
-        caplog.set_level(logging.INFO)
-        second = train(TrainConfig(output=tmp_path / "pod2", **settings))
-        assert f"resuming from {steps[-1]}" in caplog.text
-        assert second["epochs_trained"] == 2 and second["best_epoch"] == first["best_epoch"]
-        assert json.loads((tmp_path / "pod2" / "history.json").read_text()) == json.loads(
-            (tmp_path / "pod1" / "history.json").read_text())
+    # Another pod, nothing on its disk: the bucket says the run is done; nothing is retrained.
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    second = train(TrainConfig(output=tmp_path / "pod2", **settings))
+    assert f"resuming from {steps[-1]}" in caplog.text
+    assert second["epochs_trained"] == 2 and second["best_epoch"] == first["best_epoch"]
+    assert json.loads((tmp_path / "pod2" / "history.json").read_text()) == json.loads(
+        (tmp_path / "pod1" / "history.json").read_text())
 
-        with pytest.raises(Exception, match="does not exist"):
-            train(TrainConfig(output=tmp_path / "pod3", **dict(settings, checkpoint_dir="s3://nope/c")))
-    finally:
-        server.process.kill()
-        server.process.wait()
+    with pytest.raises(Exception, match="does not exist"):
+        train(TrainConfig(output=tmp_path / "pod3", **dict(settings, checkpoint_dir="s3://nope/c")))

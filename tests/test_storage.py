@@ -8,24 +8,7 @@ import pytest
 
 from components import storage
 from components.preprocess import PreprocessConfig, PreprocessError, list_source, preprocess
-from tests import s3_server
 from tests.conftest import TINY_SIZE, make_image_folder
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = s3_server.start()
-    yield server
-    server.process.kill()
-    server.process.wait()
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch):
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
-    return s3
 
 
 @pytest.fixture(scope="module")

@@ -109,30 +109,21 @@ def test_class_weights_from_the_manifest_reach_fit(prepared_dataset, tmp_path, m
     assert seen["jit_compile"] is False
 
 
-def test_weights_from_an_s3_uri_load_like_the_local_file(tmp_path, monkeypatch):
+def test_weights_from_an_s3_uri_load_like_the_local_file(tmp_path, s3_env):
     from components.train import fetch_weights
-    from tests import s3_server
 
     scratch = build_model(2, TINY_SIZE, "none")
     folder = tmp_path / "weights"
     folder.mkdir()
     scratch.layers[1].save_weights(str(folder / "backbone.weights.h5"))
-    server = s3_server.start()
-    try:
-        server.upload_folder(folder, "models", "efficientnet")
-        for key, value in server.env().items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
-        local = fetch_weights("s3://models/efficientnet/backbone.weights.h5", tmp_path / "fetched")
-        assert Path(local).read_bytes() == (folder / "backbone.weights.h5").read_bytes()
-        pretrained = build_model(2, TINY_SIZE, local)
-        for ours, theirs in zip(scratch.layers[1].weights, pretrained.layers[1].weights, strict=True):
-            np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
-        with pytest.raises(TrainError, match="cannot read --weights s3://models/efficientnet/missing.h5"):
-            fetch_weights("s3://models/efficientnet/missing.h5", tmp_path / "fetched")
-    finally:
-        server.process.kill()
-        server.process.wait()
+    s3_env.upload_folder(folder, "models", "efficientnet")
+    local = fetch_weights("s3://models/efficientnet/backbone.weights.h5", tmp_path / "fetched")
+    assert Path(local).read_bytes() == (folder / "backbone.weights.h5").read_bytes()
+    pretrained = build_model(2, TINY_SIZE, local)
+    for ours, theirs in zip(scratch.layers[1].weights, pretrained.layers[1].weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    with pytest.raises(TrainError, match="cannot read --weights s3://models/efficientnet/missing.h5"):
+        fetch_weights("s3://models/efficientnet/missing.h5", tmp_path / "fetched")
 
 
 def _backbone_weights(model) -> dict[str, np.ndarray]:
