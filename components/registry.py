@@ -97,26 +97,27 @@ class Registry:
         except storage.StorageError as error:
             raise RegistryError(str(error)) from None
 
-    def versions(self) -> list[Version]:
+    def _listed(self) -> dict[int, bool]:
+        """Version number -> complete (its manifest present), from one listing, no reads."""
         prefix = self.model + "/"
-        numbers: set[int] = set()
-        complete: set[int] = set()
+        listed: dict[int, bool] = {}
         for name in self._storage(self.folder.names):
             if not name.startswith(prefix):
                 continue
             first, _, rest = name[len(prefix):].partition("/")
             if first.isdigit() and rest:
-                numbers.add(int(first))
-                if rest == MANIFEST:
-                    complete.add(int(first))
-        return [Version(n, n in complete, self._get_json(self._key(n, MANIFEST)) if n in complete else None)
-                for n in sorted(numbers)]
+                number = int(first)
+                listed[number] = listed.get(number, False) or rest == MANIFEST
+        return listed
+
+    def versions(self) -> list[Version]:
+        return [Version(n, complete, self._get_json(self._key(n, MANIFEST)) if complete else None)
+                for n, complete in sorted(self._listed().items())]
 
     def manifest(self, version: int) -> dict[str, Any]:
         manifest = self._get_json(self._key(version, MANIFEST))
         if manifest is None:
-            known = self._storage(self.folder.names)
-            if any(name.startswith(self._key(version) + "/") for name in known):
+            if version in self._listed():
                 raise RegistryError(f"version {version} of {self.model} is incomplete (its upload did not "
                                     "finish): it cannot be used")
             raise RegistryError(f"{self.model} has no version {version} in {self.uri}")
@@ -131,8 +132,8 @@ class Registry:
         if not files:
             raise RegistryError(f"{folder} holds no files to push")
         self._storage(self.folder.check)
-        existing = [v.number for v in self.versions()]
-        version = max(existing, default=0) + 1
+        # Counted from the listing alone: complete or not, a number is never reused.
+        version = max(self._listed(), default=0) + 1
         entries = {}
         for path in files:
             key = safe_key(path.relative_to(folder).as_posix())
