@@ -205,11 +205,8 @@ def predict(model, production: ProductionModel | None, dataset: records.Prepared
         example = records.parse_example(serialized)
         return example["image/encoded"], example["image/class/label"], example["image/source"]
 
-    size = dataset.image_size
-
     def decode(encoded):
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        return tf.ensure_shape(image, [size, size, 3])
+        return records.decode_image(encoded, dataset.image_size)
 
     data = tf.data.TFRecordDataset(dataset.files(split)).map(parse).batch(batch_size)
     labels, candidate, baseline, sources = [], [], [], []

@@ -208,6 +208,18 @@ def _verify_shard(path: Path, shard: dict[str, Any]) -> None:
         raise DatasetError(f"shard {path} holds {records} records, the manifest says {shard['records']}")
 
 
+def decode_image(encoded, size: int):
+    """A record's encoded image -> uint8 [size, size, 3], the pixels training reads.
+
+    Records hold our own RGB JPEG/PNG at the final size, with no EXIF: the plain decoder gives
+    the same pixels as `imaging.decode` at a fraction of its ops.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [size, size, 3])
+
+
 def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None,
                shuffle_buffer: int = 0, seed: int | None = None):
     """`tf.data.Dataset` of (uint8 image [size, size, 3], int32 label) for one split.
@@ -227,11 +239,7 @@ def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None 
 
     def _decode(serialized):
         example = parse_example(serialized)
-        # Records hold our own RGB JPEG/PNG at the final size, with no EXIF: the plain
-        # decoder gives the same pixels as `imaging.decode` at a fraction of its ops.
-        image = tf.io.decode_image(example["image/encoded"], channels=3, expand_animations=False)
-        image = tf.ensure_shape(image, [size, size, 3])
-        return image, tf.cast(example["image/class/label"], tf.int32)
+        return decode_image(example["image/encoded"], size), tf.cast(example["image/class/label"], tf.int32)
 
     # The manifest's count, asserted: Keras then knows the epoch length, and a shard holding
     # fewer records than promised fails the run instead of silently shortening every epoch.
