@@ -2,6 +2,7 @@
 
     python pipeline.py compile [--output pipeline.yaml]
     python pipeline.py run-local [--data SOURCE] [--image-size N] [--epochs N] [--workdir DIR]
+    python pipeline.py run-local --runner docker [--image IMG --gpu-image IMG] [--bucket NAME]
     python pipeline.py submit --host URL --namespace NS --param source=minio://data/flowers [--wait]
     python pipeline.py schedule apply|list|pause|resume|delete [NAME] --host URL --namespace NS ...
     python pipeline.py doctor --host URL --namespace NS [--bucket models]
@@ -10,7 +11,8 @@
     python pipeline.py rollback --registry URI --model-name NAME
 
 `run-local` runs the whole pipeline on this machine through `kfp.local` (each step a
-subprocess, exactly the component code a cluster runs) and writes
+subprocess, exactly the component code a cluster runs; with `--runner docker`, each step in
+its container image, data and registry in the S3-compatible store) and writes
 `<workdir>/run-summary.json`. Without `--data` it generates the built-in "patterns" dataset
 (`components/sample_data.py`) and trains on it at 64 px, no download, no GPU.
 
@@ -33,11 +35,14 @@ from typing import NamedTuple
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
+from components import docker_local
+from components.docker_local import DockerRunConfig
+
 log = logging.getLogger("pipeline")
 
 PIPELINE_NAME = "efficientnet-retrain"
-# Images our components run in (docker/Dockerfile, docker/Dockerfile.gpu); override at compile
-# time with --image / --gpu-image to point at your own registry.
+# Images our components run in (docker/Dockerfile, FLAVOR cpu and gpu; `make images`); override
+# with --image / --gpu-image to point at your own registry.
 DEFAULT_IMAGE = "efficientnet-retrain:cpu"
 DEFAULT_GPU_IMAGE = "efficientnet-retrain:gpu"
 DEFAULT_MODEL_NAME = "image-classifier"
@@ -312,11 +317,13 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
               weights: str = "none", precision: str = "auto", resize: str = "stretch",
               tfds_data_dir: str = "", registry: str | None = None, model_name: str | None = None,
               min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
-              export_formats: str = "") -> dict:
+              export_formats: str = "", docker: DockerRunConfig | None = None) -> dict:
     """Run the whole pipeline through kfp.local and return the run summary.
 
     The model registry defaults to `<workdir>/registry`, so consecutive runs in one workdir
     compare each new model with the one the previous blessed run put in production.
+    With `docker`, every step runs in its image (kfp.local's DockerRunner) and data and
+    registry go through the object store: see components/docker_local.py.
     """
     from kfp import local
 
@@ -336,6 +343,16 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     if local_folder and not Path(data).is_dir():
         raise SystemExit(f"error: --data {data} is not a folder of class sub-folders")
 
+    if docker:
+        engine = docker_local.client()
+        docker_local.check_images(engine, docker.images)
+        docker_local.check_store(docker.bucket)
+        if registry is not None and "://" not in registry:
+            raise SystemExit(f"error: --registry {registry}: the containers cannot see a local folder; "
+                             "give s3://... or leave it out for s3://<bucket>/registry")
+        if tfds_data_dir and "://" not in tfds_data_dir:
+            raise SystemExit(f"error: --tfds-data-dir {tfds_data_dir}: the containers cannot see a local "
+                             "folder; give gs://... or prepare the dataset in the image's reach")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     summary_path = workdir / "run-summary.json"
@@ -356,10 +373,13 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     elif local_folder:
         data = str(Path(data).resolve())
 
+    if docker and (builtin or local_folder):
+        data = docker_local.stage_folder(Path(data), docker.bucket,
+                                         BUILTIN_MODEL_NAME if builtin else Path(data).name)
     if model_name is None:
         model_name = BUILTIN_MODEL_NAME if builtin else DEFAULT_MODEL_NAME
     if registry is None:
-        registry = str(workdir / "registry")
+        registry = f"s3://{docker.bucket}/registry" if docker else str(workdir / "registry")
     elif "://" not in registry:
         registry = str(Path(registry).resolve())
 
@@ -367,10 +387,15 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     repo = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
     pipeline_root = workdir / "pipeline-root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=True)
+    if docker:
+        runner = local.DockerRunner(**docker_local.runner_args(engine, docker, pipeline_root))
+        retrain = build_pipeline(*docker.images)
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+        retrain = build_pipeline()
+    local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.monotonic()
-    task = build_pipeline()(source=data, image_size=image_size, resize=resize, epochs=epochs,
+    task = retrain(source=data, image_size=image_size, resize=resize, epochs=epochs,
                             batch_size=batch_size, learning_rate=learning_rate, weights=weights,
                             precision=precision, tfds_data_dir=tfds_data_dir, registry=registry,
                             model_name=model_name, min_accuracy=min_accuracy, margin=margin,
@@ -401,6 +426,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         "epochs": epochs,
         "weights": weights,
         "pipeline_root": str(pipeline_root),
+        "runner": "docker" if docker else "subprocess",
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -601,6 +627,20 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd.add_argument("--max-class-drop", type=float, default=0.10,
                          help="bless only if no class's recall falls more than this against production")
     run_cmd.add_argument("--export-formats", default="", help="extra export formats: litert,onnx")
+    run_cmd.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                         help="docker: every step in its image; data and registry through the S3 store")
+    run_cmd.add_argument("--image", default=DEFAULT_IMAGE, help="docker: the CPU steps' image")
+    run_cmd.add_argument("--gpu-image", default=DEFAULT_GPU_IMAGE, help="docker: the train step's image")
+    run_cmd.add_argument("--bucket", default=None,
+                         help="docker: bucket for the staged dataset and the registry "
+                              "(default $RETRAIN_BUCKET, else retrain)")
+    run_cmd.add_argument("--gpus", choices=("auto", "all", "none"), default="auto",
+                         help="docker: pass the host's GPUs (kfp.local gives them to every step)")
+    run_cmd.add_argument("--docker-network", default="host",
+                         help="docker: the containers' network (host: the store as this host sees it)")
+    run_cmd.add_argument("--env-file", type=Path, default=Path(".env"),
+                         help="read unset variables (S3 endpoint, credentials, bucket) from this file, "
+                              "if it exists")
     for name, text in (("promote", "point a model's production at a complete registry version"),
                        ("rollback", "point a model's production back at the version before"),
                        ("models", "list a model's registry versions with their metrics")):
@@ -634,11 +674,21 @@ def main(argv: list[str] | None = None) -> int:
         args.command = "list" if args.command == "models" else args.command
         with exit_on_user_error(registry.RegistryError):
             return registry.run_command(args)
+    from components.cli import load_env_file
+    from components.storage import StorageError
+
+    load_env_file(args.env_file)
+    docker = None
+    if args.runner == "docker":
+        docker = DockerRunConfig(images=(args.image, args.gpu_image), gpus=args.gpus,
+                                 network=args.docker_network,
+                                 bucket=args.bucket or os.environ.get("RETRAIN_BUCKET") or "retrain")
     try:
-        summary = run_local(args.data, args.workdir, args.image_size, args.epochs, args.batch_size,
-                            args.learning_rate, args.weights, args.precision, args.resize,
-                            args.tfds_data_dir, args.registry, args.model_name, args.min_accuracy,
-                            args.margin, args.max_class_drop, args.export_formats)
+        with exit_on_user_error(docker_local.DockerError, StorageError):
+            summary = run_local(args.data, args.workdir, args.image_size, args.epochs, args.batch_size,
+                                args.learning_rate, args.weights, args.precision, args.resize,
+                                args.tfds_data_dir, args.registry, args.model_name, args.min_accuracy,
+                                args.margin, args.max_class_drop, args.export_formats, docker)
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
         # own error line is in the log above it.

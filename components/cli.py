@@ -38,6 +38,33 @@ def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
         raise SystemExit(USER_ERROR_EXIT) from None
 
 
+def load_env_file(path: Path) -> int:
+    """Set the variables of a `.env` file (KEY=VALUE lines) that are not set already.
+
+    The environment wins, as with docker compose; quotes around a value are dropped. Returns how
+    many were set. A missing file is not an error: the file is optional.
+    """
+    if not path.is_file():
+        return 0
+    count = 0
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"error: {path}:{number}: expected KEY=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key not in os.environ:
+            os.environ[key] = value
+            count += 1
+    if count:
+        log.info("read %d setting(s) from %s", count, path)
+    return count
+
+
 def json_config(config: Any) -> dict[str, Any]:
     """A step's resolved dataclass config as JSON-ready values, to save beside its output."""
     return {key: (str(value) if isinstance(value, Path) else value)

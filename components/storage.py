@@ -263,6 +263,12 @@ class ObjectStoreFolder(ObjectStoreSource):
         items = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
         return sorted(item.object_name[len(prefix):] for item in items if not item.is_dir)
 
+    def sizes(self) -> dict[str, int]:
+        """Size of every object under the prefix, by key (empty for none)."""
+        prefix = self.list_prefix
+        items = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
+        return {item.object_name[len(prefix):]: int(item.size or 0) for item in items if not item.is_dir}
+
     def remove(self, key: str) -> None:
         self._call(self.client.remove_object, self.bucket, self.object_name(key))
 
