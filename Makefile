@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast test-launcher lint compile images clean
+.PHONY: help setup run run-docker test test-fast test-launcher test-docker lint compile lock wheels images \
+	local-up local-down clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,27 +22,51 @@ setup: $(STAMP) ## create .venv and install the pinned dependencies
 run: $(STAMP) ## run the whole pipeline locally on the built-in dataset (kfp.local, CPU)
 	$(BIN)/python pipeline.py run-local $(ARGS)
 
-test: $(STAMP) ## lint, then every test but the launcher tier: real training and kfp.local runs included
+test: $(STAMP) ## lint, then every test but the launcher and docker tiers: real training and kfp.local runs included
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not launcher" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not launcher and not docker" $(PYTEST_ARGS)
 
 test-launcher: $(STAMP) ## the compiled pipeline step by step, artifacts in S3 (needs root for /minio; CI runs it)
 	$(BIN)/python -m pytest -m launcher $(PYTEST_ARGS)
 
+test-docker: $(STAMP) ## build the images on a local base and run every step and the pipeline in docker (needs root + dockerd; CI runs it)
+	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)
+
 test-fast: $(STAMP) ## lint, then the tests not marked slow (seconds, no training)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow and not launcher" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not launcher and not docker" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
 
-REVISION := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+run-docker: $(STAMP) ## run-local with every step in its image; data and registry in MinIO (make images, make local-up)
+	$(BIN)/python pipeline.py run-local --runner docker $(ARGS)
+
+# Image builds. BASE_IMAGE, PIP_INDEX_URL and PIP_FIND_LINKS (a wheel server on this host) are
+# optional build inputs; see docker/Dockerfile.
+REVISION := $(shell git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
 IMAGE ?= efficientnet-retrain
+DOCKER_BUILD = docker build -f docker/Dockerfile --build-arg REVISION=$(REVISION) \
+	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
+	$(if $(PIP_FIND_LINKS),--network host --build-arg PIP_FIND_LINKS=$(PIP_FIND_LINKS))
 images: ## build the CPU and GPU step images, tagged with the git revision (needs docker)
-	docker build -f docker/Dockerfile --build-arg REVISION=$(REVISION) -t $(IMAGE):cpu-$(REVISION) -t $(IMAGE):cpu .
-	docker build -f docker/Dockerfile --build-arg REVISION=$(REVISION) --build-arg EXTRA=gpu \
-		-t $(IMAGE):gpu-$(REVISION) -t $(IMAGE):gpu .
+	$(DOCKER_BUILD) --build-arg FLAVOR=cpu -t $(IMAGE):cpu-$(REVISION) -t $(IMAGE):cpu .
+	$(DOCKER_BUILD) --build-arg FLAVOR=gpu -t $(IMAGE):gpu-$(REVISION) -t $(IMAGE):gpu .
 	@echo "compile with: python pipeline.py compile --image $(IMAGE):cpu-$(REVISION) --gpu-image $(IMAGE):gpu-$(REVISION)"
+
+lock: $(STAMP) ## re-pin docker/requirements-{cpu,gpu}.txt after a change to pyproject.toml
+	$(BIN)/python docker/lock.py
+
+wheels: $(STAMP) ## fill docker/wheels/ for offline image builds (on a machine that reaches PyPI)
+	$(BIN)/pip wheel --no-deps --quiet -r docker/requirements-cpu.txt -r docker/requirements-gpu.txt -w docker/wheels
+
+COMPOSE = docker compose -p efficientnet-retrain --env-file .env -f docker/compose.yaml
+local-up: ## start MinIO for run-docker (reads .env: cp .env.example .env first)
+	@test -f .env || { echo "no .env: cp .env.example .env, then set a password in it"; exit 1; }
+	$(COMPOSE) up -d --wait
+
+local-down: ## stop the local MinIO (its data stays in a docker volume)
+	$(COMPOSE) down
 
 compile: $(STAMP) ## write pipeline.yaml (KFP IR)
 	$(BIN)/python pipeline.py compile --output pipeline.yaml
