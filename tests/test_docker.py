@@ -131,9 +131,10 @@ def test_each_step_runs_in_its_container_and_matches_the_run_without_docker(buil
     assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
 
 
-def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_in_s3(built, s3, tmp_path):
+def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_in_s3(built, s3_env, tmp_path):
     from components.registry import Registry
 
+    s3 = s3_env  # its endpoint and credentials are in this process's environment too
     images = make_image_folder(tmp_path / "flowers", images_per_class=40)
     client = s3.client()
     client.make_bucket("retrain")
@@ -166,8 +167,6 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
     assert shard_digests(manifests[0].parent) == shard_digests(host)
 
     # The export branch followed the decision, and the registry in the bucket says the same.
-    for key, value in s3.env().items():
-        os.environ[key] = value  # the Registry reads the store's settings from the environment
     production = Registry("s3://retrain/registry", "flowers").production()
     if summary["blessed"]:
         assert production and production["version"] == summary["production_version"] == 1
@@ -183,19 +182,24 @@ def test_compose_file_is_valid_and_pins_minio_by_digest(tmp_path):
     assert compose, "docker-compose is needed (apt-get install docker-compose; .ci/run does)"
     env_file = tmp_path / ".env"
     shutil.copy(REPO / ".env.example", env_file)
+    # Compose lets the shell's variables win over the file: only the file's may count here.
+    clean = {key: value for key, value in os.environ.items()
+             if not key.startswith(("AWS_", "RETRAIN_", "MINIO_"))}
     rendered = subprocess.run([compose, "-p", "efficientnet-retrain", "--env-file", str(env_file), "-f",
                                str(REPO / "docker" / "compose.yaml"), "config"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=clean)
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     assert {service["image"] for service in services.values()} == {services["minio"]["image"]}
     assert "@sha256:" in services["minio"]["image"]
     assert services["minio"]["environment"]["MINIO_ROOT_USER"] == "retrain-admin"
     assert services["make-bucket"]["environment"]["BUCKET"] == "retrain"
-    assert all(port["host_ip"] == "127.0.0.1" for port in services["minio"]["ports"])
+    # docker-compose v1 prints ports as strings, v2 as mappings
+    assert all((port["host_ip"] if isinstance(port, dict) else port.split(":")[0]) == "127.0.0.1"
+               for port in services["minio"]["ports"])
 
     env_file.write_text("RETRAIN_BUCKET=x\n")  # no credentials: compose must refuse, not start empty
     refused = subprocess.run([compose, "--env-file", str(env_file), "-f",
                               str(REPO / "docker" / "compose.yaml"), "config"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=clean)
     assert refused.returncode != 0 and "AWS_ACCESS_KEY_ID" in refused.stderr
