@@ -42,13 +42,14 @@ lint: $(STAMP) ## ruff
 run-docker: $(STAMP) ## run-local with every step in its image; data and registry in MinIO (make images, make local-up)
 	$(BIN)/python pipeline.py run-local --runner docker $(ARGS)
 
-# Image builds. BASE_IMAGE, PIP_INDEX_URL and PIP_FIND_LINKS (a wheel server on this host) are
-# optional build inputs; see docker/Dockerfile.
+# Image builds. Optional inputs (docker/Dockerfile says more): BASE_IMAGE, INDEX_URL (a package
+# mirror), WHEEL_URL (a wheel server on this host, e.g. python -m http.server -d docker/wheels).
+# Not named PIP_*: pip's own environment variables on this host must not leak into the build.
 REVISION := $(shell git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
 IMAGE ?= efficientnet-retrain
 DOCKER_BUILD = docker build -f docker/Dockerfile --build-arg REVISION=$(REVISION) \
-	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
-	$(if $(PIP_FIND_LINKS),--network host --build-arg PIP_FIND_LINKS=$(PIP_FIND_LINKS))
+	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(INDEX_URL),--build-arg PIP_INDEX_URL=$(INDEX_URL)) \
+	$(if $(WHEEL_URL),--network host --build-arg PIP_FIND_LINKS=$(WHEEL_URL))
 images: ## build the CPU and GPU step images, tagged with the git revision (needs docker)
 	$(DOCKER_BUILD) --build-arg FLAVOR=cpu -t $(IMAGE):cpu-$(REVISION) -t $(IMAGE):cpu .
 	$(DOCKER_BUILD) --build-arg FLAVOR=gpu -t $(IMAGE):gpu-$(REVISION) -t $(IMAGE):gpu .
