@@ -174,6 +174,25 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
         assert production is None and summary["production_version"] is None
 
 
+def test_build_stage_install_trusts_the_ca_folder(tmp_path):
+    """docker/pip-install.sh (the Dockerfile's install) online, as behind a TLS-inspecting proxy:
+    this machine's egress is re-signed by its own CA, which containers do not trust by default.
+    A `.crt` alone, as users' proxies hand it out, must be enough."""
+    docker_harness.require_engine()
+    docker_harness.ensure_base_image()
+    build = tmp_path / "build"
+    (build / "certs").mkdir(parents=True)
+    (build / "wheels").mkdir()
+    shutil.copy(REPO / "docker" / "pip-install.sh", build)
+    (build / "requirements.txt").write_text("six==1.17.0\n")
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", build / "certs" / "proxy.crt")
+    result = docker_harness.docker("run", "--rm", "--network", "host", "-v", f"{build}:/build",
+                                   docker_harness.BASE_IMAGE, "sh", "/build/pip-install.sh", check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "pip trusts the certificates in /build/certs/proxy.crt" in result.stdout
+    assert "Successfully installed six-1.17.0" in result.stdout
+
+
 def test_compose_file_is_valid_and_pins_minio_by_digest(tmp_path):
     """The MinIO stack is checked, not started: no image registry is reachable here to pull MinIO."""
     import yaml
