@@ -174,6 +174,18 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
         assert production is None and summary["production_version"] is None
 
 
+def test_a_step_failing_in_its_container_fails_the_run_with_its_reason(built, s3_env, tmp_path):
+    s3_env.client().make_bucket("empty")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pipeline.py"), "run-local", "--runner", "docker", "--image", built.cpu,
+         "--gpu-image", built.gpu, "--data", "s3://empty/flowers", "--bucket", "empty",
+         "--workdir", str(tmp_path / "run")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "no objects under s3://empty/flowers" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "run-summary.json").exists()
+
+
 def test_build_stage_install_trusts_the_ca_folder(tmp_path):
     """docker/pip-install.sh (the Dockerfile's install) online, as behind a TLS-inspecting proxy:
     this machine's egress is re-signed by its own CA, which containers do not trust by default.
