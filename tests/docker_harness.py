@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "retrain-test-base:bookworm"
 CPU_IMAGE = "efficientnet-retrain:test-cpu"
 GPU_IMAGE = "efficientnet-retrain:test-gpu"
+WHEEL_PORT = 18999
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,16 @@ def flavor_wheels(wheels: Path, flavor: str) -> list[Path]:
 
 @contextlib.contextmanager
 def wheel_server(folder: Path) -> Iterator[str]:
-    """The wheel folder over HTTP on 127.0.0.1 (a build with --network host reaches it)."""
+    """The wheel folder over HTTP on 127.0.0.1 (a build with --network host reaches it).
+
+    On a fixed port when it is free: the URL is a build argument, so a new port each run
+    would miss the build cache of the 7 GB dependency layer.
+    """
     handler = functools.partial(QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
