@@ -396,10 +396,10 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.monotonic()
     task = retrain(source=data, image_size=image_size, resize=resize, epochs=epochs,
-                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                            precision=precision, tfds_data_dir=tfds_data_dir, registry=registry,
-                            model_name=model_name, min_accuracy=min_accuracy, margin=margin,
-                            max_class_drop=max_class_drop, export_formats=export_formats)
+                   batch_size=batch_size, learning_rate=learning_rate, weights=weights,
+                   precision=precision, tfds_data_dir=tfds_data_dir, registry=registry,
+                   model_name=model_name, min_accuracy=min_accuracy, margin=margin,
+                   max_class_drop=max_class_drop, export_formats=export_formats)
     from components import blessing
     from components.evaluate import EVALUATION
     from components.registry import Registry
