@@ -45,9 +45,10 @@ run-docker: $(STAMP) ## run-local with every step in its image; data and registr
 # Image builds. Optional inputs (docker/Dockerfile says more): BASE_IMAGE, INDEX_URL (a package
 # mirror), WHEEL_URL (a wheel server on this host, e.g. python -m http.server -d docker/wheels).
 # Not named PIP_*: pip's own environment variables on this host must not leak into the build.
+# BUILD_FLAGS goes to `docker build` as is (e.g. --network=host where containers have no NAT).
 REVISION := $(shell git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
 IMAGE ?= efficientnet-retrain
-DOCKER_BUILD = docker build -f docker/Dockerfile --build-arg REVISION=$(REVISION) \
+DOCKER_BUILD = docker build $(BUILD_FLAGS) -f docker/Dockerfile --build-arg REVISION=$(REVISION) \
 	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(INDEX_URL),--build-arg PIP_INDEX_URL=$(INDEX_URL)) \
 	$(if $(WHEEL_URL),--network host --build-arg PIP_FIND_LINKS=$(WHEEL_URL))
 images: ## build the CPU and GPU step images, tagged with the git revision (needs docker)
