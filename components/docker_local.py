@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.storage import ObjectStoreFolder, StorageError, endpoint_from_env
+from components.storage import ObjectStoreFolder, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def gpu_available(engine) -> bool:
         subprocess.run(["nvidia-smi", "-L"], check=True, capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return False
-    runtimes = engine.info().get("Runtimes") or {}
-    return "nvidia" in runtimes or bool(engine.info().get("CDISpecDirs"))
+    info = engine.info()
+    return "nvidia" in (info.get("Runtimes") or {}) or bool(info.get("CDISpecDirs"))
 
 
 def container_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -137,7 +137,7 @@ def stage_folder(folder: Path, bucket: str, name: str) -> str:
 
 
 def check_store(bucket: str) -> None:
-    endpoint_from_env()  # a clear error when the credentials are missing
+    """A clear error now for missing credentials (raised by the constructor) or a missing bucket."""
     ObjectStoreFolder(f"s3://{bucket}").check()
 
 

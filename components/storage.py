@@ -259,12 +259,10 @@ class ObjectStoreFolder(ObjectStoreSource):
 
     def names(self) -> list[str]:
         """Every key under the prefix (an empty list for none; a missing bucket is an error)."""
-        prefix = self.list_prefix
-        items = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
-        return sorted(item.object_name[len(prefix):] for item in items if not item.is_dir)
+        return sorted(self.sizes())
 
     def sizes(self) -> dict[str, int]:
-        """Size of every object under the prefix, by key (empty for none)."""
+        """Size of every object under the prefix, by key (empty for none; a missing bucket is an error)."""
         prefix = self.list_prefix
         items = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
         return {item.object_name[len(prefix):]: int(item.size or 0) for item in items if not item.is_dir}
