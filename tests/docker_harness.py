@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ class Built:
     gpu: str
     revision: str
     canary: str
-    build_seconds: dict[str, float]
 
 
 def docker(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -162,7 +160,6 @@ def build_images(canary: str) -> Built:
     ensure_base_image()
     wheels = ensure_wheels()
     rev = revision()
-    seconds = {}
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": canary, "DOCKER_BUILDKIT": "0"}
     for flavor, tag in (("cpu", CPU_IMAGE), ("gpu", GPU_IMAGE)):
         with contextlib.ExitStack() as stack:
@@ -177,11 +174,9 @@ def build_images(canary: str) -> Built:
                 build_context(context, [], canary)
                 url = stack.enter_context(wheel_server(wheels))
                 args += ["--network", "host", "--build-arg", f"PIP_FIND_LINKS={url}"]
-            started = time.monotonic()
             result = subprocess.run(["docker", "build", "-f", "docker/Dockerfile", *args, "-t", tag, "."],
                                     cwd=context, env=env, capture_output=True, text=True)
             if result.returncode:
                 raise RuntimeError(f"docker build ({flavor}) failed:\n{result.stdout[-4000:]}\n"
                                    f"{result.stderr[-4000:]}")
-            seconds[flavor] = round(time.monotonic() - started, 1)
-    return Built(cpu=CPU_IMAGE, gpu=GPU_IMAGE, revision=rev, canary=canary, build_seconds=seconds)
+    return Built(cpu=CPU_IMAGE, gpu=GPU_IMAGE, revision=rev, canary=canary)
