@@ -32,6 +32,9 @@ BASE_IMAGE = "retrain-test-base:bookworm"
 CPU_IMAGE = "efficientnet-retrain:test-cpu"
 GPU_IMAGE = "efficientnet-retrain:test-gpu"
 WHEEL_PORT = 18999
+# Measured peak of a build from nothing (base, wheels, both images with their dependency stages),
+# plus a margin; bench/RESULTS.md has the measurement.
+NEEDED_GIB = 30
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,31 @@ def ensure_base_image() -> None:
 def ensure_wheels() -> Path:
     """docker/wheels filled from both lock files (what `make wheels` does; pip's cache makes reruns quick)."""
     wheels = REPO / "docker" / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
-                    "-r", str(REPO / "docker" / "requirements-cpu.txt"),
-                    "-r", str(REPO / "docker" / "requirements-gpu.txt"), "-w", str(wheels)],
-                   check=True, capture_output=True)
+    # No pip cache: the wheel folder is the cache, and a second 3.4 GB copy can fill the disk.
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--no-cache-dir",
+                             "-r", str(REPO / "docker" / "requirements-cpu.txt"),
+                             "-r", str(REPO / "docker" / "requirements-gpu.txt"), "-w", str(wheels)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"pip wheel into {wheels} failed (exit {result.returncode}; "
+                           f"{free_gib(wheels):.1f} GiB free there):\n{result.stderr[-3000:]}")
     return wheels
+
+
+def free_gib(path: Path | str) -> float:
+    return shutil.disk_usage(path).free / 2**30
+
+
+def require_disk() -> None:
+    """Fail before an hour of building ends in 'no space left on device' halfway through a layer."""
+    root = docker("info", "--format", "{{.DockerRootDir}}").stdout.strip()
+    places = {"the Docker engine's " + root: root, "docker/wheels": REPO / "docker" / "wheels"}
+    if os.stat(root).st_dev == os.stat(REPO / "docker" / "wheels").st_dev:
+        places = {f"{root} and docker/wheels (one file system)": root}
+    for name, path in places.items():
+        if free_gib(path) < NEEDED_GIB:
+            raise RuntimeError(f"the docker tier needs about {NEEDED_GIB} GiB free for {name}; "
+                               f"{free_gib(path):.1f} GiB are free (docker image prune -a frees old images)")
 
 
 def revision() -> str:
@@ -157,6 +180,8 @@ def build_context(target: Path, wheels: list[Path], canary: str) -> Path:
 
 def build_images(canary: str) -> Built:
     require_engine()
+    if not (image_exists(CPU_IMAGE) and image_exists(GPU_IMAGE)):
+        require_disk()
     ensure_base_image()
     wheels = ensure_wheels()
     rev = revision()
