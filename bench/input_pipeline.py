@@ -15,9 +15,11 @@ Each is timed over `--batches` batches of 64 after 20 warm-up batches, on every 
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -103,6 +105,8 @@ def main() -> int:
     from components.train import TrainConfig, training_dataset
 
     scratch = Path(tempfile.mkdtemp())
+    # Gigabytes of copies and outputs: gone when the run ends, however it ends.
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     folder = make_folder(scratch / "images", args.images)
     preprocess(PreprocessConfig(source=folder, output=scratch / "prepared", image_size=SIZE))
     dataset = records.load(scratch / "prepared")

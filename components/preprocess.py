@@ -11,7 +11,7 @@ pool of worker processes; a file that is not a decodable image (empty, truncated
 saved as .jpg, an unsupported format, too many pixels, JPEG data that decodes only with
 corruption warnings) is rejected with its reason (`rejected.json`), never a crash. Valid images are
 converted to RGB, resized by `components.imaging` (the code the exported model runs) and split
-train/validation/test per class by a hash of their decoded pixels: a re-run gives
+train/validation/test per class by a hash of their resized pixels: a re-run gives
 byte-identical output, adding an image moves no other image, and exact duplicates always land
 in the same split. The output folder appears only when complete: everything is written to a
 staging folder that is renamed at the end, the `_COMPLETE` marker written last.
@@ -190,12 +190,8 @@ def _tf_message(error) -> str:
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", message)
 
 
-def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str, tuple[int, int]]:
-    """Validate one encoded image; return (JPEG bytes at image_size, sha256 of its decoded
-    pixels, its original (width, height)).
-
-    Raises `Rejected` with a reason a person can act on.
-    """
+def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]:
+    """(format, width, height) from the file's header alone, or `Rejected` before any decoding."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -218,13 +214,32 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {config.max_pixels}")
     if min(width, height) < config.min_side:
         raise Rejected(f"too small: {width}x{height}, a side under --min-side {config.min_side} px")
+    return image_format, width, height
 
+
+def _digest(pixels) -> str:
+    """sha256 of the pixels a record holds, before encoding. The same decoded pixels give the
+    same digest whatever the file name, format or metadata, and two files that differ only in
+    detail the resize removes would be the same training example anyway. Hashing these rather
+    than the full decode costs 0.08 ms instead of 0.46 (427x640 input, bench/RESULTS.md)."""
+    return hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str, tuple[int, int]]:
+    """Validate one encoded image; return (JPEG bytes at image_size, sha256 of its resized
+    pixels, its original (width, height)).
+
+    Raises `Rejected` with a reason a person can act on.
+    """
     import tensorflow as tf
 
+    image_format, width, height = _check_header(data, config)
     run = _decode_resize_encode(config.image_size, config.resize, config.encoding, config.jpeg_quality)
     with _native_stderr().capture() as printed:
         try:
-            decoded, encoded = run(data)
+            # An explicit tensor: handed the bytes, the traced function converts them by a path
+            # that costs 0.8 ms on a 1.5 MB photo where this takes 0.14 ms (bench/RESULTS.md).
+            pixels, encoded = run(tf.constant(data))
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
             raise Rejected(f"corrupt or truncated image data ({image_format}): "
                            f"{_tf_message(error)}") from None
@@ -235,9 +250,48 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
     other = [line for line in printed if line.strip() and line.strip() not in damage]
     if other:  # not ours to judge: pass on whatever else native code printed
         print("\n".join(other), file=sys.stderr)
-    # Same decoded pixels = same image, whatever the file name, format or metadata.
-    digest = hashlib.sha256(decoded.numpy().tobytes()).hexdigest()
-    return encoded.numpy(), digest, (width, height)
+    return encoded.numpy(), _digest(pixels.numpy()), (width, height)
+
+
+Checked = tuple[bytes, str, tuple[int, int]] | Rejected
+
+
+def check_and_resize_many(datas: list[bytes], config: PreprocessConfig) -> list[Checked]:
+    """`check_and_resize` of each item, a `Rejected` in place of an exception: the same results,
+    byte for byte, with the images that pass the header checks decoded in one TF call. Each
+    call costs ~0.2 ms of overhead on this project's 2-core machine, a tenth of a 427x640
+    photo's whole work (bench/RESULTS.md). When that call fails or native code prints anything,
+    the batch is redone one image at a time, so that each error and each libjpeg warning is
+    pinned on the file it belongs to."""
+    import tensorflow as tf
+
+    results: list[Checked | None] = [None] * len(datas)
+    passed: list[tuple[int, tuple[int, int]]] = []
+    for index, data in enumerate(datas):
+        try:
+            _, width, height = _check_header(data, config)
+            passed.append((index, (width, height)))
+        except Rejected as rejection:
+            results[index] = rejection
+    if len(passed) > 1:
+        run = _decode_resize_encode_many(config.image_size, config.resize, config.encoding,
+                                         config.jpeg_quality)
+        with _native_stderr().capture() as printed:
+            try:
+                pixels, encoded = run(tf.constant([datas[index] for index, _ in passed]))
+            except tf.errors.OpError:  # which file, and why: the one-by-one pass says
+                pixels = encoded = None
+        if encoded is not None and not any(line.strip() for line in printed):
+            pixels, encoded = pixels.numpy(), encoded.numpy()
+            for position, (index, size) in enumerate(passed):
+                results[index] = (encoded[position], _digest(pixels[position]), size)
+            return results  # type: ignore[return-value]
+    for index, _ in passed:
+        try:
+            results[index] = check_and_resize(datas[index], config)
+        except Rejected as rejection:
+            results[index] = rejection
+    return results  # type: ignore[return-value]
 
 
 # libjpeg's warnings (jerror.h, JWRN_*) for scan data it decoded anyway, filling what it could
@@ -281,6 +335,19 @@ def _native_stderr() -> _NativeStderr:
     return _NativeStderr()
 
 
+def _decode_resize_encode_one(image_size: int, policy: str, encoding: str, jpeg_quality: int):
+    import tensorflow as tf
+
+    def one(data):
+        decoded = imaging.decode(data, target_size=image_size)
+        pixels = imaging.resize(decoded, image_size, policy)
+        if encoding == "png":
+            return pixels, tf.io.encode_png(pixels)
+        return pixels, tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)
+
+    return one
+
+
 @functools.cache
 def _decode_resize_encode(image_size: int, policy: str, encoding: str, jpeg_quality: int):
     """The per-image TF work as one graph, traced once: run eagerly, the decoder's dozens of
@@ -288,22 +355,30 @@ def _decode_resize_encode(image_size: int, policy: str, encoding: str, jpeg_qual
     74 img/s eager against 524 for a plain decode-resize-encode, bench/preprocess.py)."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-    def run(data):
-        decoded = imaging.decode(data, target_size=image_size)
-        pixels = imaging.resize(decoded, image_size, policy)
-        if encoding == "png":
-            return decoded, tf.io.encode_png(pixels)
-        return decoded, tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)
+    one = _decode_resize_encode_one(image_size, policy, encoding, jpeg_quality)
+    return tf.function(one, input_signature=[tf.TensorSpec([], tf.string)]).get_concrete_function()
 
-    return run
+
+@functools.cache
+def _decode_resize_encode_many(image_size: int, policy: str, encoding: str, jpeg_quality: int):
+    """The same graph mapped over a vector of encoded images. One image at a time
+    (parallel_iterations=1): memory stays that of one decode, as in the single-image path."""
+    import tensorflow as tf
+
+    one = _decode_resize_encode_one(image_size, policy, encoding, jpeg_quality)
+
+    def many(datas):
+        return tf.map_fn(one, datas, parallel_iterations=1, fn_output_signature=(
+            tf.TensorSpec([image_size, image_size, 3], tf.uint8), tf.TensorSpec([], tf.string)))
+
+    return tf.function(many, input_signature=[tf.TensorSpec([None], tf.string)]).get_concrete_function()
 
 
 @dataclass(frozen=True)
 class Processed:
     key: str
     label: int
-    digest: str  # of the decoded pixels
+    digest: str  # of the resized pixels
 
     @property
     def position(self) -> float:
@@ -395,23 +470,34 @@ def _init_worker(source_uri: str, config: PreprocessConfig, classes: list[str]) 
     _WORKER["labels"] = {name: index for index, name in enumerate(classes)}
 
 
-def _work(key: str) -> WorkResult:
-    """(key, serialised record or None, pixel digest or rejection reason) for one source file.
+def _work(keys: list[str]) -> list[WorkResult]:
+    """(key, serialised record or None, pixel digest or rejection reason, size) per source file.
 
-    The record is built here, not in the parent: the parent only routes bytes to disk, so it
+    The records are built here, not in the parent: the parent only routes bytes to disk, so it
     does not become the bottleneck as workers are added."""
-    try:
-        data = _WORKER["source"].read(key)
-        config = _WORKER["config"]
-        encoded, digest, size = check_and_resize(data, config)
-        class_name = class_of(key)
-        record = records.make_example(encoded, _WORKER["labels"][class_name], class_name,
-                                      config.image_size, config.image_size, key, config.encoding)
-        return key, record, digest, size
-    except Rejected as rejection:
-        return key, None, rejection.reason, None
-    except storage.StorageError as error:
-        return key, None, f"unreadable: {error}", None
+    config = _WORKER["config"]
+    readable: dict[str, bytes] = {}
+    unreadable: dict[str, str] = {}
+    for key in keys:
+        try:
+            readable[key] = _WORKER["source"].read(key)
+        except storage.StorageError as error:
+            unreadable[key] = f"unreadable: {error}"
+    checked = dict(zip(readable, check_and_resize_many(list(readable.values()), config), strict=True))
+    results: list[WorkResult] = []
+    for key in keys:
+        outcome = checked.get(key)
+        if outcome is None:
+            results.append((key, None, unreadable[key], None))
+        elif isinstance(outcome, Rejected):
+            results.append((key, None, outcome.reason, None))
+        else:
+            encoded, digest, size = outcome
+            class_name = class_of(key)
+            record = records.make_example(encoded, _WORKER["labels"][class_name], class_name,
+                                          config.image_size, config.image_size, key, config.encoding)
+            results.append((key, record, digest, size))
+    return results
 
 
 def _resolved_workers(config: PreprocessConfig, files: int) -> int:
@@ -421,18 +507,25 @@ def _resolved_workers(config: PreprocessConfig, files: int) -> int:
     return max(1, min(wanted, math.ceil(files / 100)))
 
 
+# Files per unit of work: one TF call decodes them all (check_and_resize_many).
+CHUNK = 16
+
+
 def _process_all(source_uri: str, keys: list[str], config: PreprocessConfig,
                  classes: list[str]) -> Iterator[WorkResult]:
     workers = _resolved_workers(config, len(keys))
+    chunks = [keys[start:start + CHUNK] for start in range(0, len(keys), CHUNK)]
     if workers == 1:
         _init_worker(source_uri, config, classes)
-        yield from map(_work, keys)
+        for chunk in chunks:
+            yield from _work(chunk)
         return
     log.info("decoding with %d worker processes", workers)
     context = multiprocessing.get_context("spawn")  # fork would copy TF's threads and locks
     with context.Pool(workers, initializer=_init_worker, initargs=(source_uri, config, classes)) as pool:
         # imap keeps input order, so the output does not depend on which worker was faster.
-        yield from pool.imap(_work, keys, chunksize=16)
+        for results in pool.imap(_work, chunks):
+            yield from results
 
 
 SPILL_BUCKETS = 16  # records are spilled by digest prefix: memory holds 1/16 of the data at once
@@ -599,7 +692,8 @@ def render_report(manifest: dict[str, Any]) -> str:
     totals = [manifest["totals"][split] for split in records.SPLITS]
     lines += ["| **all** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} | |", "",
               f"Largest / smallest class: {manifest['imbalance_ratio']}x. "
-              f"Exact duplicates (same decoded pixels, kept in one split): {manifest['duplicates']}.", "",
+              "Exact duplicates (the same pixels once decoded and resized, kept in one split): "
+              f"{manifest['duplicates']}.", "",
               f"## Rejected: {len(manifest['rejected'])}", ""]
     if manifest["rejected"]:
         lines += ["| reason | files | examples |", "|---|---:|---|"]

@@ -15,7 +15,15 @@ import tensorflow as tf
 from PIL import Image
 
 from components import imaging, records
-from components.preprocess import PreprocessConfig, PreprocessError, preprocess
+from components import preprocess as preprocess_module
+from components.preprocess import (
+    PreprocessConfig,
+    PreprocessError,
+    Rejected,
+    check_and_resize,
+    check_and_resize_many,
+    preprocess,
+)
 from tests.conftest import TINY_SIZE, make_image_folder
 
 
@@ -343,3 +351,64 @@ def test_png_storage_is_lossless_and_trains_from_the_same_reader(image_folder, t
     images = [image for image, _ in records.read_split(records.load(tmp_path / "png"), "train")]
     assert len(images) == manifest["totals"]["train"]
     assert images[0].shape == (TINY_SIZE, TINY_SIZE, 3)
+
+
+def _mixed_files() -> list[bytes]:
+    rng = np.random.default_rng(3)
+
+    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    photo = Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cut = encoded(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), "JPEG")
+    return [
+        encoded(photo, "JPEG", quality=90),
+        encoded(photo.resize((700, 500)), "JPEG"),  # decoded at a reduced scale
+        encoded(photo.convert("RGBA"), "PNG"),
+        encoded(photo.convert("L"), "PNG"),
+        encoded(photo, "JPEG", exif=exif.tobytes()),
+        b"",
+        b"<!DOCTYPE html><html>403</html>",
+        cut[: len(cut) // 2],
+        damaged_jpeg(),
+        encoded(photo, "TIFF"),
+        encoded(photo.resize((1, 40)), "PNG"),
+        encoded(photo.resize((64, 64)), "GIF"),
+    ]
+
+
+def _outcome(result):
+    return ("rejected", result.reason) if isinstance(result, Rejected) else result
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "png"])
+def test_many_at_once_gives_what_one_by_one_gives(tmp_path, encoding):
+    config = PreprocessConfig(source=tmp_path, output=tmp_path / "out", image_size=TINY_SIZE,
+                              encoding=encoding)
+    files = _mixed_files()
+    one_by_one = []
+    for data in files:
+        try:
+            one_by_one.append(check_and_resize(data, config))
+        except Rejected as rejection:
+            one_by_one.append(rejection)
+    assert [_outcome(r) for r in check_and_resize_many(files, config)] == [_outcome(r) for r in one_by_one]
+    assert sum(isinstance(r, Rejected) for r in one_by_one) == 6  # empty, HTML, cut, damaged, TIFF, 1 px
+
+
+def test_many_good_files_are_decoded_in_one_call(tmp_path, monkeypatch):
+    """The batched path is taken when every file decodes cleanly: nothing falls back to the
+    one-by-one path (made to fail here), and the results are still those of one by one."""
+    config = PreprocessConfig(source=tmp_path, output=tmp_path / "out", image_size=TINY_SIZE)
+    good = _mixed_files()[:5]
+    expected = [check_and_resize(data, config) for data in good]
+
+    def not_expected(*_):
+        raise AssertionError("fell back to one image at a time")
+
+    monkeypatch.setattr(preprocess_module, "check_and_resize", not_expected)
+    assert check_and_resize_many(good, config) == expected
