@@ -50,12 +50,40 @@ def decode(encoded, target_size: int | None = None):
         return _apply_orientation(image, exif_orientation(encoded))
 
     def _other():
-        image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
+        # TF 2.21's WebP decoder corrupts the heap on an animated WebP (the process aborts:
+        # "corrupted size vs. prev_size") and cannot decode one with any channel count: refuse
+        # it with an error instead, so that one such upload cannot take a model server down.
+        still = tf.debugging.Assert(tf.logical_not(_is_animated_webp(encoded)), [ANIMATED_WEBP])
+        with tf.control_dependencies([still]):
+            image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
         return _to_rgb(image)
 
     image = tf.cond(is_jpeg, _jpeg, _other)
     image.set_shape([None, None, 3])
     return image
+
+
+# No apostrophe: tf.debugging.Assert escapes one in the error text.
+ANIMATED_WEBP = "animated WebP: the WebP decoder of TensorFlow cannot read animations; send a still image"
+
+
+def is_animated_webp(data: bytes) -> bool:
+    """The animation flag of a WebP's VP8X header (what `_is_animated_webp` reads in TF ops)."""
+    return data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8X" and len(data) > 20 and bool(data[20] & 0x02)
+
+
+def _is_animated_webp(encoded):
+    import tensorflow as tf
+
+    head = tf.strings.substr(encoded, 0, 21)
+
+    def flagged():
+        flags = tf.io.decode_raw(tf.strings.substr(head, 20, 1), tf.uint8)[0]
+        return tf.logical_and(tf.logical_and(tf.strings.substr(head, 0, 4) == b"RIFF",
+                                             tf.strings.substr(head, 8, 8) == b"WEBPVP8X"),
+                              tf.bitwise.bitwise_and(flags, 2) > 0)
+
+    return tf.cond(tf.strings.length(head) == 21, flagged, lambda: tf.constant(False))
 
 
 def _to_rgb(image):

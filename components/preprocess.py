@@ -210,11 +210,27 @@ def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]
     if image_format not in imaging.DECODABLE_FORMATS:
         raise Rejected(f"unsupported image format {image_format}; accepted: "
                        f"{', '.join(imaging.DECODABLE_FORMATS)}")
+    if image_format == "WEBP" and imaging.is_animated_webp(data):
+        raise Rejected("unsupported image format WEBP (animated): TensorFlow, which the served model "
+                       "decodes with, cannot read WebP animations; save the first frame as a still image")
     if width * height > config.max_pixels:
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {config.max_pixels}")
     if min(width, height) < config.min_side:
         raise Rejected(f"too small: {width}x{height}, a side under --min-side {config.min_side} px")
     return image_format, width, height
+
+
+def _pillow_decodes(data: bytes) -> bool:
+    """Whether Pillow reads every pixel: tells a file TF cannot decode (a 1-bit BMP, say) from
+    a broken one. Only asked after TF has failed, so it costs nothing on good files."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "broken" here
+        return False
 
 
 def _digest(pixels) -> str:
@@ -241,6 +257,10 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
             # that costs 0.8 ms on a 1.5 MB photo where this takes 0.14 ms (bench/RESULTS.md).
             pixels, encoded = run(tf.constant(data))
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+            if _pillow_decodes(data):
+                raise Rejected(f"unsupported {image_format} variant: TensorFlow, which the served model "
+                               f"decodes with, cannot read it ({_tf_message(error)}); "
+                               "converting the file to PNG keeps it") from None
             raise Rejected(f"corrupt or truncated image data ({image_format}): "
                            f"{_tf_message(error)}") from None
     damage = [line.strip() for line in printed if line.strip().startswith(DAMAGED_JPEG_WARNINGS)]

@@ -114,3 +114,34 @@ def test_every_policy_is_the_identity_on_a_square_at_size(policy):
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="resize policy must be one of"):
         imaging.resize(tf.constant(_halves(4, 4)), 32, "squash")
+
+
+def animated_webp() -> bytes:
+    frames = [Image.fromarray(quadrants()), Image.fromarray(255 - quadrants())]
+    return encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+
+
+def test_an_animated_webp_is_refused_with_an_error_not_a_crash(tmp_path):
+    """TF's own decoder corrupts the heap on it and the process aborts: run in a child process,
+    so that a regression fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+
+    sample = tmp_path / "animated.webp"
+    sample.write_bytes(animated_webp())
+    assert imaging.is_animated_webp(sample.read_bytes())
+    assert not imaging.is_animated_webp(encode(Image.fromarray(quadrants()), "WEBP", lossless=True))
+    script = (
+        "import sys, tensorflow as tf\n"
+        "from components import imaging\n"
+        "decode = tf.function(lambda data: imaging.decode_and_resize(data, 32))\n"
+        "try:\n"
+        f"    decode(tf.constant(open({str(sample)!r}, 'rb').read()))\n"
+        "except tf.errors.InvalidArgumentError as error:\n"
+        "    print('refused:', imaging.ANIMATED_WEBP in error.message)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "refused: True"
+    # A still WebP, with or without alpha, still decodes.
+    still = imaging.decode(tf.constant(encode(Image.fromarray(quadrants()), "WEBP", lossless=True)))
+    np.testing.assert_array_equal(still.numpy(), quadrants())

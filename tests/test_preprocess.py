@@ -106,6 +106,9 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     (image_folder / "dots" / "page.jpg").write_bytes(b"<!DOCTYPE html><html>403</html>")
     Image.new("RGB", (40, 30)).save(image_folder / "dots" / "scan.tiff", format="TIFF")
     (image_folder / "dots" / "damaged.jpg").write_bytes(damaged_jpeg())
+    frames = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (40, 30), (10, 10, 200))]
+    frames[0].save(image_folder / "dots" / "animated.webp", save_all=True, append_images=frames[1:])
+    Image.new("1", (40, 30)).save(image_folder / "dots" / "one-bit.bmp")
 
     manifest = run(image_folder, tmp_path / "out")
 
@@ -119,7 +122,13 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     assert reasons["dots/scan.tiff"].startswith("unsupported image format TIFF")
     assert reasons["dots/damaged.jpg"].startswith(
         "damaged image data, decodable only with defects (JPEG): Corrupt JPEG data:")
-    assert len(manifest["rejected"]) == 7
+    assert reasons["dots/animated.webp"].startswith(
+        "unsupported image format WEBP (animated): TensorFlow, which the served model decodes with, "
+        "cannot read WebP animations")
+    # Not "corrupt": a valid file of a variant TF cannot decode is told apart from a broken one.
+    assert reasons["dots/one-bit.bmp"].startswith(
+        "unsupported BMP variant: TensorFlow, which the served model decodes with, cannot read it")
+    assert len(manifest["rejected"]) == 9
     assert sum(manifest["totals"].values()) == 32
 
 
