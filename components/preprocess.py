@@ -20,6 +20,8 @@ staging folder that is renamed at the end, the `_COMPLETE` marker written last.
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -533,6 +535,7 @@ CHUNK = 16
 
 def _process_all(source_uri: str, keys: list[str], config: PreprocessConfig,
                  classes: list[str]) -> Iterator[WorkResult]:
+    """Every file's result, in the order of `keys` whatever the number of workers."""
     workers = _resolved_workers(config, len(keys))
     chunks = [keys[start:start + CHUNK] for start in range(0, len(keys), CHUNK)]
     if workers == 1:
@@ -541,11 +544,60 @@ def _process_all(source_uri: str, keys: list[str], config: PreprocessConfig,
             yield from _work(chunk)
         return
     log.info("decoding with %d worker processes", workers)
-    context = multiprocessing.get_context("spawn")  # fork would copy TF's threads and locks
-    with context.Pool(workers, initializer=_init_worker, initargs=(source_uri, config, classes)) as pool:
-        # imap keeps input order, so the output does not depend on which worker was faster.
-        for results in pool.imap(_work, chunks):
+    yield from _in_processes(chunks, workers, (source_uri, config, classes))
+
+
+def _pool(workers: int, initargs: tuple) -> concurrent.futures.ProcessPoolExecutor:
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),  # fork would copy TF's threads and locks
+        initializer=_init_worker, initargs=initargs)
+
+
+def _in_processes(chunks: list[list[str]], workers: int, initargs: tuple,
+                  work=_work) -> Iterator[WorkResult]:
+    """The chunks' results in order, from `workers` processes with at most 2 chunks each queued.
+
+    A file that kills its process (a decoder bug: TF 2.21 aborts on some inputs) must not hang
+    the run, as it would with multiprocessing.Pool, which waits forever for the lost task; the
+    executor reports it instead, and the chunks that were in flight are redone one file per
+    task, so that the culprit is rejected with its reason and every other file is kept."""
+    executor = _pool(workers, initargs)
+    in_flight: collections.deque[tuple[list[str], concurrent.futures.Future]] = collections.deque()
+    submitted = 0
+    try:
+        while in_flight or submitted < len(chunks):
+            while submitted < len(chunks) and len(in_flight) < 2 * workers:
+                in_flight.append((chunks[submitted], executor.submit(work, chunks[submitted])))
+                submitted += 1
+            chunk, future = in_flight.popleft()
+            try:
+                results = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                executor.shutdown(wait=True, cancel_futures=True)
+                lost = [key for lost_chunk in [chunk, *(c for c, _ in in_flight)] for key in lost_chunk]
+                in_flight.clear()
+                log.warning("a worker process died; redoing its %d files one at a time to find which",
+                            len(lost))
+                yield from _one_file_per_process_task(lost, initargs, work)
+                executor = _pool(workers, initargs)
+                continue
             yield from results
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _one_file_per_process_task(keys: list[str], initargs: tuple, work) -> Iterator[WorkResult]:
+    executor = _pool(1, initargs)
+    try:
+        for key in keys:
+            try:
+                yield from executor.submit(work, [key]).result()
+            except concurrent.futures.process.BrokenProcessPool:
+                yield key, None, "crashed the image decoder (its process died while decoding this file)", None
+                executor.shutdown(wait=True)
+                executor = _pool(1, initargs)
+    finally:
+        executor.shutdown(wait=True)
 
 
 SPILL_BUCKETS = 16  # records are spilled by digest prefix: memory holds 1/16 of the data at once

@@ -421,3 +421,33 @@ def test_many_good_files_are_decoded_in_one_call(tmp_path, monkeypatch):
 
     monkeypatch.setattr(preprocess_module, "check_and_resize", not_expected)
     assert check_and_resize_many(good, config) == expected
+
+
+def _work_that_dies_on_boom(keys: list[str]):
+    """A stand-in for a decoder bug that kills its process (module level: the workers import it)."""
+    import os
+
+    from components.preprocess import _work
+
+    if any("boom" in key for key in keys):
+        os.abort()
+    return _work(keys)
+
+
+def test_a_file_that_kills_its_worker_is_rejected_and_the_run_goes_on(tmp_path):
+    """multiprocessing.Pool would wait forever for a task whose process died. The files that
+    were in flight are redone one per task: only the culprit is rejected, in input order."""
+    from components.preprocess import _in_processes
+
+    source = make_image_folder(tmp_path / "images", images_per_class=20)
+    keys = sorted(str(path.relative_to(source)) for path in source.rglob("*.jpg"))
+    (source / "dots" / "boom.jpg").write_bytes((source / keys[0]).read_bytes())
+    keys.insert(25, "dots/boom.jpg")
+    chunks = [keys[start:start + 4] for start in range(0, len(keys), 4)]
+    config = PreprocessConfig(source=source, output=tmp_path / "out", image_size=TINY_SIZE)
+    classes = sorted(path.name for path in source.iterdir())
+    results = list(_in_processes(chunks, 2, (str(source), config, classes), work=_work_that_dies_on_boom))
+    assert [key for key, *_ in results] == keys
+    rejected = {key: detail for key, record, detail, _ in results if record is None}
+    assert rejected == {
+        "dots/boom.jpg": "crashed the image decoder (its process died while decoding this file)"}
