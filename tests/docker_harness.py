@@ -79,7 +79,8 @@ def ensure_base_image() -> None:
 
 
 def ensure_wheels() -> Path:
-    """docker/wheels filled from both lock files (what `make wheels` does; pip's cache makes reruns quick)."""
+    """docker/wheels filled from both lock files (what `make wheels` does; pip reuses the wheels
+    already in the folder, so reruns are quick)."""
     wheels = REPO / "docker" / "wheels"
     # No pip cache: the wheel folder is the cache, and a second 3.4 GB copy can fill the disk.
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--no-cache-dir",
@@ -96,16 +97,25 @@ def free_gib(path: Path | str) -> float:
     return shutil.disk_usage(path).free / 2**30
 
 
-def require_disk() -> None:
-    """Fail before an hour of building ends in 'no space left on device' halfway through a layer."""
+def disk_shortfall() -> str | None:
+    """Why there is too little disk to build from nothing, or None. `.ci/run` asks this too."""
     root = docker("info", "--format", "{{.DockerRootDir}}").stdout.strip()
     places = {"the Docker engine's " + root: root, "docker/wheels": REPO / "docker" / "wheels"}
     if os.stat(root).st_dev == os.stat(REPO / "docker" / "wheels").st_dev:
         places = {f"{root} and docker/wheels (one file system)": root}
     for name, path in places.items():
-        if free_gib(path) < NEEDED_GIB:
-            raise RuntimeError(f"the docker tier needs about {NEEDED_GIB} GiB free for {name}; "
-                               f"{free_gib(path):.1f} GiB are free (docker image prune -a frees old images)")
+        free = free_gib(path)
+        if free < NEEDED_GIB:
+            return (f"the docker tier needs about {NEEDED_GIB} GiB free for {name}; {free:.1f} GiB are free "
+                    "(docker image prune -a frees old images)")
+    return None
+
+
+def require_disk() -> None:
+    """Fail before an hour of building ends in 'no space left on device' halfway through a layer."""
+    shortfall = disk_shortfall()
+    if shortfall:
+        raise RuntimeError(shortfall)
 
 
 def revision() -> str:
