@@ -222,9 +222,17 @@ def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]
     return image_format, width, height
 
 
+# TF's BMP reader is its own and reads only some BMP variants (not 1-bit, say). For the other
+# formats TF uses the very libraries Pillow does (libjpeg-turbo, libpng, giflib, libwebp), and
+# a file that Pillow reads but TF refuses is damaged data Pillow tolerates: a JPEG with garbled
+# scan bytes, seen called an "unsupported JPEG variant" when every format was asked.
+PARTLY_SUPPORTED_FORMATS = ("BMP",)
+
+
 def _pillow_decodes(data: bytes) -> bool:
-    """Whether Pillow reads every pixel: tells a file TF cannot decode (a 1-bit BMP, say) from
-    a broken one. Only asked after TF has failed, so it costs nothing on good files."""
+    """Whether Pillow reads every pixel: tells a file of a PARTLY_SUPPORTED_FORMATS variant TF
+    cannot decode from a broken one. Only asked after TF has failed, so it costs nothing on
+    good files."""
     from PIL import Image
 
     try:
@@ -259,7 +267,7 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
             # that costs 0.8 ms on a 1.5 MB photo where this takes 0.14 ms (bench/RESULTS.md).
             pixels, encoded = run(tf.constant(data))
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-            if _pillow_decodes(data):
+            if image_format in PARTLY_SUPPORTED_FORMATS and _pillow_decodes(data):
                 raise Rejected(f"unsupported {image_format} variant: TensorFlow, which the served model "
                                f"decodes with, cannot read it ({_tf_message(error)}); "
                                "converting the file to PNG keeps it") from None
@@ -378,7 +386,8 @@ def _decode_resize_encode(image_size: int, policy: str, encoding: str, jpeg_qual
     import tensorflow as tf
 
     one = _decode_resize_encode_one(image_size, policy, encoding, jpeg_quality)
-    return tf.function(one, input_signature=[tf.TensorSpec([], tf.string)]).get_concrete_function()
+    return tf.function(one, input_signature=[tf.TensorSpec([], tf.string)],
+                       autograph=False).get_concrete_function()
 
 
 @functools.cache
@@ -393,7 +402,11 @@ def _decode_resize_encode_many(image_size: int, policy: str, encoding: str, jpeg
         return tf.map_fn(one, datas, parallel_iterations=1, fn_output_signature=(
             tf.TensorSpec([image_size, image_size, 3], tf.uint8), tf.TensorSpec([], tf.string)))
 
-    return tf.function(many, input_signature=[tf.TensorSpec([None], tf.string)]).get_concrete_function()
+    # Without AutoGraph: the graph has no Python control flow to convert (its branches are
+    # explicit tf.cond), and converting it cost every worker process 1.1 s of CPU at start,
+    # the work of about 500 photos (bench/RESULTS.md).
+    return tf.function(many, input_signature=[tf.TensorSpec([None], tf.string)],
+                       autograph=False).get_concrete_function()
 
 
 @dataclass(frozen=True)
@@ -633,12 +646,13 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
 
 def _build(config: PreprocessConfig, source: storage.Source, listing: SourceListing,
            staging: Path) -> dict[str, Any]:
-    import tensorflow as tf
-
     label_of = {name: index for index, name in enumerate(listing.classes)}
     spill_dir = staging / ".spill"
     spill_dir.mkdir()
-    spills = [tf.io.TFRecordWriter(str(spill_dir / f"{b:02d}.tfrecord")) for b in range(SPILL_BUCKETS)]
+    # No TensorFlow in this process unless it decodes too (one worker): with worker processes
+    # its import here would only delay them (bench/RESULTS.md).
+    spills = [records.TFRecordFile(spill_dir / f"{b:02d}.tfrecord", hashed=False)
+              for b in range(SPILL_BUCKETS)]
     spilled_keys: list[list[str]] = [[] for _ in range(SPILL_BUCKETS)]  # write order per bucket
     processed: list[Processed] = []
     short_sides: list[int] = []
@@ -682,8 +696,7 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
     digest_of = {p.key: p.digest for p in processed}
     for bucket in range(SPILL_BUCKETS):
         path = spill_dir / f"{bucket:02d}.tfrecord"
-        batch = [(key, serialized.numpy()) for key, serialized in
-                 zip(spilled_keys[bucket], tf.data.TFRecordDataset(str(path)), strict=True)]
+        batch = list(zip(spilled_keys[bucket], records.read_tfrecord_file(path), strict=True))
         # Shards in content-hash order: classes interleaved, so a reader's shuffle buffer
         # never sees a run of one class.
         for key, raw in sorted(batch, key=lambda item: (digest_of[item[0]], item[0])):

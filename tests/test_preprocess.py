@@ -132,6 +132,18 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     assert sum(manifest["totals"].values()) == 32
 
 
+def test_a_broken_jpeg_that_pillow_tolerates_is_called_corrupt_not_unsupported(tmp_path):
+    source = make_image_folder(tmp_path / "images", images_per_class=30, broken=True)
+    data = (source / "horizontal-stripes" / "damaged-scan.jpg").read_bytes()
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_jpeg(data)
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # garbled scan bytes that Pillow decodes anyway: still a broken JPEG
+    with pytest.raises(Rejected) as rejection:
+        check_and_resize(data, PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
+    assert rejection.value.reason.startswith("corrupt or truncated image data (JPEG)")
+
+
 def test_damaged_jpeg_is_kept_when_allowed(image_folder, tmp_path, capfd):
     (image_folder / "dots" / "damaged.jpg").write_bytes(damaged_jpeg())
     manifest = run(image_folder, tmp_path / "out", allow_damaged=True)
@@ -266,12 +278,31 @@ def test_exact_duplicates_never_straddle_splits(image_folder, tmp_path):
 
 
 def test_worker_processes_give_the_same_output_as_one(tmp_path):
-    source = make_image_folder(tmp_path / "images", images_per_class=30, broken=True)  # 122 files
+    source = make_image_folder(tmp_path / "images", images_per_class=30, broken=True)  # 123 files
     one = run(source, tmp_path / "one", workers=1)
     many = run(source, tmp_path / "many", workers=2)
     for manifest in (one, many):
         del manifest["config"]  # differs in output and workers, by design
     assert many == one
+
+
+def test_with_worker_processes_the_parent_never_imports_tensorflow(tmp_path):
+    """The parent only routes records to disk; TF's import there (2.7 s of CPU) would delay the
+    workers' start. A fresh interpreter: this one has imported TF long ago."""
+    source = make_image_folder(tmp_path / "images", images_per_class=30, broken=True)  # 123 files
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from components.preprocess import PreprocessConfig, preprocess\n"
+        f"manifest = preprocess(PreprocessConfig(source=Path({str(source)!r}), "
+        f"output=Path({str(tmp_path / 'out')!r}), image_size={TINY_SIZE}, workers=2))\n"
+        "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules, "
+        "'kept': sum(manifest['totals'].values()), 'rejected': len(manifest['rejected'])}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == {"tensorflow": False, "kept": 120, "rejected": 3}
+    records.load(tmp_path / "out")
 
 
 def test_outputs_a_reader_can_trust(image_folder, tmp_path):

@@ -88,3 +88,43 @@ def test_shards_roll_over_at_the_target_size(image_folder, tmp_path):
     assert len(train_shards) > 1
     assert sum(s["records"] for s in train_shards) == manifest["totals"]["train"]
     records.load(tmp_path / "small-shards")
+
+
+RECORDS = [b"", b"x", bytes(range(256)) * 300, "unicode é ✓".encode()]
+
+
+def test_our_tfrecord_writer_writes_what_tensorflows_writes(tmp_path):
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
+        for record in RECORDS:
+            writer.write(record)
+    ours = records.TFRecordFile(tmp_path / "ours.tfrecord")
+    for record in RECORDS:
+        ours.write(record)
+    ours.close()
+    written = (tmp_path / "ours.tfrecord").read_bytes()
+    assert written == (tmp_path / "tf.tfrecord").read_bytes()
+    assert ours.bytes == len(written)
+    assert ours.sha256.hexdigest() == records.sha256_file(tmp_path / "ours.tfrecord")
+    assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == RECORDS
+
+
+def test_our_tfrecord_reader_reads_tensorflows_files_and_refuses_damage(tmp_path):
+    import tensorflow as tf
+
+    path = tmp_path / "tf.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in RECORDS:
+            writer.write(record)
+    assert list(records.read_tfrecord_file(path)) == RECORDS
+
+    original = path.read_bytes()
+    flipped = bytearray(original)
+    flipped[100] ^= 0x01  # inside the third record's data (it starts at byte 45)
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(records.DatasetError, match="damaged record$"):
+        list(records.read_tfrecord_file(path))
+    path.write_bytes(original[:-3])  # the last record's checksum cut short
+    with pytest.raises(records.DatasetError, match="damaged record$"):
+        list(records.read_tfrecord_file(path))
