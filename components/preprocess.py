@@ -577,6 +577,7 @@ def _in_processes(chunks: list[list[str]], workers: int, initargs: tuple,
     executor = _pool(workers, initargs)
     in_flight: collections.deque[tuple[list[str], concurrent.futures.Future]] = collections.deque()
     submitted = 0
+    finished = False
     try:
         while in_flight or submitted < len(chunks):
             while submitted < len(chunks) and len(in_flight) < 2 * workers:
@@ -595,8 +596,10 @@ def _in_processes(chunks: list[list[str]], workers: int, initargs: tuple,
                 executor = _pool(workers, initargs)
                 continue
             yield from results
+        finished = True
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        # Done: the workers exit (TF's teardown, ~1 s) while this process writes the shards.
+        executor.shutdown(wait=not finished, cancel_futures=True)
 
 
 def _one_file_per_process_task(keys: list[str], initargs: tuple, work) -> Iterator[WorkResult]:

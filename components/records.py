@@ -107,11 +107,11 @@ class TFRecordFile:
 
     def write(self, record: bytes) -> None:
         header = struct.pack("<Q", len(record))
-        for piece in (header, _masked_crc(header), record, _masked_crc(record)):
-            self._file.write(piece)
-            if self.sha256 is not None:
-                self.sha256.update(piece)
-            self.bytes += len(piece)
+        framed = b"".join((header, _masked_crc(header), record, _masked_crc(record)))
+        self._file.write(framed)
+        if self.sha256 is not None:
+            self.sha256.update(framed)
+        self.bytes += len(framed)
 
     def close(self) -> None:
         self._file.close()
