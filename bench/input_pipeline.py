@@ -1,6 +1,5 @@
 """Training input pipeline speed at 224 px: read shards, decode, shuffle, augment, batch.
 
-    .venv/bin/pip install scikit-learn   # the sample photos; not a project dependency
     .venv/bin/python bench/input_pipeline.py [--images 3000] [--batches 150]
 
 Makes a prepared dataset with `components.preprocess` from random crops of scikit-learn's two
@@ -34,10 +33,9 @@ BATCH = 64
 
 def make_folder(root: Path, images: int) -> Path:
     import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    import sample_photos
 
-    photos = [Image.fromarray(image) for image in load_sample_images().images]
+    photos = sample_photos.load()
     rng = np.random.default_rng(0)
     for index in range(images):
         photo = photos[index % len(photos)]

@@ -1,7 +1,6 @@
 """Preprocess speed per image, side by side with a naive baseline and the decode-only floor.
 
-    .venv/bin/pip install scikit-learn   # the sample photos; not a project dependency
-    .venv/bin/python bench/preprocess.py [--copies 40] [--whole-run-files 12000]
+    .venv/bin/python bench/preprocess.py [--copies 40] [--rounds 5] [--whole-run-files 12000]
 
 Inputs are real photos: scikit-learn's two sample images (427x640 JPEG) and the same photos
 upscaled to 12 megapixels (3000x4000, JPEG q90). One process, TensorFlow on one thread:
@@ -12,6 +11,7 @@ upscaled to 12 megapixels (3000x4000, JPEG q90). One process, TensorFlow on one 
   ours    components.preprocess.check_and_resize_many over chunks of CHUNK files, as preprocess
           runs it (one TF call per chunk), + record serialisation + TFRecord write
   ours_one_per_call   the same with check_and_resize, one TF call per image
+each timed in `--rounds` interleaved passes over the same photos, the best pass kept.
 Then the whole step, `python -m components.preprocess` in a fresh process, on a folder of the
 427x640 copies with 1 worker and with one worker per core, for the scaling efficiency.
 """
@@ -38,10 +38,10 @@ SIZE = 224
 
 
 def photos(copies: int) -> dict[str, list[bytes]]:
+    import sample_photos
     from PIL import Image
-    from sklearn.datasets import load_sample_images
 
-    originals = [Image.fromarray(image) for image in load_sample_images().images]
+    originals = sample_photos.load()
     out: dict[str, list[bytes]] = {"427x640": [], "12MP": []}
     for index in range(copies):
         photo = originals[index % len(originals)]
@@ -69,6 +69,7 @@ def main() -> int:
     # Each worker process pays a fixed start-up (TensorFlow's import, the graph's trace: ~3 s
     # of CPU): the larger the run, the less it weighs in the scaling efficiency.
     parser.add_argument("--whole-run-files", type=int, default=12_000)
+    parser.add_argument("--rounds", type=int, default=5, help="per-core passes; the best is kept")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -114,15 +115,22 @@ def main() -> int:
         for encoded, _, _ in check_and_resize_many(chunk, config):
             writer.write(records.make_example(encoded, 0, "x", SIZE, SIZE, "bench.jpg"))
 
-    report: dict = {"cpus": os.cpu_count(), "image_size": SIZE, "copies": args.copies, "per_core": {}}
+    report: dict = {"cpus": os.cpu_count(), "image_size": SIZE, "copies": args.copies,
+                    "rounds": args.rounds, "per_core": {}}
     for name, items in inputs.items():
-        floor_tf, floor_pillow = rate(tf_reduced, items), rate(pillow_draft, items)
         chunks = [items[start:start + CHUNK] for start in range(0, len(items), CHUNK)]
-        row = {"naive": rate(naive, items), "floor_tf_reduced": floor_tf,
-               "floor_pillow_draft": floor_pillow, "ours_one_per_call": rate(ours_one_per_call, items),
-               "ours": rate(ours, chunks, files=len(items))}
-        floor = max(floor_tf, floor_pillow)
-        row = {key: round(value, 1) for key, value in row.items()}
+        contenders = {"naive": (naive, items), "floor_tf_reduced": (tf_reduced, items),
+                      "floor_pillow_draft": (pillow_draft, items),
+                      "ours_one_per_call": (ours_one_per_call, items), "ours": (ours, chunks)}
+        # Rounds of every contender in turn, the best round of each kept: on a shared machine
+        # one pass of 40 small photos (~50 ms) is at the mercy of a neighbour's burst, and the
+        # floor alone was seen anywhere from 830 to 1,040 img/s run to run.
+        best = dict.fromkeys(contenders, 0.0)
+        for _ in range(args.rounds):
+            for key, (function, work) in contenders.items():
+                best[key] = max(best[key], rate(function, work, files=len(items)))
+        floor = max(best["floor_tf_reduced"], best["floor_pillow_draft"])
+        row = {key: round(value, 1) for key, value in best.items()}
         row["ours_over_floor"] = round(row["ours"] / floor, 2)
         row["ours_over_naive"] = round(row["ours"] / row["naive"], 2)
         report["per_core"][name] = row
