@@ -146,9 +146,9 @@ def main() -> int:
     files = len(inputs["427x640"]) * repeats
     timings = {}
     for workers in (1, os.cpu_count() or 1):
-        # A fresh process each, as a user runs it: both runs pay TensorFlow's import and the
-        # graph's trace. (In this process, already warm, one worker would pay neither and the
-        # others both, which understated the scaling: 0.69 where a fresh pair gives 0.XX.)
+        # A fresh process each, as a user runs it: each run pays every start-up it needs
+        # (TensorFlow's import, the graph's trace), where in this process, already warm, one
+        # worker would pay none and more workers all of theirs.
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "components.preprocess", "--source", str(folder),
                         "--output", str(scratch / f"out-{workers}"), "--image-size", str(SIZE),
