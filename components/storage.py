@@ -95,12 +95,23 @@ class LocalSource:
         found = []
         for path in sorted(self.root.rglob("*")):
             key = path.relative_to(self.root).as_posix()
-            if path.is_file() and not _hidden(key):
+            if _hidden(key):
+                continue
+            if path.is_file():
                 found.append(SourceObject(key=key, size=path.stat().st_size, etag=""))
+            elif path.is_symlink() and not path.exists():
+                # Listed, so that the read fails and the file is reported, not silently missing.
+                found.append(SourceObject(key=key, size=0, etag=""))
         return found
 
     def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
+        path = self.root / key
+        try:
+            return path.read_bytes()
+        except OSError as error:  # gone since the listing, unreadable, a dangling link
+            dangling = path.is_symlink() and not path.exists()
+            raise StorageError(f"{key}: {error.strerror or error}"
+                               + (" (a symbolic link to a missing file)" if dangling else "")) from None
 
     def class_folders(self) -> list[str]:
         """Sub-folders, including empty ones, so that an empty class folder can be reported."""

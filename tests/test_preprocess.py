@@ -482,3 +482,25 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_run_goes_on(tmp_path):
     rejected = {key: detail for key, record, detail, _ in results if record is None}
     assert rejected == {
         "dots/boom.jpg": "crashed the image decoder (its process died while decoding this file)"}
+
+
+def test_a_dangling_link_or_a_file_gone_since_the_listing_is_reported_not_fatal(
+        image_folder, tmp_path, monkeypatch):
+    (image_folder / "dots" / "link.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    vanishing = image_folder / "dots" / "vanishing.jpg"
+    vanishing.write_bytes(next((image_folder / "dots").glob("*.jpg")).read_bytes())
+    listed = preprocess_module.list_source
+
+    def list_then_delete(source):
+        listing = listed(source)
+        vanishing.unlink()  # deleted by someone else after the listing, before the read
+        return listing
+
+    monkeypatch.setattr(preprocess_module, "list_source", list_then_delete)
+    manifest = run(image_folder, tmp_path / "out")
+    reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
+    assert reasons == {
+        "dots/link.jpg":
+            "unreadable: dots/link.jpg: No such file or directory (a symbolic link to a missing file)",
+        "dots/vanishing.jpg": "unreadable: dots/vanishing.jpg: No such file or directory"}
+    assert sum(manifest["totals"].values()) == 32
