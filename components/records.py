@@ -96,7 +96,7 @@ def _masked_crc(data: bytes) -> bytes:
 class TFRecordFile:
     """Writes an uncompressed TFRecord file, byte for byte what `tf.io.TFRecordWriter` writes,
     without TensorFlow: the preprocess parent process only routes records to disk, and importing
-    TensorFlow there cost 2.7 s of CPU before any worker could start (bench/RESULTS.md). The
+    TensorFlow there cost 2-2.7 s of CPU before any worker could start (bench/RESULTS.md). The
     sha256 is computed on the way, so that a shard is not read back to hash it."""
 
     def __init__(self, path: Path, hashed: bool = True):
