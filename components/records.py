@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
+
 MANIFEST = "manifest.json"
 MARKER = "_COMPLETE"
 FORMAT_VERSION = 2
@@ -87,8 +89,6 @@ def parse_example(serialized):
 
 def _masked_crc(data: bytes) -> bytes:
     """The TFRecord checksum: CRC-32C, rotated and offset ("masked", as TF's crc32c::Mask)."""
-    import google_crc32c
-
     crc = google_crc32c.value(data)
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
@@ -100,7 +100,6 @@ class TFRecordFile:
     sha256 is computed on the way, so that a shard is not read back to hash it."""
 
     def __init__(self, path: Path, hashed: bool = True):
-        self.path = path
         self.sha256 = hashlib.sha256() if hashed else None
         self.bytes = 0
         self._file = open(path, "wb")  # noqa: SIM115 (closed by close())

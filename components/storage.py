@@ -71,6 +71,10 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
 def _hidden(key: str) -> bool:
     return any(part.startswith(".") for part in key.split("/"))
 
@@ -99,7 +103,7 @@ class LocalSource:
                 continue
             if path.is_file():
                 found.append(SourceObject(key=key, size=path.stat().st_size, etag=""))
-            elif path.is_symlink() and not path.exists():
+            elif _dangling(path):
                 # Listed, so that the read fails and the file is reported, not silently missing.
                 found.append(SourceObject(key=key, size=0, etag=""))
         return found
@@ -109,9 +113,8 @@ class LocalSource:
         try:
             return path.read_bytes()
         except OSError as error:  # gone since the listing, unreadable, a dangling link
-            dangling = path.is_symlink() and not path.exists()
-            raise StorageError(f"{key}: {error.strerror or error}"
-                               + (" (a symbolic link to a missing file)" if dangling else "")) from None
+            why = " (a symbolic link to a missing file)" if _dangling(path) else ""
+            raise StorageError(f"{key}: {error.strerror or error}{why}") from None
 
     def class_folders(self) -> list[str]:
         """Sub-folders, including empty ones, so that an empty class folder can be reported."""
