@@ -66,7 +66,7 @@ def rate(function, items: list, files: int | None = None) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=40)
-    # Each worker process pays a fixed start-up (TensorFlow's import, the graph's trace: ~3 s
+    # Each worker process pays a fixed start-up (TensorFlow's import, the graph's trace: ~2.5 s
     # of CPU): the larger the run, the less it weighs in the scaling efficiency.
     parser.add_argument("--whole-run-files", type=int, default=12_000)
     parser.add_argument("--rounds", type=int, default=5, help="per-core passes; the best is kept")
@@ -123,8 +123,9 @@ def main() -> int:
                       "floor_pillow_draft": (pillow_draft, items),
                       "ours_one_per_call": (ours_one_per_call, items), "ours": (ours, chunks)}
         # Rounds of every contender in turn, the best round of each kept: on a shared machine
-        # one pass of 40 small photos (~50 ms) is at the mercy of a neighbour's burst, and the
-        # floor alone was seen anywhere from 830 to 1,040 img/s run to run.
+        # one pass of 40 small photos (~50 ms) is at the mercy of a neighbour's burst. (Pillow's
+        # rate also differs from one process to the next, 760-870 or 1,000-1,050 img/s on
+        # 427x640, which no number of rounds removes: bench/RESULTS.md.)
         best = dict.fromkeys(contenders, 0.0)
         for _ in range(args.rounds):
             for key, (function, work) in contenders.items():
@@ -150,10 +151,12 @@ def main() -> int:
         # (TensorFlow's import, the graph's trace), where in this process, already warm, one
         # worker would pay none and more workers all of theirs.
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "components.preprocess", "--source", str(folder),
-                        "--output", str(scratch / f"out-{workers}"), "--image-size", str(SIZE),
-                        "--workers", str(workers), "--min-images-per-class", "1"],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-m", "components.preprocess", "--source", str(folder),
+                               "--output", str(scratch / f"out-{workers}"), "--image-size", str(SIZE),
+                               "--workers", str(workers), "--min-images-per-class", "1"],
+                              cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"preprocess with {workers} worker(s) failed:\n{done.stderr[-3000:]}")
         timings[workers] = files / (time.perf_counter() - started)
     cores = os.cpu_count() or 1
     report["whole_run_files"] = files

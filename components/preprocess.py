@@ -538,7 +538,8 @@ def _work(keys: list[str]) -> list[WorkResult]:
 def _resolved_workers(config: PreprocessConfig, files: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     wanted = config.workers or cores
-    # Each worker imports TensorFlow (~3 s): not worth it for a handful of files.
+    # Each worker imports TensorFlow and traces its graph (~2.5 s of CPU): not worth it for a
+    # handful of files.
     return max(1, min(wanted, math.ceil(files / 100)))
 
 
