@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -97,16 +98,38 @@ class LocalSource:
         if not self.root.is_dir():
             raise StorageError(f"source {self.root} is not a folder; expected a folder of class sub-folders")
         found = []
-        for path in sorted(self.root.rglob("*")):
+        for path in self._walk(self.root, frozenset()):
             key = path.relative_to(self.root).as_posix()
-            if _hidden(key):
-                continue
             if path.is_file():
                 found.append(SourceObject(key=key, size=path.stat().st_size, etag=""))
             elif _dangling(path):
                 # Listed, so that the read fails and the file is reported, not silently missing.
                 found.append(SourceObject(key=key, size=0, etag=""))
-        return found
+        # Path order (component by component), as the listing has always been: the fingerprint
+        # of an unchanged folder stays the same.
+        return sorted(found, key=lambda item: item.key.split("/"))
+
+    def _walk(self, folder: Path, ancestors: frozenset[str]) -> Iterator[Path]:
+        """Every non-hidden entry below `folder` that is not a folder, following links to
+        folders: a class folder is often a link to where the images live (`pathlib`'s `rglob`
+        does not follow them, and such a class looked empty). A link back to a folder above
+        is not followed again, so a loop ends instead of recursing forever."""
+        real = os.path.realpath(folder)
+        if real in ancestors:
+            log.warning("not following %s: a link back to %s, which is already being read", folder, real)
+            return
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            raise StorageError(f"cannot list folder {folder}: {error.strerror or error}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir():  # follows a link
+                yield from self._walk(path, ancestors | {real})
+            else:
+                yield path
 
     def read(self, key: str) -> bytes:
         path = self.root / key

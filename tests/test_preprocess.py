@@ -504,3 +504,15 @@ def test_a_dangling_link_or_a_file_gone_since_the_listing_is_reported_not_fatal(
             "unreadable: dots/link.jpg: No such file or directory (a symbolic link to a missing file)",
         "dots/vanishing.jpg": "unreadable: dots/vanishing.jpg: No such file or directory"}
     assert sum(manifest["totals"].values()) == 32
+
+
+def test_a_class_folder_that_is_a_link_is_read_and_a_link_loop_ends(image_folder, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (image_folder / "dots").rename(elsewhere)
+    (image_folder / "dots").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(elsewhere, target_is_directory=True)  # dots/loop -> dots
+    manifest = run(image_folder, tmp_path / "out")
+    assert manifest["counts"]["train"]["dots"] + manifest["counts"]["validation"]["dots"] \
+        + manifest["counts"]["test"]["dots"] == 8
+    assert sum(manifest["totals"].values()) == 32
+    assert manifest["rejected"] == []
