@@ -76,6 +76,7 @@ def preprocess(source: str, source_fingerprint: str, image_size: int, resize: st
     dataset.metadata.update({"classes": manifest["classes"], "image_size": image_size,
                              "fingerprint": manifest["fingerprint"],
                              "duplicates": manifest["duplicates"],
+                             "label_conflicts": len(manifest["label_conflicts"]),
                              "rejected": len(manifest["rejected"]), **manifest["totals"]})
     with open(report.path, "w") as handle:
         handle.write((Path(dataset.path) / step.REPORT).read_text())

@@ -36,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -713,6 +713,11 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
     for item in processed:
         counts[splits[item.key]][listing.classes[item.label]] += 1
     duplicates = len(processed) - len({p.digest for p in processed})
+    conflicts = _label_conflicts(processed)
+    if conflicts:
+        log.warning("%d image(s) are in more than one class with identical pixels (contradictory "
+                    "labels), e.g. %s; all are kept and listed in the manifest's label_conflicts",
+                    len(conflicts), " = ".join(conflicts[0]))
     train_counts = counts["train"]
     total_train = sum(train_counts.values())
     # Inverse-frequency weights, mean 1 over training images: the usual Keras `class_weight`.
@@ -734,6 +739,7 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
         "class_weights": class_weights,
         "imbalance_ratio": round(max(valid.values()) / max(min(valid.values()), 1), 3),
         "duplicates": duplicates,
+        "label_conflicts": conflicts,
         "rejected": rejected,
         "rejected_by_reason": dict(sorted(Counter(reason_kind(r["reason"]) for r in rejected).items())),
         "config": json_config(config),
@@ -748,7 +754,19 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
     return manifest
 
 
+def _label_conflicts(processed: list[Processed]) -> list[list[str]]:
+    """Files with the same pixels filed under more than one class, a sorted list of paths per
+    image. Kept: which label is right is for a person to say, and dropping both would lose a
+    good example; but training on them teaches the model a contradiction, so they are told."""
+    by_digest: dict[str, list[Processed]] = defaultdict(list)
+    for item in processed:
+        by_digest[item.digest].append(item)
+    return sorted(sorted(item.key for item in items) for items in by_digest.values()
+                  if len({item.label for item in items}) > 1)
+
+
 REPORT = "report.md"
+REPORT_EXAMPLES = 10  # conflicting files listed in the report; the manifest has them all
 SIZE_BINS = (32, 64, 128, 224, 512, 1024, 2048)  # px, short side of the original image
 
 
@@ -782,8 +800,17 @@ def render_report(manifest: dict[str, Any]) -> str:
     lines += ["| **all** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} | |", "",
               f"Largest / smallest class: {manifest['imbalance_ratio']}x. "
               "Exact duplicates (the same pixels once decoded and resized, kept in one split): "
-              f"{manifest['duplicates']}.", "",
-              f"## Rejected: {len(manifest['rejected'])}", ""]
+              f"{manifest['duplicates']}.", ""]
+    conflicts = manifest["label_conflicts"]
+    if conflicts:
+        lines += [f"## The same image in more than one class: {len(conflicts)}", "",
+                  "Identical pixels with different labels. All are kept; keep each in one class.", ""]
+        lines += [f"- {' = '.join(f'`{path}`' for path in group)}" for group in conflicts[:REPORT_EXAMPLES]]
+        if len(conflicts) > REPORT_EXAMPLES:
+            more = len(conflicts) - REPORT_EXAMPLES
+            lines.append(f"- ... {more} more in `manifest.json` (label_conflicts)")
+        lines.append("")
+    lines += [f"## Rejected: {len(manifest['rejected'])}", ""]
     if manifest["rejected"]:
         lines += ["| reason | files | examples |", "|---|---:|---|"]
         for reason, count in manifest["rejected_by_reason"].items():

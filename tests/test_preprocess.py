@@ -516,3 +516,21 @@ def test_a_class_folder_that_is_a_link_is_read_and_a_link_loop_ends(image_folder
         + manifest["counts"]["test"]["dots"] == 8
     assert sum(manifest["totals"].values()) == 32
     assert manifest["rejected"] == []
+
+
+def test_the_same_image_in_two_classes_is_reported_and_kept(image_folder, tmp_path, caplog):
+    dot = sorted((image_folder / "dots").glob("*.jpg"))[0]
+    (image_folder / "checkerboard" / "misfiled.jpg").write_bytes(dot.read_bytes())
+    (image_folder / "dots" / "copy.jpg").write_bytes(dot.read_bytes())  # same class: no conflict
+    manifest = run(image_folder, tmp_path / "out")
+    assert manifest["label_conflicts"] == [["checkerboard/misfiled.jpg", "dots/copy.jpg", f"dots/{dot.name}"]]
+    assert sum(manifest["totals"].values()) == 34
+    assert "identical pixels (contradictory labels)" in caplog.text
+    report = (tmp_path / "out" / preprocess_module.REPORT).read_text()
+    assert f"`checkerboard/misfiled.jpg` = `dots/copy.jpg` = `dots/{dot.name}`" in report
+
+
+def test_a_report_without_label_conflicts_has_no_such_section(image_folder, tmp_path):
+    manifest = run(image_folder, tmp_path / "out")
+    assert manifest["label_conflicts"] == []
+    assert "more than one class" not in (tmp_path / "out" / preprocess_module.REPORT).read_text()
