@@ -629,6 +629,11 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
     except storage.StorageError as error:
         raise PreprocessError(str(error)) from None
     try:
+        if isinstance(source, storage.LocalSource) and \
+                Path(os.path.realpath(config.output)).is_relative_to(os.path.realpath(source.root)):
+            raise PreprocessError(
+                f"--output {config.output} is inside --source {source.root}: the next run would read "
+                "the shards as images; choose an output folder outside the source")
         listing = list_source(source)
         log.info("found %d files in %d classes under %s (data fingerprint %s)", len(listing.objects),
                  len(listing.classes), source.uri, listing.fingerprint[:16])

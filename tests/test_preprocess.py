@@ -534,3 +534,10 @@ def test_a_report_without_label_conflicts_has_no_such_section(image_folder, tmp_
     manifest = run(image_folder, tmp_path / "out")
     assert manifest["label_conflicts"] == []
     assert "more than one class" not in (tmp_path / "out" / preprocess_module.REPORT).read_text()
+
+
+@pytest.mark.parametrize("inside", ["out", "dots/out"])
+def test_an_output_inside_the_source_is_refused_before_any_work(image_folder, inside):
+    with pytest.raises(PreprocessError, match="is inside --source"):
+        run(image_folder, image_folder / inside)
+    assert not (image_folder / inside).exists()
