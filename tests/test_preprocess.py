@@ -541,3 +541,48 @@ def test_an_output_inside_the_source_is_refused_before_any_work(image_folder, in
     with pytest.raises(PreprocessError, match="is inside --source"):
         run(image_folder, image_folder / inside)
     assert not (image_folder / inside).exists()
+
+
+def _jpeg_declaring(frame_marker: int | None = None, precision: int | None = None) -> bytes:
+    """A baseline JPEG whose frame header is rewritten to declare another JPEG process or sample
+    precision: the bytes by which such a file is recognised (Pillow cannot write the real ones)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\xff\xc0")
+    if frame_marker is not None:
+        data[at + 1] = frame_marker
+    if precision is not None:
+        data[at + 4] = precision
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+     "unsupported image format HEIF (HEIC, as iPhones save photos)"),
+    (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(64),
+     "not an image: a video or other ISO media file"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+     "not an image: unrecognised file format (it looks like an SVG drawing: export it as PNG)"),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n",
+     "not an image: unrecognised file format (it looks like a PDF document)"),
+    (b"PK\x03\x04\x14\x00\x00\x00", "not an image: unrecognised file format (it looks like a ZIP archive"),
+    (b"\xef\xbb\xbf  <!DOCTYPE html><html>404</html>",
+     "not an image: unrecognised file format (it looks like an HTML page)"),
+    (b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00;", "corrupt or truncated image header: a GIF file whose header"),
+    (b"just some text", "not an image: unrecognised file format"),
+    (_jpeg_declaring(precision=12), "unsupported JPEG variant (12-bit samples): TensorFlow"),
+    (_jpeg_declaring(frame_marker=0xC3), "unsupported JPEG variant (lossless): TensorFlow"),
+    (_jpeg_declaring(frame_marker=0xC7, precision=16), "unsupported JPEG variant (lossless, hierarchical, "
+                                                       "16-bit samples)"),
+], ids=["heic", "mov", "svg", "pdf", "zip", "html-with-bom", "gif-without-frames", "text", "jpeg-12-bit",
+        "jpeg-lossless", "jpeg-lossless-hierarchical-16-bit"])
+def test_a_file_that_is_not_a_usable_image_says_what_it_is(data, reason, tmp_path):
+    with pytest.raises(Rejected) as rejection:
+        check_and_resize(data, PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
+    assert rejection.value.reason.startswith(reason), rejection.value.reason
+
+
+def test_an_ordinary_jpeg_declares_no_unsupported_variant():
+    assert preprocess_module._jpeg_variant(_jpeg_declaring()) == ""
+    assert preprocess_module._jpeg_variant(_jpeg_declaring(frame_marker=0xC2)) == ""  # progressive
