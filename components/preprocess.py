@@ -719,6 +719,18 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
     return manifest
 
 
+# 16-bit RGBA stored uncompressed (PNG, BMP) is the most any accepted format spends on a pixel.
+MAX_BYTES_PER_PIXEL = 8
+METADATA_ALLOWANCE = 64 * 1024 * 1024  # EXIF, ICC profiles, a phone's motion-photo video
+
+
+def max_file_bytes(config: PreprocessConfig) -> int:
+    """The largest file that can hold an accepted image: anything larger (a video, an archive
+    of the dataset left inside it) is refused from the listing's size, without reading it into
+    a worker's memory."""
+    return config.max_pixels * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
+
+
 def _build(config: PreprocessConfig, source: storage.Source, listing: SourceListing,
            staging: Path) -> dict[str, Any]:
     label_of = {name: index for index, name in enumerate(listing.classes)}
@@ -734,7 +746,15 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
     rejected: list[dict[str, str]] = []
     progress = _Progress(len(listing.objects), "preprocess")
     try:
-        keys = [o.key for o in listing.objects]
+        cap = max_file_bytes(config)
+        for item in listing.objects:
+            if item.size > cap:
+                reason = (f"too large: {item.size:,} bytes, more than an accepted image of at most "
+                          f"--max-pixels {config.max_pixels:,} can be ({cap:,}); not read")
+                log.warning("rejected %s: %s", item.key, reason)
+                rejected.append({"path": item.key, "reason": reason})
+                progress.step()
+        keys = [o.key for o in listing.objects if o.size <= cap]
         for key, record, detail, size in _process_all(source.worker_uri, keys, config, listing.classes):
             progress.step()
             if record is None:

@@ -586,3 +586,25 @@ def test_a_file_that_is_not_a_usable_image_says_what_it_is(data, reason, tmp_pat
 def test_an_ordinary_jpeg_declares_no_unsupported_variant():
     assert preprocess_module._jpeg_variant(_jpeg_declaring()) == ""
     assert preprocess_module._jpeg_variant(_jpeg_declaring(frame_marker=0xC2)) == ""  # progressive
+
+
+def test_a_file_too_large_to_be_an_accepted_image_is_refused_unread(image_folder, tmp_path, monkeypatch):
+    from components import storage
+
+    huge = image_folder / "dots" / "dataset-backup.zip"
+    with huge.open("wb") as handle:  # sparse: 1 GiB listed, nothing on disk
+        handle.truncate(1 << 30)
+    read = storage.LocalSource.read
+    asked: list[str] = []
+
+    def recording_read(self, key):
+        asked.append(key)
+        return read(self, key)
+
+    monkeypatch.setattr(storage.LocalSource, "read", recording_read)
+    manifest = run(image_folder, tmp_path / "out", workers=1)
+    (entry,) = manifest["rejected"]
+    assert entry["path"] == "dots/dataset-backup.zip"
+    assert entry["reason"].startswith("too large: 1,073,741,824 bytes, more than an accepted image")
+    assert "dots/dataset-backup.zip" not in asked and len(asked) == 32
+    assert manifest["rejected_by_reason"] == {"too large": 1}
