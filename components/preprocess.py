@@ -153,6 +153,12 @@ def source_fingerprint(source: str, tfds_data_dir: str = "") -> str:
         opened.close()
 
 
+def printable(key: str) -> str:
+    """`key` as UTF-8 text: a local file name that is not UTF-8 (an archive made on an old
+    Windows, say) with its undecodable bytes written as \\xNN escapes."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def list_source(source: storage.Source) -> SourceListing:
     """Classes, their files and the data fingerprint, from the listing alone (no image read)."""
     try:
@@ -165,6 +171,15 @@ def list_source(source: storage.Source) -> SourceListing:
                     len(stray), source.uri, ", ".join(stray[:5]))
     objects = [o for o in objects if "/" in o.key]
     classes = sorted({class_of(o.key) for o in objects})
+    unnamed = [printable(name) for name in classes if printable(name) != name]
+    if unnamed:
+        raise PreprocessError(f"class folder name(s) not valid UTF-8 in {source.uri}: {', '.join(unnamed)}; "
+                              "rename them (class names are stored as UTF-8 text)")
+    folded = Counter(name.casefold() for name in classes)
+    alike = [name for name in classes if folded[name.casefold()] > 1]
+    if alike:
+        log.warning("class folders whose names differ only in case are separate classes: %s",
+                    ", ".join(alike))
     folders = source.class_folders()
     empty = sorted(set(folders) - set(classes))
     if not classes and not empty:
@@ -178,7 +193,8 @@ def list_source(source: storage.Source) -> SourceListing:
             "a classifier needs at least two class sub-folders")
     digest = hashlib.sha256()
     for item in objects:
-        digest.update(f"{item.key}\t{item.size}\t{item.etag}\n".encode())
+        # surrogateescape: a local file name that is not UTF-8 is hashed as the bytes it is.
+        digest.update(f"{item.key}\t{item.size}\t{item.etag}\n".encode("utf-8", "surrogateescape"))
     return SourceListing(classes=classes, objects=objects, fingerprint=digest.hexdigest())
 
 
@@ -596,7 +612,8 @@ def _work(keys: list[str]) -> list[WorkResult]:
             encoded, digest, size = outcome
             class_name = class_of(key)
             record = records.make_example(encoded, _WORKER["labels"][class_name], class_name,
-                                          config.image_size, config.image_size, key, config.encoding)
+                                          config.image_size, config.image_size, printable(key),
+                                          config.encoding)
             results.append((key, record, digest, size))
     return results
 
@@ -747,19 +764,22 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
     progress = _Progress(len(listing.objects), "preprocess")
     try:
         cap = max_file_bytes(config)
+        keys = []
         for item in listing.objects:
             if item.size > cap:
                 reason = (f"too large: {item.size:,} bytes, more than an accepted image of at most "
                           f"--max-pixels {config.max_pixels:,} can be ({cap:,}); not read")
-                log.warning("rejected %s: %s", item.key, reason)
-                rejected.append({"path": item.key, "reason": reason})
-                progress.step()
-        keys = [o.key for o in listing.objects if o.size <= cap]
+            else:
+                keys.append(item.key)
+                continue
+            log.warning("rejected %s: %s", printable(item.key), reason)
+            rejected.append({"path": printable(item.key), "reason": reason})
+            progress.step()
         for key, record, detail, size in _process_all(source.worker_uri, keys, config, listing.classes):
             progress.step()
             if record is None:
-                log.warning("rejected %s: %s", key, detail)
-                rejected.append({"path": key, "reason": detail})
+                log.warning("rejected %s: %s", printable(key), printable(detail))
+                rejected.append({"path": printable(key), "reason": printable(detail)})
                 continue
             class_name = class_of(key)
             item = Processed(key=key, label=label_of[class_name], digest=detail)
@@ -852,7 +872,7 @@ def _label_conflicts(processed: list[Processed]) -> list[list[str]]:
     by_digest: dict[str, list[Processed]] = defaultdict(list)
     for item in processed:
         by_digest[item.digest].append(item)
-    return sorted(sorted(item.key for item in items) for items in by_digest.values()
+    return sorted(sorted(printable(item.key) for item in items) for items in by_digest.values()
                   if len({item.label for item in items}) > 1)
 
 

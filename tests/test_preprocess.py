@@ -608,3 +608,36 @@ def test_a_file_too_large_to_be_an_accepted_image_is_refused_unread(image_folder
     assert entry["reason"].startswith("too large: 1,073,741,824 bytes, more than an accepted image")
     assert "dots/dataset-backup.zip" not in asked and len(asked) == 32
     assert manifest["rejected_by_reason"] == {"too large": 1}
+
+
+def test_file_names_that_are_not_utf8_are_kept_and_shown_escaped(image_folder, tmp_path):
+    dots = bytes(image_folder / "dots")
+    good = next((image_folder / "dots").glob("*.jpg")).read_bytes()
+    with open(dots + b"/caf\xe9.jpg", "wb") as handle:  # Latin-1, as old Windows archives store names
+        handle.write(good)
+    with open(dots + b"/broken-\xff.jpg", "wb") as handle:
+        handle.write(b"not a picture")
+    (image_folder / "dots" / "two\nlines.jpg").write_bytes(good)
+    manifest = run(image_folder, tmp_path / "out")
+    assert sum(manifest["totals"].values()) == 34
+    assert manifest["rejected"] == [
+        {"path": "dots/broken-\\xff.jpg", "reason": "not an image: unrecognised file format"}]
+    sources = {row["image/source"].decode()
+               for split in records.SPLITS for row in read_all(tmp_path / "out", split)}
+    assert {"dots/caf\\xe9.jpg", "dots/two\nlines.jpg"} <= sources
+    assert "broken-\\xff.jpg" in (tmp_path / "out" / preprocess_module.REPORT).read_text()
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_by_name(image_folder, tmp_path):
+    (image_folder / "dots").rename(bytes(image_folder).decode("utf-8", "surrogateescape") + "/d\udcf6ts")
+    with pytest.raises(PreprocessError, match=r"not valid UTF-8 in .*: d\\xf6ts; rename them"):
+        run(image_folder, tmp_path / "out")
+
+
+def test_class_folders_that_differ_only_in_case_are_warned_about(image_folder, tmp_path, caplog):
+    (image_folder / "Dots").mkdir()
+    for path in sorted((image_folder / "dots").glob("*.jpg"))[:4]:
+        path.rename(image_folder / "Dots" / path.name)
+    manifest = run(image_folder, tmp_path / "out", min_images_per_class=1)
+    assert "Dots" in manifest["classes"] and "dots" in manifest["classes"]
+    assert "names differ only in case are separate classes: Dots, dots" in caplog.text
