@@ -76,8 +76,19 @@ def _dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
+# Folders of metadata that tools leave inside image folders: macOS's zip archiver (`._name`
+# resource forks) and Synology's photo indexer (a set of thumbnails per photo, which would be
+# read as more images of the class, and near-duplicates of the originals across splits).
+METADATA_FOLDERS = ("__MACOSX", "@eaDir")
+
+
+def _skipped_name(name: str) -> bool:
+    """Hidden files and folders, and METADATA_FOLDERS: never part of a dataset."""
+    return name.startswith(".") or name in METADATA_FOLDERS
+
+
 def _hidden(key: str) -> bool:
-    return any(part.startswith(".") for part in key.split("/"))
+    return any(_skipped_name(part) for part in key.split("/"))
 
 
 class LocalSource:
@@ -123,7 +134,7 @@ class LocalSource:
         except OSError as error:
             raise StorageError(f"cannot list folder {folder}: {error.strerror or error}") from None
         for entry in entries:
-            if entry.name.startswith("."):
+            if _skipped_name(entry.name):
                 continue
             path = Path(entry.path)
             if entry.is_dir():  # follows a link
@@ -143,7 +154,7 @@ class LocalSource:
         """Sub-folders, including empty ones, so that an empty class folder can be reported."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not _skipped_name(p.name))
 
 
 @dataclass(frozen=True)

@@ -131,3 +131,26 @@ def test_gcs_missing_bucket_and_empty_prefix(gcs, tmp_path):
     with pytest.raises(PreprocessError, match="no objects under gs://empty/x"):
         preprocess(PreprocessConfig(source="gs://empty/x", output=tmp_path / "b"))
 
+
+
+def _with_metadata_folders(folder):
+    """macOS's zip leftovers and a Synology thumbnail set (real JPEGs) inside a class folder."""
+    photo = sorted((folder / "dots").glob("*.jpg"))[0]
+    (folder / "__MACOSX" / "dots").mkdir(parents=True)
+    (folder / "__MACOSX" / "dots" / f"._{photo.name}").write_bytes(b"\x00\x05\x16\x07resource fork")
+    thumbnails = folder / "dots" / "@eaDir" / photo.name
+    thumbnails.mkdir(parents=True)
+    (thumbnails / "SYNOPHOTO_THUMB_M.jpg").write_bytes(photo.read_bytes())
+    return folder
+
+
+def test_metadata_folders_are_not_classes_or_images_locally_and_in_a_bucket(s3_env, s3, tmp_path):
+    plain = make_image_folder(tmp_path / "plain", images_per_class=3)
+    folder = _with_metadata_folders(make_image_folder(tmp_path / "images", images_per_class=3))
+    s3.upload_folder(folder, "with-metadata", "set")
+    expected = preprocess(PreprocessConfig(source=plain, output=tmp_path / "plain-out", image_size=TINY_SIZE))
+    for source, output in ((folder, "local-out"), ("s3://with-metadata/set", "s3-out")):
+        manifest = preprocess(PreprocessConfig(source=source, output=tmp_path / output, image_size=TINY_SIZE))
+        assert manifest["classes"] == expected["classes"]
+        assert manifest["totals"] == expected["totals"]
+        assert manifest["rejected"] == [] and manifest["duplicates"] == 0
