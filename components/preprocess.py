@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,6 +160,12 @@ def printable(key: str) -> str:
     return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _folded(name: str) -> str:
+    """A class name as a person reads it: "Cats", "cats " and a macOS-decomposed "café" are the
+    folders someone meant as one class."""
+    return unicodedata.normalize("NFKC", name).casefold().strip()
+
+
 def list_source(source: storage.Source) -> SourceListing:
     """Classes, their files and the data fingerprint, from the listing alone (no image read)."""
     try:
@@ -175,11 +182,12 @@ def list_source(source: storage.Source) -> SourceListing:
     if unnamed:
         raise PreprocessError(f"class folder name(s) not valid UTF-8 in {source.uri}: {', '.join(unnamed)}; "
                               "rename them (class names are stored as UTF-8 text)")
-    folded = Counter(name.casefold() for name in classes)
-    alike = [name for name in classes if folded[name.casefold()] > 1]
+    folded = Counter(_folded(name) for name in classes)
+    alike = [name for name in classes if folded[_folded(name)] > 1]
     if alike:
-        log.warning("class folders whose names differ only in case are separate classes: %s",
-                    ", ".join(alike))
+        # ascii(): 'cafe\u0301' and 'caf\xe9' print alike otherwise, as do trailing spaces.
+        log.warning("class folders whose names differ only in case, spacing or Unicode form are "
+                    "separate classes: %s", ", ".join(ascii(name) for name in alike))
     folders = source.class_folders()
     empty = sorted(set(folders) - set(classes))
     if not classes and not empty:

@@ -634,10 +634,14 @@ def test_a_class_folder_name_that_is_not_utf8_is_refused_by_name(image_folder, t
         run(image_folder, tmp_path / "out")
 
 
-def test_class_folders_that_differ_only_in_case_are_warned_about(image_folder, tmp_path, caplog):
-    (image_folder / "Dots").mkdir()
-    for path in sorted((image_folder / "dots").glob("*.jpg"))[:4]:
-        path.rename(image_folder / "Dots" / path.name)
+def test_class_folders_that_differ_only_in_case_spacing_or_unicode_form_are_warned_about(
+        image_folder, tmp_path, caplog):
+    for name, source in (("Dots", "dots"), ("dots ", "dots"), ("caf\u00e9", "checkerboard"),
+                         ("cafe\u0301", "checkerboard")):
+        (image_folder / name).mkdir()
+        for path in sorted((image_folder / source).glob("*.jpg"))[:2]:
+            path.rename(image_folder / name / path.name)
     manifest = run(image_folder, tmp_path / "out", min_images_per_class=1)
-    assert "Dots" in manifest["classes"] and "dots" in manifest["classes"]
-    assert "names differ only in case are separate classes: Dots, dots" in caplog.text
+    assert {"Dots", "dots", "dots ", "caf\u00e9", "cafe\u0301"} <= set(manifest["classes"])
+    assert ("differ only in case, spacing or Unicode form are separate classes: "
+            "'Dots', 'cafe\\u0301', 'caf\\xe9', 'dots', 'dots '") in caplog.text
