@@ -484,6 +484,9 @@ class TFDSSource:
             first = str(error).strip().splitlines()[0]
             raise StorageError(f"TFDS dataset {self.spec!r} not found{where}: {first} "
                                "(a prepared dataset lives in <data dir>/<name>/<version>/)") from None
+        except (AssertionError, ValueError) as error:  # a version it does not have, a malformed one
+            why = str(error).strip().splitlines()[0].rpartition('}": ')[2]
+            raise StorageError(f"TFDS dataset {self.spec!r} cannot be opened{where}: {why}") from None
         if not builder.is_prepared():
             log.info("TFDS dataset %s is not prepared%s: downloading and preparing it", self.spec, where)
             try:

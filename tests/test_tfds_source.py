@@ -61,3 +61,14 @@ def test_tfds_source_that_is_not_there_is_a_clear_error(tmp_path):
         preprocess(PreprocessConfig(source="tfds:no_such_dataset", output=tmp_path / "out",
                                     tfds_data_dir=str(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_tfds_version_that_is_not_there_is_a_clear_error(tmp_path):
+    from tests import tiny_tfds
+
+    tiny_tfds.prepare(tmp_path / "tfds")
+    with pytest.raises(PreprocessError, match=rf"TFDS dataset '{tiny_tfds.NAME}:9.9.9' cannot be opened in "
+                                              r".*cannot be loaded at version 9.9.9, only: 1.0.0"):
+        preprocess(PreprocessConfig(source=f"tfds:{tiny_tfds.NAME}:9.9.9", output=tmp_path / "out",
+                                    tfds_data_dir=str(tmp_path / "tfds")))
+    assert not (tmp_path / "out").exists()
