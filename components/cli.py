@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,16 @@ def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
     except errors as error:
         log.error("error: %s", error)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def local_path(value: str) -> Path:
+    """argparse type of a path on this machine. A bucket URL given instead would become a local
+    folder named "s3:" (`Path` folds the "//"), and the step would write there without a word."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise argparse.ArgumentTypeError(
+            f"{value} is a URL, and this takes a path on this machine (in a pipeline, KFP moves "
+            "each step's folders to and from the artifact store)")
+    return Path(value)
 
 
 def load_env_file(path: Path) -> int:

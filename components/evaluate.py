@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from components import blessing, records
+from components.cli import local_path
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.evaluate",
                                      description="Evaluate a trained model on held-out shards and decide "
                                                  "whether it may replace production.")
-    parser.add_argument("--model", type=Path, required=True, help="output folder of train")
-    parser.add_argument("--data", type=Path, required=True, help="output folder of preprocess")
-    parser.add_argument("--output", type=Path, required=True,
+    parser.add_argument("--model", type=local_path, required=True, help="output folder of train")
+    parser.add_argument("--data", type=local_path, required=True, help="output folder of preprocess")
+    parser.add_argument("--output", type=local_path, required=True,
                         help="folder for evaluation.json and report.md")
     parser.add_argument("--split", choices=records.SPLITS, default=defaults.split)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from components import records
+from components.cli import local_path
 
 log = logging.getLogger(__name__)
 
@@ -405,10 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.export",
                                      description="Export a trained model, verify it after reload, and push "
                                                  "it to the model registry.")
-    parser.add_argument("--model", type=Path, help="output folder of train")
-    parser.add_argument("--data", type=Path, help="output folder of preprocess (for verification)")
-    parser.add_argument("--output", type=Path, help="folder for the exported model (replaced)")
-    parser.add_argument("--evaluation", type=Path, default=None,
+    parser.add_argument("--model", type=local_path, help="output folder of train")
+    parser.add_argument("--data", type=local_path, help="output folder of preprocess (for verification)")
+    parser.add_argument("--output", type=local_path, help="folder for the exported model (replaced)")
+    parser.add_argument("--evaluation", type=local_path, default=None,
                         help="output folder of evaluate: its report goes with the model; needed to push")
     parser.add_argument("--formats", default="",
                         help=f"comma-separated extra formats: {', '.join(FORMATS)} (SavedModel always)")

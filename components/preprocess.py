@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from components import imaging, records, storage
-from components.cli import json_config
+from components.cli import json_config, local_path
 
 log = logging.getLogger(__name__)
 
@@ -949,7 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", required=True,
                         help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
                              "or tfds:NAME[:VERSION]")
-    parser.add_argument("--output", type=Path, help="new folder for shards + manifest.json")
+    parser.add_argument("--output", type=local_path, help="new folder for shards + manifest.json")
     parser.add_argument("--fingerprint-only", action="store_true",
                         help="print the data fingerprint (from the listing, no image read) and exit")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="square side in px")

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from components.cli import local_path
+
 log = logging.getLogger(__name__)
 
 CLASSES = ("checkerboard", "dots", "horizontal-stripes", "vertical-stripes")
@@ -110,7 +112,7 @@ def generate(config: SampleDataConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, required=True, help="folder to create")
+    parser.add_argument("--output", type=local_path, required=True, help="folder to create")
     parser.add_argument("--images-per-class", type=int, default=SampleDataConfig.images_per_class)
     parser.add_argument("--image-size", type=int, default=SampleDataConfig.image_size)
     parser.add_argument("--seed", type=int, default=SampleDataConfig.seed)

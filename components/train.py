@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from components import batchfit, checkpoints, records, storage
-from components.cli import json_config
+from components.cli import json_config, local_path
 
 log = logging.getLogger(__name__)
 
@@ -683,8 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig(data=Path(), output=Path())
     parser = argparse.ArgumentParser(prog="python -m components.train",
                                      description="Train EfficientNet-B0 on prepared TFRecord shards.")
-    parser.add_argument("--data", type=Path, required=True, help="output folder of preprocess")
-    parser.add_argument("--output", type=Path, required=True, help="folder for model.keras and logs")
+    parser.add_argument("--data", type=local_path, required=True, help="output folder of preprocess")
+    parser.add_argument("--output", type=local_path, required=True, help="folder for model.keras and logs")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning-rate", type=float, default=None,
