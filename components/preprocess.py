@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,6 +231,9 @@ def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]
     except UnidentifiedImageError:
         raise Rejected(_unidentified(data)) from None
     except OSError as error:
+        fmt = _signature(data)
+        if fmt and (cut := _cut_short(fmt, data)):
+            raise Rejected(f"truncated image data ({fmt}): {cut}") from None
         raise Rejected(f"corrupt or truncated image header: {error}") from None
     if image_format not in imaging.DECODABLE_FORMATS:
         raise Rejected(f"unsupported image format {image_format}; accepted: "
@@ -249,14 +253,24 @@ SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
 
 
+def _signature(data: bytes) -> str | None:
+    """The accepted format a file's first bytes announce, whatever follows them."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM" and len(data) >= 18 and int.from_bytes(data[14:18], "little") in BMP_HEADER_SIZES:
+        return "BMP"
+    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+
+
+BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # the DIB header versions
+
+
 def _unidentified(data: bytes) -> str:
     """Why a file Pillow cannot identify is refused, in words that say what to do about it:
     the files found next to photos (iPhone HEIC stills and Live Photo videos, SVG drawings,
     saved web pages, PDFs, archives) and image files whose header is broken are told apart by
     their first bytes."""
-    fmt = next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
-    if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        fmt = "WEBP"
+    fmt = _signature(data)
     if fmt == "JPEG" and (variant := _jpeg_variant(data)):
         return _unsupported_jpeg(variant, "read from its frame header")
     if fmt:
@@ -349,20 +363,16 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
 
     image_format, width, height = _check_header(data, config)
     run = _decode_resize_encode(config.image_size, config.resize, config.encoding, config.jpeg_quality)
+    failure = None
     with _native_stderr().capture() as printed:
         try:
             # An explicit tensor: handed the bytes, the traced function converts them by a path
             # that costs 0.8 ms on a 1.5 MB photo where this takes 0.14 ms (bench/RESULTS.md).
             pixels, encoded = run(tf.constant(data))
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-            if image_format == "JPEG" and (variant := _jpeg_variant(data)):
-                raise Rejected(_unsupported_jpeg(variant, _tf_message(error))) from None
-            if image_format in PARTLY_SUPPORTED_FORMATS and _pillow_decodes(data):
-                raise Rejected(f"unsupported {image_format} variant: TensorFlow, which the served model "
-                               f"decodes with, cannot read it ({_tf_message(error)}); "
-                               "converting the file to PNG keeps it") from None
-            raise Rejected(f"corrupt or truncated image data ({image_format}): "
-                           f"{_tf_message(error)}") from None
+            failure = error
+    if failure is not None:
+        raise Rejected(_decode_failure(image_format, data, failure, printed)) from None
     damage = [line.strip() for line in printed if line.strip().startswith(DAMAGED_JPEG_WARNINGS)]
     if damage and not config.allow_damaged:
         raise Rejected(f"damaged image data, decodable only with defects ({image_format}): "
@@ -371,6 +381,67 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
     if other:  # not ours to judge: pass on whatever else native code printed
         print("\n".join(other), file=sys.stderr)
     return encoded.numpy(), _digest(pixels.numpy()), (width, height)
+
+
+def _decode_failure(image_format: str, data: bytes, error, printed: list[str]) -> str:
+    """Why TF could not decode a file whose header is fine, as precisely as the file tells."""
+    if image_format == "JPEG" and (variant := _jpeg_variant(data)):
+        return _unsupported_jpeg(variant, _tf_message(error))
+    if image_format in PARTLY_SUPPORTED_FORMATS and _pillow_decodes(data):
+        return (f"unsupported {image_format} variant: TensorFlow, which the served model decodes with, "
+                f"cannot read it ({_tf_message(error)}); converting the file to PNG keeps it")
+    # TF logs how far libjpeg got before the data ran out, and raises a generic error.
+    rows = next((match for line in printed
+                 if (match := re.search(r"Premature end of JPEG data\. Stopped at line (\d+)/(\d+)", line))),
+                None)
+    if rows:
+        return (f"truncated image data (JPEG): the data runs out {100 * int(rows[1]) // int(rows[2])}% "
+                "of the way down the picture")
+    if cut := _cut_short(image_format, data):
+        return f"truncated image data ({image_format}): {cut}"
+    if image_format == "PNG" and (bad := _png_bad_chunk(data)):
+        return f"corrupt image data (PNG): {bad}"
+    return f"corrupt or truncated image data ({image_format}): {_tf_message(error)}"
+
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _cut_short(image_format: str, data: bytes) -> str:
+    """How a file shows it was cut short (an interrupted upload or copy), from the structure its
+    format gives it: the size its header declares, the marker it must end with. "" if it does
+    not show."""
+    declared = 0
+    if image_format == "WEBP" and len(data) >= 8:
+        declared = int.from_bytes(data[4:8], "little") + 8
+    elif image_format == "BMP" and len(data) >= 6:
+        declared = int.from_bytes(data[2:6], "little")
+    if declared > len(data):
+        return f"the header declares {declared:,} bytes and the file has {len(data):,}"
+    if image_format == "PNG" and PNG_END not in data[-64:]:
+        return "the file ends before the IEND chunk that closes every PNG"
+    if image_format == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "the file ends before the end-of-image marker that closes every JPEG"
+    if image_format == "GIF" and not data.rstrip(b"\x00").endswith(b";"):
+        return "the file ends before the trailer byte that closes every GIF"
+    return ""
+
+
+def _png_bad_chunk(data: bytes) -> str:
+    """The first PNG chunk whose CRC does not match its bytes, or ""."""
+    at = 8
+    while at + 12 <= len(data):
+        length = int.from_bytes(data[at:at + 4], "big")
+        kind = data[at + 4:at + 8]
+        body_end = at + 8 + length
+        if body_end + 4 > len(data):
+            return ""
+        if zlib.crc32(data[at + 4:body_end]) != int.from_bytes(data[body_end:body_end + 4], "big"):
+            return f"chunk {kind.decode('latin-1')!r} at byte {at:,} fails its CRC check"
+        if kind == b"IEND":
+            return ""
+        at = body_end + 4
+    return ""
 
 
 Checked = tuple[bytes, str, tuple[int, int]] | Rejected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -113,9 +114,11 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     manifest = run(image_folder, tmp_path / "out")
 
     reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
-    assert reasons["dots/truncated.jpg"].startswith("corrupt or truncated image header")
-    assert reasons["dots/cut.jpg"] == ("corrupt or truncated image data (JPEG): "
-                                       "jpeg::Uncompress failed. Invalid JPEG data or crop window.")
+    assert reasons["dots/truncated.jpg"] == (
+        "truncated image data (JPEG): the file ends before the end-of-image marker that closes every JPEG")
+    cut = re.fullmatch(r"truncated image data \(JPEG\): the data runs out (\d+)% of the way down the picture",
+                       reasons["dots/cut.jpg"])
+    assert cut and 30 <= int(cut[1]) <= 60, reasons["dots/cut.jpg"]  # cut at half its bytes
     assert reasons["dots/empty.png"] == "empty file (0 bytes)"
     assert reasons["dots/notes.txt"].startswith("not an image")
     assert "HTML" in reasons["dots/page.jpg"]
@@ -645,3 +648,35 @@ def test_class_folders_that_differ_only_in_case_spacing_or_unicode_form_are_warn
     assert {"Dots", "dots", "dots ", "caf\u00e9", "cafe\u0301"} <= set(manifest["classes"])
     assert ("differ only in case, spacing or Unicode form are separate classes: "
             "'Dots', 'cafe\\u0301', 'caf\\xe9', 'dots', 'dots '") in caplog.text
+
+
+def _encoded(image_format: str, **options) -> bytes:
+    noise = np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("image_format", "options", "reason"), [
+    ("PNG", {}, "truncated image data (PNG): the file ends before the IEND chunk that closes every PNG"),
+    ("GIF", {}, "truncated image data (GIF): the file ends before the trailer byte that closes every GIF"),
+    ("WEBP", {"quality": 80}, "truncated image data (WEBP): the header declares {full:,} bytes and the file "
+                              "has {cut:,}"),
+    ("BMP", {}, "truncated image data (BMP): the header declares {full:,} bytes and the file has {cut:,}"),
+    ("JPEG", {"progressive": True},
+     "truncated image data (JPEG): the file ends before the end-of-image marker that closes every JPEG"),
+])
+def test_a_file_cut_short_is_called_truncated_with_the_evidence(image_format, options, reason, tmp_path):
+    data = _encoded(image_format, **options)
+    cut = int(len(data) * 0.6)
+    with pytest.raises(Rejected) as rejection:
+        check_and_resize(data[:cut], PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
+    assert rejection.value.reason == reason.format(full=len(data), cut=cut)
+
+
+def test_a_png_with_damaged_bytes_names_the_chunk_that_fails_its_crc(tmp_path):
+    data = bytearray(_encoded("PNG"))
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(Rejected) as rejection:
+        check_and_resize(bytes(data), PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
+    assert rejection.value.reason == "corrupt image data (PNG): chunk 'IDAT' at byte 33 fails its CRC check"
