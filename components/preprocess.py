@@ -238,9 +238,6 @@ def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]
     if image_format not in imaging.DECODABLE_FORMATS:
         raise Rejected(f"unsupported image format {image_format}; accepted: "
                        f"{', '.join(imaging.DECODABLE_FORMATS)}")
-    if image_format == "WEBP" and imaging.is_animated_webp(data):
-        raise Rejected("unsupported image format WEBP (animated): TensorFlow, which the served model "
-                       "decodes with, cannot read WebP animations; save the first frame as a still image")
     if width * height > config.max_pixels:
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {config.max_pixels}")
     if min(width, height) < config.min_side:
@@ -362,6 +359,8 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
     import tensorflow as tf
 
     image_format, width, height = _check_header(data, config)
+    if image_format == "WEBP" and imaging.is_animated_webp(data):
+        data = _first_frame(data)
     run = _decode_resize_encode(config.image_size, config.resize, config.encoding, config.jpeg_quality)
     failure = None
     with _native_stderr().capture() as printed:
@@ -381,6 +380,23 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
     if other:  # not ours to judge: pass on whatever else native code printed
         print("\n".join(other), file=sys.stderr)
     return encoded.numpy(), _digest(pixels.numpy()), (width, height)
+
+
+def _first_frame(data: bytes) -> bytes:
+    """An animated WebP's first frame as a lossless PNG (alpha kept, composited by the TF path
+    like any other). TF's WebP decoder cannot read animations (imaging.decode), so Pillow's
+    libwebp takes the frame out; the served model refuses animated WebPs with a clear error."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as animation:
+            animation.seek(0)
+            frame = animation.convert("RGBA")
+    except Exception as error:  # noqa: BLE001 - whatever libwebp says, the file is broken
+        raise Rejected(f"corrupt or truncated image data (WEBP, animated): {error}") from None
+    buffer = io.BytesIO()
+    frame.save(buffer, format="PNG", compress_level=1)  # read back at once: speed over size
+    return buffer.getvalue()
 
 
 def _decode_failure(image_format: str, data: bytes, error, printed: list[str]) -> str:
@@ -458,12 +474,17 @@ def check_and_resize_many(datas: list[bytes], config: PreprocessConfig) -> list[
 
     results: list[Checked | None] = [None] * len(datas)
     passed: list[tuple[int, tuple[int, int]]] = []
+    animations: list[int] = []  # animated WebPs: Pillow takes out their first frame, one by one
     for index, data in enumerate(datas):
         try:
-            _, width, height = _check_header(data, config)
-            passed.append((index, (width, height)))
+            image_format, width, height = _check_header(data, config)
         except Rejected as rejection:
             results[index] = rejection
+            continue
+        if image_format == "WEBP" and imaging.is_animated_webp(data):
+            animations.append(index)
+        else:
+            passed.append((index, (width, height)))
     if len(passed) > 1:
         run = _decode_resize_encode_many(config.image_size, config.resize, config.encoding,
                                          config.jpeg_quality)
@@ -476,8 +497,8 @@ def check_and_resize_many(datas: list[bytes], config: PreprocessConfig) -> list[
             pixels, encoded = pixels.numpy(), encoded.numpy()
             for position, (index, size) in enumerate(passed):
                 results[index] = (encoded[position], _digest(pixels[position]), size)
-            return results  # type: ignore[return-value]
-    for index, _ in passed:
+            passed = []
+    for index in [index for index, _ in passed] + animations:
         try:
             results[index] = check_and_resize(datas[index], config)
         except Rejected as rejection:

@@ -125,14 +125,12 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
     assert reasons["dots/scan.tiff"].startswith("unsupported image format TIFF")
     assert reasons["dots/damaged.jpg"].startswith(
         "damaged image data, decodable only with defects (JPEG): Corrupt JPEG data:")
-    assert reasons["dots/animated.webp"].startswith(
-        "unsupported image format WEBP (animated): TensorFlow, which the served model decodes with, "
-        "cannot read WebP animations")
+    assert "dots/animated.webp" not in reasons  # its first frame is kept
     # Not "corrupt": a valid file of a variant TF cannot decode is told apart from a broken one.
     assert reasons["dots/one-bit.bmp"].startswith(
         "unsupported BMP variant: TensorFlow, which the served model decodes with, cannot read it")
-    assert len(manifest["rejected"]) == 9
-    assert sum(manifest["totals"].values()) == 32
+    assert len(manifest["rejected"]) == 8
+    assert sum(manifest["totals"].values()) == 33
 
 
 def test_a_broken_jpeg_that_pillow_tolerates_is_called_corrupt_not_unsupported(tmp_path):
@@ -680,3 +678,23 @@ def test_a_png_with_damaged_bytes_names_the_chunk_that_fails_its_crc(tmp_path):
     with pytest.raises(Rejected) as rejection:
         check_and_resize(bytes(data), PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
     assert rejection.value.reason == "corrupt image data (PNG): chunk 'IDAT' at byte 33 fails its CRC check"
+
+
+def test_an_animated_webp_gives_its_first_frame_alpha_on_white(tmp_path):
+    first = Image.new("RGBA", (64, 64), (200, 10, 10, 255))
+    first.paste((0, 0, 0, 0), (8, 8, 56, 56))  # a transparent hole: white once composited
+    second = Image.new("RGBA", (64, 64), (10, 10, 200, 255))
+    buffer = io.BytesIO()
+    first.save(buffer, format="WEBP", save_all=True, append_images=[second], lossless=True)
+    data = buffer.getvalue()
+    assert imaging.is_animated_webp(data) and data[20] & 0x10  # animated, with alpha
+    config = PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE, encoding="png")
+    encoded, _, size = check_and_resize(data, config)
+    pixels = tf.io.decode_png(encoded).numpy().astype(int)
+    assert size == (64, 64)
+    assert np.abs(pixels[6:-6, 6:-6] - [255, 255, 255]).max() == 0
+    assert np.abs(pixels[:2, :] - [200, 10, 10]).max() <= 1
+    # The batched path gives the same bytes, with still images in the same chunk.
+    still = tmp_path / "still.jpg"
+    Image.new("RGB", (40, 30), (0, 120, 0)).save(still)
+    assert check_and_resize_many([still.read_bytes(), data, still.read_bytes()], config)[1][0] == encoded
