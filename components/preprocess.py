@@ -240,6 +240,12 @@ def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]
                        f"{', '.join(imaging.DECODABLE_FORMATS)}")
     if width * height > config.max_pixels:
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {config.max_pixels}")
+    if image_format == "GIF":
+        most = config.max_pixels // (width * height)  # frames that fit under the cap
+        if _gif_frames(data, stop_after=most + 1) > most:
+            raise Rejected(f"too many pixels: more than {most} frames of {width}x{height}, over the "
+                           f"cap of {config.max_pixels} in all (TensorFlow decodes every frame of a "
+                           "GIF to take the first)")
     if min(width, height) < config.min_side:
         raise Rejected(f"too small: {width}x{height}, a side under --min-side {config.min_side} px")
     return image_format, width, height
@@ -248,6 +254,30 @@ def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF"}
 # ISO media brands (bytes 8-12, after "ftyp") of HEIF stills: what iPhones save photos as.
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+
+
+def _gif_frames(data: bytes, stop_after: int) -> int:
+    """How many frames a GIF holds, from its block structure alone (no decoding), counting no
+    further than `stop_after`. A GIF of thousands of frames of one colour is a few hundred KB
+    that TF's decoder (giflib's DGifSlurp) expands into every frame's pixels at once."""
+    at = 13
+    if len(data) > 10 and data[10] & 0x80:  # the global colour table
+        at += 3 << ((data[10] & 7) + 1)
+    frames = 0
+    while at < len(data) and frames < stop_after:
+        block = data[at]
+        if block == 0x2C:  # an image: its descriptor, a local colour table, the LZW code size
+            packed = data[at + 9] if at + 9 < len(data) else 0
+            at += 10 + ((3 << ((packed & 7) + 1)) if packed & 0x80 else 0) + 1
+            frames += 1
+        elif block == 0x21:  # an extension: its label
+            at += 2
+        else:  # the trailer, or bytes that are no GIF block: TF's decoder will judge the rest
+            break
+        while at < len(data) and data[at]:  # data sub-blocks, each led by its size
+            at += data[at] + 1
+        at += 1
+    return frames
 
 
 def _signature(data: bytes) -> str | None:

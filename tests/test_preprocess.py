@@ -698,3 +698,30 @@ def test_an_animated_webp_gives_its_first_frame_alpha_on_white(tmp_path):
     still = tmp_path / "still.jpg"
     Image.new("RGB", (40, 30), (0, 120, 0)).save(still)
     assert check_and_resize_many([still.read_bytes(), data, still.read_bytes()], config)[1][0] == encoded
+
+
+def _gif(frames: int, size: int = 100, **options) -> bytes:
+    # Frames that differ, so that Pillow does not merge them into one.
+    images = [Image.new("RGB", (size, size), (index * 5 % 256, 80, 160)) for index in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("options", [{}, {"transparency": 3, "comment": b"x" * 600, "loop": 0}])
+@pytest.mark.parametrize("frames", [1, 2, 7, 40])
+def test_gif_frames_are_counted_from_the_blocks_as_pillow_counts_them(frames, options):
+    data = _gif(frames, **options)
+    with Image.open(io.BytesIO(data)) as image:
+        assert preprocess_module._gif_frames(data, stop_after=1000) == image.n_frames == frames
+    assert preprocess_module._gif_frames(data, stop_after=3) == min(frames, 3)
+
+
+def test_a_gif_whose_frames_add_up_to_too_many_pixels_is_refused_from_its_blocks(tmp_path):
+    config = PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE, max_pixels=100_000)
+    check_and_resize(_gif(10), config)  # 10 frames of 100x100: at the cap, kept
+    with pytest.raises(Rejected) as rejection:
+        check_and_resize(_gif(11), config)
+    assert rejection.value.reason == (
+        "too many pixels: more than 10 frames of 100x100, over the cap of 100000 in all (TensorFlow "
+        "decodes every frame of a GIF to take the first)")
