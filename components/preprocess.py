@@ -240,14 +240,14 @@ def _check_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]
                        f"{', '.join(imaging.DECODABLE_FORMATS)}")
     if width * height > config.max_pixels:
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {config.max_pixels}")
+    if min(width, height) < config.min_side:
+        raise Rejected(f"too small: {width}x{height}, a side under --min-side {config.min_side} px")
     if image_format == "GIF":
         most = config.max_pixels // (width * height)  # frames that fit under the cap
         if _gif_frames(data, stop_after=most + 1) > most:
             raise Rejected(f"too many pixels: more than {most} frames of {width}x{height}, over the "
                            f"cap of {config.max_pixels} in all (TensorFlow decodes every frame of a "
                            "GIF to take the first)")
-    if min(width, height) < config.min_side:
-        raise Rejected(f"too small: {width}x{height}, a side under --min-side {config.min_side} px")
     return image_format, width, height
 
 
