@@ -401,7 +401,7 @@ def check_and_resize(data: bytes, config: PreprocessConfig) -> tuple[bytes, str,
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
             failure = error
     if failure is not None:
-        raise Rejected(_decode_failure(image_format, data, failure, printed)) from None
+        raise Rejected(_decode_failure(image_format, data, failure)) from None
     damage = [line.strip() for line in printed if line.strip().startswith(DAMAGED_JPEG_WARNINGS)]
     if damage and not config.allow_damaged:
         raise Rejected(f"damaged image data, decodable only with defects ({image_format}): "
@@ -429,20 +429,15 @@ def _first_frame(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _decode_failure(image_format: str, data: bytes, error, printed: list[str]) -> str:
+def _decode_failure(image_format: str, data: bytes, error) -> str:
     """Why TF could not decode a file whose header is fine, as precisely as the file tells."""
     if image_format == "JPEG" and (variant := _jpeg_variant(data)):
         return _unsupported_jpeg(variant, _tf_message(error))
     if image_format in PARTLY_SUPPORTED_FORMATS and _pillow_decodes(data):
         return (f"unsupported {image_format} variant: TensorFlow, which the served model decodes with, "
                 f"cannot read it ({_tf_message(error)}); converting the file to PNG keeps it")
-    # TF logs how far libjpeg got before the data ran out, and raises a generic error.
-    rows = next((match for line in printed
-                 if (match := re.search(r"Premature end of JPEG data\. Stopped at line (\d+)/(\d+)", line))),
-                None)
-    if rows:
-        return (f"truncated image data (JPEG): the data runs out {100 * int(rows[1]) // int(rows[2])}% "
-                "of the way down the picture")
+    # From the file's structure alone: TF also logs how far libjpeg got, but whether that line
+    # is printed depends on TF's log level, and a re-run must give the same manifest.
     if cut := _cut_short(image_format, data):
         return f"truncated image data ({image_format}): {cut}"
     if image_format == "PNG" and (bad := _png_bad_chunk(data)):
