@@ -179,7 +179,7 @@ def list_source(source: storage.Source) -> SourceListing:
                     len(stray), source.uri, ", ".join(stray[:5]))
     objects = [o for o in objects if "/" in o.key]
     classes = sorted({class_of(o.key) for o in objects})
-    unnamed = [printable(name) for name in classes if printable(name) != name]
+    unnamed = [shown for name in classes if (shown := printable(name)) != name]
     if unnamed:
         raise PreprocessError(f"class folder name(s) not valid UTF-8 in {source.uri}: {', '.join(unnamed)}; "
                               "rename them (class names are stored as UTF-8 text)")
@@ -888,24 +888,22 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
     rejected: list[dict[str, str]] = []
     progress = _Progress(len(listing.objects), "preprocess")
     try:
+        def reject(key: str, reason: str) -> None:
+            progress.step()
+            log.warning("rejected %s: %s", printable(key), printable(reason))
+            rejected.append({"path": printable(key), "reason": printable(reason)})
+
         cap = max_file_bytes(config)
-        keys = []
         for item in listing.objects:
             if item.size > cap:
-                reason = (f"too large: {item.size:,} bytes, more than an accepted image of at most "
-                          f"--max-pixels {config.max_pixels:,} can be ({cap:,}); not read")
-            else:
-                keys.append(item.key)
-                continue
-            log.warning("rejected %s: %s", printable(item.key), reason)
-            rejected.append({"path": printable(item.key), "reason": reason})
-            progress.step()
+                reject(item.key, f"too large: {item.size:,} bytes, more than an accepted image of at most "
+                                 f"--max-pixels {config.max_pixels:,} can be ({cap:,}); not read")
+        keys = [item.key for item in listing.objects if item.size <= cap]
         for key, record, detail, size in _process_all(source.worker_uri, keys, config, listing.classes):
-            progress.step()
             if record is None:
-                log.warning("rejected %s: %s", printable(key), printable(detail))
-                rejected.append({"path": printable(key), "reason": printable(detail)})
+                reject(key, detail)
                 continue
+            progress.step()
             class_name = class_of(key)
             item = Processed(key=key, label=label_of[class_name], digest=detail)
             processed.append(item)
