@@ -87,7 +87,7 @@ def _skipped_name(name: str) -> bool:
     return name.startswith(".") or name in METADATA_FOLDERS
 
 
-def _hidden(key: str) -> bool:
+def _skipped(key: str) -> bool:
     return any(_skipped_name(part) for part in key.split("/"))
 
 
@@ -265,7 +265,7 @@ class ObjectStoreSource(_BucketSource):
                 if item.is_dir or item.object_name.endswith("/"):
                     continue  # folder markers some tools create
                 key = item.object_name[len(prefix):]
-                if not _hidden(key):
+                if not _skipped(key):
                     found.append(SourceObject(key=key, size=int(item.size or 0),
                                               etag=(item.etag or "").strip('"')))
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
@@ -435,7 +435,7 @@ class GCSSource(_BucketSource):
         try:
             for blob in self.client.list_blobs(self.bucket, prefix=prefix):
                 key = blob.name[len(prefix):]
-                if key and not blob.name.endswith("/") and not _hidden(key):
+                if key and not blob.name.endswith("/") and not _skipped(key):
                     found.append(SourceObject(key=key, size=int(blob.size or 0),
                                               etag=blob.etag or blob.md5_hash or ""))
         except self._errors() as error:
