@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.storage import ObjectStoreFolder, StorageError
+from components.storage import LocalSource, ObjectStoreFolder, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,13 @@ def stage_folder(folder: Path, bucket: str, name: str) -> str:
     target = ObjectStoreFolder(uri)
     target.check()
     there = target.sizes()
-    files = sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
-    todo = [path for path in files if there.get(path.relative_to(folder).as_posix()) != path.stat().st_size]
+    # The files preprocess would read from the folder itself (class folders that are links
+    # followed, hidden and metadata folders skipped); a dangling link has nothing to upload.
+    files = [item for item in LocalSource(folder).list() if (folder / item.key).is_file()]
+    todo = [item.key for item in files if there.get(item.key) != item.size]
     log.info("staging %s in %s: %d of %d files to upload", folder, uri, len(todo), len(files))
-    for done, path in enumerate(todo, 1):
-        target.put_file(path.relative_to(folder).as_posix(), path)
+    for done, key in enumerate(todo, 1):
+        target.put_file(key, folder / key)
         if done % 500 == 0 or done == len(todo):
             log.info("uploaded %d/%d", done, len(todo))
     return uri

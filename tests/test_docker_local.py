@@ -13,6 +13,7 @@ import pytest
 
 from components import docker_local
 from components.cli import load_env_file
+from components.sample_data import CLASSES
 from components.storage import StorageError
 from tests.conftest import make_image_folder
 
@@ -77,6 +78,24 @@ def test_staging_uploads_a_folder_once(s3_env, tmp_path, monkeypatch):
     monkeypatch.setattr(docker_local.ObjectStoreFolder, "put_file", counting_put)
     docker_local.stage_folder(images, "stage", "tiny")
     assert uploads == ["dots/new.jpg"]  # only what is not there yet
+
+
+def test_staging_uploads_what_preprocess_reads_from_the_folder(s3_env, tmp_path):
+    """A class folder that is a link to the images is uploaded (it is a class to preprocess);
+    macOS's __MACOSX and hidden folders are not (preprocess skips them)."""
+    images = make_image_folder(tmp_path / "images", images_per_class=3)
+    elsewhere = tmp_path / "elsewhere"
+    (images / "dots").rename(elsewhere)
+    (images / "dots").symlink_to(elsewhere, target_is_directory=True)
+    for junk in ("__MACOSX/dots/._a.jpg", ".thumbnails/a.jpg"):
+        (images / junk).parent.mkdir(parents=True)
+        (images / junk).write_bytes(b"junk")
+    s3_env.client().make_bucket("stage")
+    docker_local.stage_folder(images, "stage", "linked")
+    names = sorted(item.object_name.removeprefix("datasets/linked/") for item in
+                   s3_env.client().list_objects("stage", prefix="datasets/linked/", recursive=True))
+    assert names == sorted(f"{cls}/{path.name}" for cls in CLASSES for path in (images / cls).iterdir())
+    assert sum(name.startswith("dots/") for name in names) == 3
 
 
 def test_staging_into_a_missing_bucket_says_so(s3_env, tmp_path):
