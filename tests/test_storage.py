@@ -132,7 +132,6 @@ def test_gcs_missing_bucket_and_empty_prefix(gcs, tmp_path):
         preprocess(PreprocessConfig(source="gs://empty/x", output=tmp_path / "b"))
 
 
-
 def _with_metadata_folders(folder):
     """macOS's zip leftovers and a Synology thumbnail set (real JPEGs) inside a class folder."""
     photo = sorted((folder / "dots").glob("*.jpg"))[0]
