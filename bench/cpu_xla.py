@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,13 +36,14 @@ def run(data: Path, epochs: int, jit: bool, batch_size: int) -> dict:
     model = build_model(len(dataset.classes), dataset.image_size)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy",
                   jit_compile=jit)
-    train = training_dataset(dataset, config, len(dataset.classes))
+    train = training_dataset(dataset, config, len(dataset.classes))  # endless: full batches only
+    steps = math.ceil(dataset.count("train") / batch_size)
     seconds = []
     for _ in range(epochs):
         started = time.monotonic()
-        model.fit(train, epochs=1, verbose=0, shuffle=False)
+        model.fit(train, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
         seconds.append(time.monotonic() - started)
-    images = dataset.count("train")
+    images = steps * batch_size
     steady = sum(seconds[1:]) / max(len(seconds) - 1, 1)
     return {"jit_compile": jit, "first_epoch_s": round(seconds[0], 1),
             "steady_epoch_s": round(steady, 2), "steady_img_per_s": round(images / steady, 1),

@@ -6,10 +6,12 @@
 Each candidate batch is tried in a fresh process (a framework does not give GPU memory back
 after running out, so one process cannot try twice), with the memory cap lowered by
 MARGIN so that the real run keeps headroom for what probes do not exercise (validation,
-checkpoint saves, fragmentation). The search doubles from `start` up to the requested batch,
-then bisects between the last batch that fitted and the first that did not; of the batches
-that fitted it keeps the largest that trains within 5% of the fastest images/s (XLA
-rematerializes to make a big batch fit, so "fits" alone can mean "fits, slowly"). The answer is
+checkpoint saves, fragmentation). The search tries the requested batch first (under XLA it
+nearly always fits), halves until one fits, then bisects between that and the smallest that
+did not. Half the batch found is timed too: of the batches that fitted it keeps the largest
+that trains within 5% of the fastest images/s (XLA rematerializes to make a big batch fit, so
+"fits" alone can mean "fits, slowly"). Each probe compiles the step (about 70-110 s on an
+H200, bench/RESULTS.md), so a cold fit costs two probes in the usual case. The answer is
 remembered per GPU model, memory budget, image size, precision, backend and library
 versions, so a scheduled retraining probes once. The requested (effective) batch is then
 reached with gradient accumulation: `plan(requested, largest)`.
@@ -29,10 +31,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from components import backend
+
 log = logging.getLogger(__name__)
 
 MARGIN = 0.07  # probes run under the budget minus this fraction
 SPEED_TOLERANCE = 0.05  # a bigger batch must train within this fraction of the fastest
+MIN_SPEED_CHECK = 16  # no speed comparison below this batch: per-step overhead dominates there
 OOM_EXIT = 3  # a probe's exit code for "out of memory"; any other failure is an error
 
 
@@ -62,31 +67,25 @@ def plan(requested: int, largest: int) -> BatchPlan:
     )
 
 
-def search(fits: Callable[[int], bool], requested: int, start: int = 16, granularity: int = 8) -> int:
+def search(fits: Callable[[int], bool], requested: int, granularity: int = 8) -> int:
     """Largest batch <= `requested` for which `fits(batch)` is True.
 
-    Doubling from `start` (capped at `requested`) until one does not fit, then bisecting to a
-    multiple of `granularity` (of 1 below it). If even `start` does not fit, halving down to 1.
+    The requested batch first: under XLA nearly every batch fits (it rematerializes), so this
+    is usually the only probe. If it does not fit, halving until one does, then bisecting
+    between that and the smallest that did not, to a multiple of `granularity` (of 1 below it).
     `fits` returns False only for running out of memory; any other failure raises through."""
-    batch, low, high = min(start, requested), 0, None
-    while True:
+    if fits(requested):
+        return requested
+    high, low = requested, 0
+    batch = requested
+    while batch > 1:
+        batch //= 2
         if fits(batch):
             low = batch
-            if batch == requested:
-                return batch
-            batch = min(batch * 2, requested)
-        else:
-            high = batch
             break
+        high = batch
     if low == 0:
-        while batch > 1:
-            batch //= 2
-            if fits(batch):
-                low = batch
-                break
-            high = batch
-        else:
-            raise BatchFitError("not even a batch of 1 trains within the GPU memory budget")
+        raise BatchFitError("not even a batch of 1 trains within the GPU memory budget")
     step = granularity if low >= granularity else 1
     while high - low > step:
         middle = (low + high) // 2
@@ -129,23 +128,30 @@ def detect_gpu() -> Gpu | None:
     return Gpu(name=name, total_mib=int(float(total)))
 
 
-def apply_memory_limit(limit_mib: int, gpu: Gpu | None) -> None:
-    """Cap what the framework may take of the GPU, before it starts. TensorFlow: a logical
-    device with `memory_limit`; JAX: its allocator's fraction of the card."""
-    if not limit_mib or gpu is None:
-        return
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-    if backend == "jax":
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(limit_mib / gpu.total_mib, 1.0):.4f}"
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
-        return
+def apply_memory_limit(limit_mib: int, gpu: Gpu | None) -> int | None:
+    """Cap what the framework may take of the GPU, before it starts: `limit_mib`, or (0) the
+    card's memory less `backend.HEADROOM_MIB`. JAX: its allocator preallocates that share of
+    the card, so XLA compiles against the cap (and rematerializes to stay under it);
+    TensorFlow: a logical device with `memory_limit`. Returns the cap in MiB (None: no GPU)."""
+    if gpu is None:
+        return None
+    limit = backend.memory_limit_mib(limit_mib, gpu.total_mib)
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "jax":
+        fraction = min(limit / gpu.total_mib, 1.0)
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
+        log.info("GPU memory cap: %d of %d MiB (XLA_PYTHON_CLIENT_MEM_FRACTION=%.4f, preallocated)",
+                 limit, gpu.total_mib, fraction)
+        return limit
     import tensorflow as tf
 
     devices = tf.config.list_physical_devices("GPU")
     if devices:
         tf.config.set_logical_device_configuration(
-            devices[0], [tf.config.LogicalDeviceConfiguration(memory_limit=limit_mib)]
+            devices[0], [tf.config.LogicalDeviceConfiguration(memory_limit=limit)]
         )
+        log.info("GPU memory cap: %d of %d MiB (TensorFlow logical device)", limit, gpu.total_mib)
+    return limit
 
 
 def peak_memory_mib() -> float | None:
@@ -186,8 +192,8 @@ class ProbeSpec:
     image_size: int
     precision: str
     num_classes: int
-    memory_limit_mib: int  # the probe's own cap (budget minus MARGIN); 0 = none
-    steps: int = 3
+    memory_limit_mib: int  # the probe's own cap (budget minus MARGIN); 0 = the card less headroom
+    steps: int = 5  # the first compiles; the other 4 are timed
 
 
 def probe(spec: ProbeSpec, batch: int, timeout: float = 900, speeds: dict[int, float] | None = None) -> bool:
@@ -211,10 +217,12 @@ def probe(spec: ProbeSpec, batch: int, timeout: float = 900, speeds: dict[int, f
     seconds = time.monotonic() - started
     if done.returncode == 0:
         reported = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
-        speed = json.loads(reported[-1][len("PROBE ") :])["img_per_s"] if reported else None
+        result = json.loads(reported[-1][len("PROBE ") :]) if reported else {}
+        speed, peak = result.get("img_per_s"), result.get("peak_mib")
         if speeds is not None and speed:
             speeds[batch] = speed
-        log.info("batch %d fits (probe %.0f s%s)", batch, seconds, f", {speed:.0f} img/s" if speed else "")
+        log.info("batch %d fits (probe %.0f s%s%s)", batch, seconds, f", {speed:.0f} img/s" if speed else "",
+                 f", peak {peak:.0f} MiB" if peak else "")
         return True
     if done.returncode == OOM_EXIT:
         log.info("batch %d runs out of memory (probe %.0f s)", batch, seconds)
@@ -272,11 +280,8 @@ def _run_probe(spec: ProbeSpec, batch: int) -> int:
         for _ in range(spec.steps - 1):
             model.train_on_batch(images, labels)  # returns numpy logs: waits for the device
         if spec.steps > 1:
-            print(
-                "PROBE "
-                + json.dumps({"img_per_s": batch * (spec.steps - 1) / (time.perf_counter() - started)}),
-                flush=True,
-            )
+            speed = batch * (spec.steps - 1) / (time.perf_counter() - started)
+            print("PROBE " + json.dumps({"img_per_s": speed, "peak_mib": peak_memory_mib()}), flush=True)
     except Exception as error:  # noqa: BLE001 - sorted into memory / not memory right here
         if is_out_of_memory(error):
             return OOM_EXIT
@@ -287,17 +292,16 @@ def _run_probe(spec: ProbeSpec, batch: int) -> int:
 def cache_key(gpu: Gpu, spec: ProbeSpec) -> str:
     import importlib.metadata as metadata
 
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    keras_backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     versions = []
-    for package in ("keras", "tensorflow" if backend == "tensorflow" else backend):
+    for package in ("keras", keras_backend):
         try:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package} ?")
     budget = spec.memory_limit_mib or gpu.total_mib
-    return f"{gpu.name} | {budget} MiB | {spec.image_size} px | {spec.precision} | {backend} | " + ", ".join(
-        versions
-    )
+    return (f"{gpu.name} | {budget} MiB | {spec.image_size} px | {spec.precision} | {keras_backend} | "
+            + ", ".join(versions))
 
 
 def largest_batch(
@@ -306,10 +310,15 @@ def largest_batch(
     gpu: Gpu,
     cache_file: Path | None,
     fits: Callable[[int], bool] | None = None,
-    start: int = 16,
     granularity: int = 8,
+    speeds: dict[int, float] | None = None,
 ) -> int:
-    """Largest per-step batch up to `requested`: from the cache, or probed and then cached."""
+    """Largest per-step batch up to `requested`: from the cache, or probed and then cached.
+
+    When the probes measured speed, half the batch found is timed too (and its half, while
+    each is faster by more than SPEED_TOLERANCE): a batch that fits only by rematerializing
+    can train fewer images a second than a smaller one (`choose`). `fits` (default: a real probe
+    process) records the images/s it measured in `speeds`."""
     key = cache_key(gpu, spec)
     cache = _read_cache(cache_file)
     known = cache.get(key)
@@ -322,9 +331,17 @@ def largest_batch(
         )
         return min(known["largest"], requested)
     log.info("finding the largest batch that trains (%s), up to %d", key, requested)
-    speeds: dict[int, float] = {}
-    largest = search(fits or (lambda batch: probe(spec, batch, speeds=speeds)), requested, start, granularity)
+    started = time.monotonic()
+    speeds = {} if speeds is None else speeds
+    fits = fits or (lambda batch: probe(spec, batch, speeds=speeds))
+    largest = search(fits, requested, granularity)
+    smaller = largest
+    while smaller in speeds and smaller // 2 >= MIN_SPEED_CHECK and fits(smaller // 2):
+        if speeds.get(smaller // 2, 0.0) <= (1 + SPEED_TOLERANCE) * speeds[smaller]:
+            break
+        smaller //= 2
     largest = choose(largest, speeds)
+    log.info("batch fit took %.0f s: largest batch %d", time.monotonic() - started, largest)
     if cache_file:
         cache[key] = {"largest": largest, "limit_probed": requested, "date": time.strftime("%Y-%m-%d")}
         _write_cache(cache_file, cache)
@@ -378,9 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--precision", default="mixed_float16", choices=("float32", "mixed_float16"))
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--gpu-memory-limit", type=int, default=0, help="MiB the framework may use (0 = all)")
+    parser.add_argument("--gpu-memory-limit", type=int, default=0,
+                        help="MiB the framework may use (0 = the card's memory less a headroom)")
+    parser.add_argument("--backend", choices=backend.BACKENDS, default="auto",
+                        help="Keras backend of the probes (auto: jax on a GPU when installed)")
     parser.add_argument("--cache", type=Path, default=default_cache_file())
-    parser.add_argument("--start", type=int, default=16, help="first batch probed")
     parser.add_argument("--granularity", type=int, default=8, help="bisect to a multiple of this")
     args = parser.parse_args(argv)
     if args.probe:
@@ -393,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     if gpu is None:
         print("error: no NVIDIA GPU found (nvidia-smi); batch fitting is for GPU training", file=sys.stderr)
         return 2
-    budget = args.gpu_memory_limit or gpu.total_mib
+    try:
+        backend.activate(backend.resolve(args.backend, gpu_present=True))
+    except backend.BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    budget = backend.memory_limit_mib(args.gpu_memory_limit, gpu.total_mib)
     spec = ProbeSpec(
         image_size=args.image_size,
         precision=args.precision,
@@ -401,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_limit_mib=int(budget * (1 - MARGIN)),
     )
     largest = largest_batch(
-        args.requested, spec, gpu, args.cache, start=args.start, granularity=args.granularity
+        args.requested, spec, gpu, args.cache, granularity=args.granularity
     )
     result = plan(args.requested, largest)
     print(

@@ -55,6 +55,7 @@ class TrainingState:
     step_batch: int = 0
     accumulation: int = 1
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    backend: str = ""  # the Keras backend that wrote it ("" before it was recorded)
 
 
 def _is_accumulator(variable) -> bool:
@@ -211,3 +212,36 @@ class RemoteMirror:
                  if name.startswith("step-") and name.split("/")[0] not in keep]
         for name in sorted(stale, key=lambda n: not n.endswith(STATE)):  # unmark complete first
             self.folder.remove(name)
+
+
+def pull_folder(uri: str, directory: Path) -> int:
+    """Copy the files under an S3-compatible prefix that `directory` lacks; how many."""
+    from components import storage
+
+    remote = storage.ObjectStoreFolder(uri.rstrip("/"))
+    directory.mkdir(parents=True, exist_ok=True)
+    fetched = 0
+    for name in remote.names():
+        target = directory / name
+        if "/" in name or target.exists():
+            continue
+        partial = directory / f".{name}.partial"
+        remote.get_file(name, partial)
+        partial.replace(target)
+        fetched += 1
+    return fetched
+
+
+def push_folder(directory: Path, uri: str) -> int:
+    """Copy the files of `directory` that the prefix lacks (a name is never rewritten: JAX's
+    cache entries are named by their content's key); how many."""
+    from components import storage
+
+    remote = storage.ObjectStoreFolder(uri.rstrip("/"))
+    present = set(remote.names())
+    pushed = 0
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in present:
+            remote.put_file(path.name, path)
+            pushed += 1
+    return pushed

@@ -13,6 +13,10 @@ or an s3://, minio://, gs:// URI of that file or any EfficientNet-B0 no-top weig
 (air-gapped clusters), or `none` (from scratch; what tests and the built-in dataset use).
 Pretrained weights train in two phases: the new head alone, then the top blocks too.
 
+Backend: on a GPU Keras trains on JAX (`--backend auto`, components/backend.py), with the
+memory cap applied before JAX starts and XLA's compiled programs kept beside the checkpoints;
+on a CPU on TensorFlow. The model file is the same either way.
+
 On a GPU the per-step batch is fitted to the memory budget (`components.batchfit`) and the
 requested batch reached by gradient accumulation; running out of memory mid-run halves the
 per-step batch and goes on from the last checkpoint. Checkpoints (`components.checkpoints`)
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components import backend as backend_lib
 from components import batchfit, checkpoints, records, storage
 from components.cli import json_config, local_path
 
@@ -79,9 +84,17 @@ class TrainConfig:
     checkpoint_dir: str = ""
     checkpoint_every: int = 50  # steps; a kill loses at most this many
     early_stopping_patience: int = 0  # epochs without a better val_accuracy; 0 = train them all
-    # MiB of GPU memory the framework may use (0 = all): 7680 reproduces an RTX 2070's budget
-    # on any larger card.
+    # MiB of GPU memory the framework may use (0 = the card's memory less backend.HEADROOM_MIB):
+    # 7680 reproduces an RTX 2070's budget on any larger card.
     gpu_memory_limit_mib: int = 0
+    # Keras backend: auto = jax when a GPU is used (and JAX with its CUDA plugin is installed),
+    # tensorflow on a CPU (components/backend.py says why); jax or tensorflow to force one.
+    backend: str = "auto"
+    # Training steps queued per Keras call (0 = auto: 4 under JAX, 1 under TensorFlow). Keras
+    # converts the step's logs to floats after each call, which waits for the GPU: with 1, the
+    # GPU idles while the host fetches and sends the next batch. 4 keeps up to 5 input batches
+    # on the GPU (5 x 38 MB at 256 x 224 px), inside batchfit's 7% margin.
+    steps_per_execution: int = 0
     # auto: on a GPU, probe for the largest per-step batch up to batch_size (components.batchfit)
     # and reach batch_size by gradient accumulation; off: batch_size per step, as given.
     batch_fit: str = "auto"
@@ -110,10 +123,15 @@ class TrainConfig:
             raise TrainError("--head-epochs must be 0 or more and --unfreeze-blocks in 0..16")
         if self.xla not in ("auto", "on", "off"):
             raise TrainError(f"--xla must be auto, on or off, got {self.xla!r}")
+        if self.backend not in backend_lib.BACKENDS:
+            raise TrainError(f"--backend must be one of {', '.join(backend_lib.BACKENDS)}, "
+                             f"got {self.backend!r}")
         if self.batch_fit not in ("auto", "off"):
             raise TrainError(f"--batch-fit must be auto or off, got {self.batch_fit!r}")
         if self.gpu_memory_limit_mib < 0:
             raise TrainError("--gpu-memory-limit must be 0 (the whole GPU) or more MiB")
+        if self.steps_per_execution < 0:
+            raise TrainError("--steps-per-execution must be 0 (auto) or more")
         if self.checkpoint_every < 1:
             raise TrainError(f"--checkpoint-every must be at least 1 step, got {self.checkpoint_every}")
         if self.early_stopping_patience < 0:
@@ -261,9 +279,14 @@ def build_model(num_classes: int, image_size: int, weights: str = "none", dropou
 
 
 def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_classes: int,
-                     epoch: int = 0, skip: int = 0, batch_size: int | None = None):
+                     epoch: int = 0, skip: int = 0, batch_size: int | None = None, steps: int | None = None):
     """One epoch of training batches, in an order fixed by (seed, epoch): a resumed epoch skips
-    the `skip` images it already trained on and sees the rest in the same order."""
+    the `skip` images it already trained on and sees the rest in the same order.
+
+    Every batch is full: the last one of an epoch is topped up from the start of the next pass
+    (a few images trained twice that epoch), so the compiled step never meets a new shape; under
+    XLA a partial batch would be a second compile of the whole step. `steps`: that many batches,
+    then the end (Keras' steps_per_execution needs the end to stop at); None: endless."""
     import tensorflow as tf
 
     size = dataset.image_size
@@ -283,23 +306,35 @@ def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_
     # A buffer of the whole split when it is small (exact shuffle), capped so large sets stay
     # within memory (encoded records are shuffled: 10k x ~20 KB at 224 px).
     data = records.read_split(dataset, "train", shuffle_buffer=min(dataset.count("train"), 10_000),
-                              seed=config.seed * 100_003 + epoch).skip(skip)
+                              seed=config.seed * 100_003 + epoch).skip(skip).repeat()
     if config.augment:
         data = data.map(_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    return (data.batch(batch_size or config.batch_size, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=False)
-            .map(_finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    batches = data.batch(batch_size or config.batch_size, drop_remainder=True,
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    if steps is not None:
+        batches = batches.take(steps)
+    return (batches.map(_finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
             .prefetch(tf.data.AUTOTUNE))
 
 
 def eval_dataset(dataset: records.PreparedDataset, split: str, batch_size: int, num_classes: int):
+    """(batches of (images, one-hot labels, weights), padding): every batch is `batch_size` images,
+    the last one padded with copies of a real image at weight 0, so that validation is compiled
+    once. Weighted metrics (accuracy) ignore the padding; Keras' loss divides each batch's sum
+    by the batch size, so the mean loss is the true one times (count + padding) / count."""
     import tensorflow as tf
 
-    return (records.read_split(dataset, split)
-            .batch(batch_size)
-            .map(lambda images, labels: (images, tf.one_hot(labels, num_classes)),
+    count = dataset.count(split)
+    padding = -count % batch_size
+    weighted = records.read_split(dataset, split).map(lambda image, label: (image, label, 1.0))
+    if padding:
+        filler = weighted.take(1).map(lambda image, label, _: (image, label, 0.0)).repeat(padding)
+        weighted = weighted.concatenate(filler)
+    data = (weighted.batch(batch_size)
+            .map(lambda images, labels, weights: (images, tf.one_hot(labels, num_classes), weights),
                  num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
+    return data, padding
 
 
 def _epoch_logger(epochs: int):
@@ -307,10 +342,21 @@ def _epoch_logger(epochs: int):
 
     class EpochLogger(keras.callbacks.Callback):
         """One log line per epoch with images/s: the figure that tells whether input keeps up.
-        The caller sets `images` (what this fit call trains on) and `resumed_from_step`."""
+        The caller sets `images` (what this fit call trains on), `resumed_from_step` and
+        `val_loss_factor` (eval_dataset's padding correction).
+
+        Two rates: `images_per_sec` over the whole epoch (validation and the first step's
+        compile included) and `train_images_per_sec` over its steps after the first, which is
+        what the training step sustains. `first_step_seconds`: from the fit call to the end of
+        the first step of this process, tracing and compiling (or loading from the
+        compilation cache) included."""
 
         images = 0
+        step_batch = 0
         resumed_from_step = 0
+        val_loss_factor = 1.0
+        fit_started: float | None = None
+        first_step_seconds: float | None = None
 
         def __init__(self):
             super().__init__()
@@ -319,25 +365,45 @@ def _epoch_logger(epochs: int):
         def on_epoch_begin(self, epoch, logs=None):
             self.started = self.last_report = time.monotonic()
             self.epoch = epoch
+            self.first_batch_end = self.last_batch_end = None
+            self.first_batch = self.last_batch = 0
 
         def on_train_batch_end(self, batch, logs=None):
-            # A CPU epoch at 224 px can take many minutes: say that it is moving.
+            # Keras has converted `logs` to floats, waiting for the device: `now` is when these
+            # steps finished, not when they were queued.
             now = time.monotonic()
+            self.last_batch = batch
+            if self.first_batch_end is None:
+                self.first_batch_end, self.first_batch = now, batch
+                if self.first_step_seconds is None and self.fit_started is not None:
+                    self.first_step_seconds = round(now - self.fit_started, 2)
+                    log.info("first training step after %.1f s (tracing and compiling included)",
+                             self.first_step_seconds)
+            self.last_batch_end = now
+            # A CPU epoch at 224 px can take many minutes: say that it is moving.
             if now - self.last_report >= PROGRESS_SECONDS:
                 self.last_report = now
-                log.info("epoch %d: step %d/%s, loss %.4f", self.epoch + 1, batch + 1,
-                         self.params.get("steps") or "?", float((logs or {}).get("loss", math.nan)))
+                steps = self.params.get("steps")
+                log.info("epoch %d: step %d/%s, loss %.4f", self.epoch + 1, min(batch + 1, steps or batch + 1),
+                         steps or "?", float((logs or {}).get("loss", math.nan)))
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.monotonic() - self.started
             row = {"epoch": epoch + 1, "seconds": round(seconds, 2),
                    "images_per_sec": round(self.images / seconds, 1)}
+            if self.last_batch > self.first_batch and self.last_batch_end > self.first_batch_end:
+                steps = min(self.last_batch + 1, self.params.get("steps") or self.last_batch + 1)
+                row["train_images_per_sec"] = round(
+                    (steps - self.first_batch - 1) * self.step_batch
+                    / (self.last_batch_end - self.first_batch_end), 1)
             if self.resumed_from_step:
                 row["resumed_from_step"] = self.resumed_from_step
             peak = batchfit.peak_memory_mib()
             if peak is not None:
                 row["peak_gpu_memory_mib"] = round(peak, 1)
             row.update({key: float(value) for key, value in (logs or {}).items()})
+            if "val_loss" in row:
+                row["val_loss"] *= self.val_loss_factor
             self.rows.append(row)
             log.info("epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.0f img/s%s)",
                      epoch + 1, epochs, row.get("loss", math.nan), row.get("accuracy", math.nan),
@@ -349,7 +415,8 @@ def _epoch_logger(epochs: int):
 
 
 def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1,
-                         epochs: int | None = None, learning_rate: float | None = None) -> None:
+                         epochs: int | None = None, learning_rate: float | None = None,
+                         steps_per_execution: int = 1) -> None:
     """The optimizer, schedule and loss of every training run (and of bench/gpu_memory.py):
     AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
     cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
@@ -374,6 +441,7 @@ def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accum
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -385,12 +453,35 @@ def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) ->
     root = (Path(config.checkpoint_dir) if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
             else config.output / "checkpoints")
     settings = json_config(config)
-    for name in ("data", "output", "checkpoint_dir", "checkpoint_every", "verify_data"):
+    # Not the backend or steps per call: a run may resume under the other backend (the arrays
+    # are the same), which TrainingState.backend records.
+    for name in ("data", "output", "checkpoint_dir", "checkpoint_every", "verify_data", "backend",
+                 "steps_per_execution"):
         settings.pop(name, None)
     key = hashlib.sha256(json.dumps({"data": dataset.manifest.get("fingerprint"), "shards": {
         split: [shard["sha256"] for shard in shards] for split, shards in dataset.manifest["shards"].items()},
         "settings": settings}, sort_keys=True).encode()).hexdigest()[:16]
     return root / f"run-{key}"
+
+
+def compilation_cache(config: TrainConfig, checkpoint_dir: Path) -> Path:
+    """Switch on JAX's persistent compilation cache in `<checkpoint root>/xla-cache`: beside the
+    checkpoints, so that what outlives a pod (a volume, or the bucket) also keeps the compiled
+    step, and a resumed pod or next week's run on the same settings skips the compile. Entries
+    are keyed by the program and the compiler, so other settings simply miss. With a bucket for
+    checkpoints, its `xla-cache/` is fetched here and sent back after each epoch."""
+    folder = checkpoint_dir.parent / "xla-cache"
+    if is_remote(config.checkpoint_dir):
+        try:
+            fetched = checkpoints.pull_folder(f"{config.checkpoint_dir.rstrip('/')}/xla-cache", folder)
+        except storage.StorageError as error:
+            raise TrainError(f"cannot use --checkpoint-dir {config.checkpoint_dir}: {error}") from None
+        if fetched:
+            log.info("fetched %d compiled program(s) from %s/xla-cache", fetched, config.checkpoint_dir)
+    backend_lib.enable_compilation_cache(folder)
+    entries = sum(1 for path in folder.iterdir() if path.is_file())
+    log.info("XLA compilation cache: %s (%d entries)", folder, entries)
+    return folder
 
 
 class Interrupted(RuntimeError):
@@ -401,19 +492,26 @@ def _checkpointer(save, every: int, state: checkpoints.TrainingState, train_imag
     import keras
 
     class Checkpointer(keras.callbacks.Callback):
-        """Counts steps into `state`; writes a checkpoint every `every` steps, and at once (then
-        stops training) when SIGTERM has arrived."""
+        """Counts steps into `state`; writes a checkpoint each time the step count passes a
+        multiple of `every`, and at once (then stops training) when SIGTERM has arrived.
+
+        Keras calls it once per `steps_per_execution` steps, with the index of the last one."""
 
         terminate = False
 
+        def on_train_begin(self, logs=None):
+            self.base = (state.step, state.global_step, state.images_in_epoch)
+
         def on_train_batch_end(self, batch, logs=None):
-            state.step += 1
-            state.global_step += 1
-            state.images_in_epoch = min(state.images_in_epoch + state.step_batch, train_images)
+            done = min(batch + 1, self.params.get("steps") or batch + 1)
+            step, global_step, images = self.base
+            before = state.global_step
+            state.step, state.global_step = step + done, global_step + done
+            state.images_in_epoch = min(images + done * state.step_batch, train_images)
             # An epoch's last step is saved by the epoch-end checkpoint, after validation, so
             # that no checkpoint ever says "epoch finished, not yet validated".
             last_step = state.images_in_epoch >= train_images
-            if not last_step and (self.terminate or state.global_step % every == 0):
+            if not last_step and (self.terminate or state.global_step // every > before // every):
                 save(self.model)
             if self.terminate:
                 self.model.stop_training = True
@@ -447,8 +545,9 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, bu
             accumulation=new_plan.accumulation)
     except checkpoints.CheckpointError as failure:
         raise TrainError(f"{failure}; delete {checkpoint_dir} to start over") from None
+    backend = state.backend
     vars(state).update(vars(saved or checkpoints.TrainingState()))
-    state.step_batch, state.accumulation = new_plan.step_batch, new_plan.accumulation
+    state.step_batch, state.accumulation, state.backend = new_plan.step_batch, new_plan.accumulation, backend
     return model
 
 
@@ -459,6 +558,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
     every epoch end; a run started with the same directory continues from the newest usable
     one (mid-epoch: the images of that epoch already trained on are skipped)."""
     config.validate()
+    # Before anything imports keras (TensorFlow does) or starts the GPU: Keras reads its backend
+    # once, JAX reads its memory cap and compilation cache when it starts, and the batch probes
+    # need the memory that a framework would otherwise reserve in this process.
+    gpu = batchfit.detect_gpu()
+    try:
+        backend = backend_lib.resolve(config.backend, gpu_present=gpu is not None)
+        backend_lib.activate(backend)
+    except backend_lib.BackendError as error:
+        raise TrainError(str(error)) from None
+    log.info("Keras backend: %s (--backend %s%s)", backend, config.backend,
+             f"; GPU {gpu.name}" if gpu else "; no GPU")
+    memory_limit = batchfit.apply_memory_limit(config.gpu_memory_limit_mib, gpu)
     try:
         dataset = records.load(config.data, verify=config.verify_data)
     except records.DatasetError as error:
@@ -467,17 +578,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if train_images == 0:
         raise TrainError(f"{config.data} has no training images")
 
-    # Before anything starts the GPU: the cap must be set first, and the batch probes need the
-    # memory that TensorFlow would otherwise reserve in this process.
-    gpu = batchfit.detect_gpu()
-    batchfit.apply_memory_limit(config.gpu_memory_limit_mib, gpu)
+    checkpoint_dir = run_checkpoint_dir(config, dataset)
+    compile_cache = compilation_cache(config, checkpoint_dir) if backend == "jax" else None
 
     import keras
 
     keras.utils.set_random_seed(config.seed)
     precision = configure_precision(config.precision)
     classes = dataset.classes
-    checkpoint_dir = run_checkpoint_dir(config, dataset)
     mirror = None
     if is_remote(config.checkpoint_dir):
         if config.checkpoint_dir.startswith("gs://"):
@@ -498,8 +606,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                   else batchfit.default_cache_file())
     probe_spec = batchfit.ProbeSpec(
         image_size=dataset.image_size, precision=precision, num_classes=len(classes),
-        memory_limit_mib=int((config.gpu_memory_limit_mib or (gpu.total_mib if gpu else 0))
-                             * (1 - batchfit.MARGIN)))
+        memory_limit_mib=int((memory_limit or 0) * (1 - batchfit.MARGIN)))
     if checkpoints.complete(checkpoint_dir):
         batch_plan = None  # resuming: the checkpoint says which batch and accumulation
     elif config.batch_fit == "auto" and gpu is not None and gpu_available():
@@ -513,6 +620,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     weights = (fetch_weights(config.weights, checkpoint_dir.parent / "weights") if is_remote(config.weights)
                else config.weights)
+    steps_per_execution = config.steps_per_execution or (4 if backend == "jax" else 1)
 
     def prepare(model, step_batch: int, accumulation: int, epoch: int):
         """Set the phase of `epoch` and compile with that phase's schedule (a fresh optimizer)."""
@@ -520,7 +628,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         set_phase(model, phase, config.unfreeze_blocks)
         phase_epochs, phase_rate = config.phase_plan(phase)
         compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation,
-                             epochs=phase_epochs, learning_rate=phase_rate)
+                             epochs=phase_epochs, learning_rate=phase_rate,
+                             steps_per_execution=steps_per_execution)
         model.optimizer.build(model.trainable_variables)
         if phase:
             log.info("phase %d: %s, %d epoch(s) at a peak learning rate of %g", phase,
@@ -538,8 +647,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             else build(batch_plan.step_batch, batch_plan.accumulation))
     except checkpoints.CheckpointError as error:
         raise TrainError(f"{error}; delete {checkpoint_dir} to start over") from None
+    if state is not None and state.backend and state.backend != backend:
+        log.warning("the checkpoint was written under the %s backend; resuming it under %s (weights "
+                    "and optimizer variables are plain arrays, the same under both)", state.backend, backend)
     state = state or checkpoints.TrainingState(step_batch=batch_plan.step_batch,
                                                accumulation=batch_plan.accumulation)
+    state.backend = backend
     log.info("per-step batch %d x %d accumulation step(s) = effective batch %d (requested %d)",
              state.step_batch, state.accumulation, state.step_batch * state.accumulation, config.batch_size)
 
@@ -548,6 +661,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     has_validation = dataset.count("validation") > 0
     best_weights = checkpoint_dir / "best.weights.h5"
     epoch_logger = _epoch_logger(config.epochs)
+
     def save_checkpoint(current_model) -> None:
         folder = checkpoints.save(checkpoint_dir, current_model, state)
         if mirror is not None:
@@ -578,15 +692,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         while state.epoch < config.epochs:
             remaining = train_images - state.images_in_epoch
-            epoch_logger.images, epoch_logger.resumed_from_step = remaining, state.step
+            steps = math.ceil(remaining / state.step_batch)
+            validation, padding = (eval_dataset(dataset, "validation", state.step_batch, len(classes))
+                                   if has_validation else (None, 0))
+            epoch_logger.images, epoch_logger.step_batch = steps * state.step_batch, state.step_batch
+            epoch_logger.resumed_from_step = state.step
+            if has_validation:
+                count = dataset.count("validation")
+                epoch_logger.val_loss_factor = (count + padding) / count
+            epoch_logger.fit_started = time.monotonic()
             try:
                 model.fit(
                     training_dataset(dataset, config, len(classes), epoch=state.epoch,
-                                     skip=state.images_in_epoch, batch_size=state.step_batch),
+                                     skip=state.images_in_epoch, batch_size=state.step_batch, steps=steps),
                     initial_epoch=state.epoch, epochs=state.epoch + 1,
-                    steps_per_epoch=math.ceil(remaining / state.step_batch),
-                    validation_data=eval_dataset(dataset, "validation", state.step_batch, len(classes))
-                    if has_validation else None,
+                    steps_per_epoch=steps,
+                    validation_data=validation,
                     callbacks=[epoch_logger, checkpointer, *extra_callbacks],
                     class_weight=class_weight,
                     shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
@@ -616,6 +737,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 # Before the checkpoint, so that it holds the optimizer of the phase it resumes in.
                 model = prepare(model, state.step_batch, state.accumulation, state.epoch)
             save_checkpoint(model)
+            if compile_cache is not None and is_remote(config.checkpoint_dir):
+                checkpoints.push_folder(compile_cache, f"{config.checkpoint_dir.rstrip('/')}/xla-cache")
             if checkpointer.terminate:
                 raise Interrupted(f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
                                   f"the same checkpoint directory ({checkpoint_dir}) to resume")
@@ -652,7 +775,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "accumulation": state.accumulation,
         "effective_batch": state.step_batch * state.accumulation,
         "gpu": gpu.name if gpu else None,
-        "gpu_memory_limit_mib": config.gpu_memory_limit_mib or None,
+        "gpu_memory_limit_mib": memory_limit,
+        "steps_per_execution": steps_per_execution,
+        "first_step_seconds": epoch_logger.first_step_seconds,
+        "compilation_cache": str(compile_cache) if compile_cache else None,
         "epochs_trained": state.epoch,
         "best_epoch": best["epoch"],
         "best_val_accuracy": best.get("val_accuracy"),
@@ -713,7 +839,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps between checkpoints: a kill loses at most this many")
     parser.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_mib", type=int,
                         default=defaults.gpu_memory_limit_mib,
-                        help="MiB of GPU memory the framework may use (0 = all; 7680 = an RTX 2070)")
+                        help="MiB of GPU memory the framework may use (0 = the card's memory less "
+                             f"{backend_lib.HEADROOM_MIB} MiB; 7680 = an RTX 2070's budget on a larger card)")
+    parser.add_argument("--backend", choices=backend_lib.BACKENDS, default=defaults.backend,
+                        help="Keras backend: auto = jax on a GPU (the measured path), tensorflow on a CPU")
+    parser.add_argument("--steps-per-execution", type=int, default=defaults.steps_per_execution,
+                        help="training steps queued per Keras call (0 = 4 under JAX, 1 under TensorFlow)")
     parser.add_argument("--batch-fit", choices=("auto", "off"), default=defaults.batch_fit,
                         help="auto: largest per-step batch that fits (probed), accumulation for the rest")
     parser.add_argument("--batch-fit-cache", default=defaults.batch_fit_cache,

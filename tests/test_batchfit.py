@@ -26,10 +26,11 @@ def recording(limit: int):
 
 
 @pytest.mark.parametrize("limit, requested, expected_probes, found", [
-    (100, 256, [16, 32, 64, 128, 96, 112, 104], 96),  # double, then bisect to a multiple of 8
-    (100, 40, [16, 32, 40], 40),  # everything requested fits: stop at the request
-    (5, 256, [16, 8, 4, 6, 5], 5),  # not even the start: halve, then bisect by 1
-    (256, 256, [16, 32, 64, 128, 256], 256),
+    (100, 256, [256, 128, 64, 96, 112, 104], 96),  # the request, halve, then bisect to a multiple of 8
+    (100, 40, [40], 40),  # the request fits: one probe
+    (5, 256, [256, 128, 64, 32, 16, 8, 4, 6, 5], 5),  # halve down to 4, then bisect by 1
+    (256, 256, [256], 256),
+    (300, 1000, [1000, 500, 250, 368, 304, 272, 288, 296], 296),
 ])
 def test_search_probes_this_exact_sequence(limit, requested, expected_probes, found):
     fits, probed = recording(limit)
@@ -41,7 +42,7 @@ def test_search_gives_up_clearly_when_nothing_fits():
     fits, probed = recording(0)
     with pytest.raises(BatchFitError, match="not even a batch of 1"):
         search(fits, 64)
-    assert probed == [16, 8, 4, 2, 1]
+    assert probed == [64, 32, 16, 8, 4, 2, 1]
 
 
 def test_a_failure_that_is_not_memory_is_not_swallowed():
@@ -81,20 +82,20 @@ def test_the_result_is_cached_per_gpu_and_settings(tmp_path):
     cache = tmp_path / "batch-fit.json"
     fits, probed = recording(100)
     assert batchfit.largest_batch(256, SPEC, GPU, cache, fits) == 96
-    assert len(probed) == 7
+    assert len(probed) == 6
     assert batchfit.largest_batch(64, SPEC, GPU, cache, fits) == 64  # known limit: no probe
     assert batchfit.largest_batch(512, SPEC, GPU, cache, fits) == 96
-    assert len(probed) == 7
+    assert len(probed) == 6
     other = ProbeSpec(image_size=192, precision="mixed_float16", num_classes=5, memory_limit_mib=7142)
     batchfit.largest_batch(256, other, GPU, cache, fits)  # another image size: probed afresh
-    assert len(probed) == 14
+    assert len(probed) == 12
     entry = json.loads(cache.read_text())[batchfit.cache_key(GPU, SPEC)]
     assert entry["largest"] == 96 and entry["limit_probed"] == 256
 
     fits_all, probed_all = recording(10_000)
     assert batchfit.largest_batch(32, SPEC, Gpu("H100", 81559), cache, fits_all) == 32
     assert batchfit.largest_batch(128, SPEC, Gpu("H100", 81559), cache, fits_all) == 128  # beyond: probe
-    assert probed_all == [16, 32, 16, 32, 64, 128]
+    assert probed_all == [32, 128]
 
     batchfit.record_out_of_memory(cache, GPU, SPEC, 88)  # training ran out at 88 after all
     assert batchfit.largest_batch(256, SPEC, GPU, cache, fits) == 87
@@ -141,3 +142,19 @@ def test_a_batch_that_fits_only_by_slowing_down_is_not_chosen():
     assert batchfit.choose(1024, speeds) == 256  # 128 and 256 within 5% of the fastest: the larger
     assert batchfit.choose(128, speeds) == 128
     assert batchfit.choose(96, {}) == 96  # nothing measured (injected probes): the largest that fits
+
+
+def test_when_probes_measure_speed_smaller_batches_are_timed_while_they_are_faster(tmp_path):
+    measured = {1024: 3100.0, 512: 5200.0, 256: 7000.0, 128: 6900.0, 64: 5000.0}
+    probed, speeds = [], {}
+
+    def fits(batch: int) -> bool:  # everything fits, as under XLA; the speed is what differs
+        probed.append(batch)
+        speeds[batch] = measured[batch]
+        return True
+
+    assert batchfit.largest_batch(1024, SPEC, GPU, tmp_path / "c.json", fits, speeds=speeds) == 256
+    assert probed == [1024, 512, 256, 128]  # 128 is not faster than 256: no further halving
+    probed.clear()
+    assert batchfit.largest_batch(1024, SPEC, GPU, tmp_path / "c.json", fits, speeds=speeds) == 256
+    assert probed == []  # cached
