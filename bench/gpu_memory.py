@@ -10,8 +10,9 @@ usable memory of an RTX 2070.
 
 Every probe is a fresh process (a framework does not give memory back after running out),
 capped with the framework's own limit: JAX `XLA_PYTHON_CLIENT_MEM_FRACTION`, PyTorch
-`torch.cuda.set_per_process_memory_fraction`. Phase 1 finds each setting's largest batch by
-doubling from 64, then bisecting to a multiple of 16; the settings' searches run side by side
+`torch.cuda.set_per_process_memory_fraction`. Phase 1 finds each setting's largest batch
+with the product's search (`components.batchfit.search`: the upper limit first, halving, then
+bisecting to a multiple of 16); the settings' searches run side by side
 (each process under its own cap). Phase 2 times each setting's largest batch alone on the GPU:
 5 warm-up steps, then 15 timed steps of random data already on the device.
 """
@@ -202,10 +203,11 @@ def run_probe(setting: str, batch: int, cap_mib: int, total_mib: int, steps: int
     return result
 
 
-def largest_batch(setting: str, cap_mib: int, total_mib: int, log: list, start: int = 64,
+def largest_batch(setting: str, cap_mib: int, total_mib: int, log: list,
                   limit: int = 384, granularity: int = 16) -> int:
-    """The product's own search (`components.batchfit.search`: doubling from `start`, then
-    bisecting to `granularity`, halving below `start`); 0 when not even a batch of 1 fits."""
+    """The product's own search (`components.batchfit.search`: `limit` first, then halving,
+    then bisecting to `granularity`); 0 when not even a batch of 1 fits. (The 2026-11-25 run
+    in RESULTS.md used the earlier search, doubling from 64.)"""
     from components.batchfit import BatchFitError, search
 
     def fits(batch: int) -> bool:
@@ -216,7 +218,7 @@ def largest_batch(setting: str, cap_mib: int, total_mib: int, log: list, start: 
         return result["ok"]
 
     try:
-        return search(fits, limit, start, granularity)
+        return search(fits, limit, granularity)
     except BatchFitError:
         return 0
 

@@ -384,8 +384,9 @@ def _epoch_logger(epochs: int):
             if now - self.last_report >= PROGRESS_SECONDS:
                 self.last_report = now
                 steps = self.params.get("steps")
-                log.info("epoch %d: step %d/%s, loss %.4f", self.epoch + 1, min(batch + 1, steps or batch + 1),
-                         steps or "?", float((logs or {}).get("loss", math.nan)))
+                log.info("epoch %d: step %d/%s, loss %.4f", self.epoch + 1,
+                         min(batch + 1, steps or batch + 1), steps or "?",
+                         float((logs or {}).get("loss", math.nan)))
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.monotonic() - self.started
@@ -453,10 +454,11 @@ def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) ->
     root = (Path(config.checkpoint_dir) if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
             else config.output / "checkpoints")
     settings = json_config(config)
-    # Not the backend or steps per call: a run may resume under the other backend (the arrays
-    # are the same), which TrainingState.backend records.
+    # Not the backend, the steps per call or the memory cap: a run may resume under the other
+    # backend (the arrays are the same; TrainingState.backend records which wrote them) or on a
+    # node with less memory (the checkpoint's batch, stepped down if it no longer fits).
     for name in ("data", "output", "checkpoint_dir", "checkpoint_every", "verify_data", "backend",
-                 "steps_per_execution"):
+                 "steps_per_execution", "gpu_memory_limit_mib", "batch_fit_cache"):
         settings.pop(name, None)
     key = hashlib.sha256(json.dumps({"data": dataset.manifest.get("fingerprint"), "shards": {
         split: [shard["sha256"] for shard in shards] for split, shards in dataset.manifest["shards"].items()},
