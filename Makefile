@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run run-docker test test-fast test-launcher test-docker lint compile lock wheels images \
+.PHONY: help setup run run-docker test test-fast test-jax test-launcher test-docker lint compile lock wheels images \
 	local-up local-down clean
 
 help: ## list the targets
@@ -22,9 +22,12 @@ setup: $(STAMP) ## create .venv and install the pinned dependencies
 run: $(STAMP) ## run the whole pipeline locally on the built-in dataset (kfp.local, CPU)
 	$(BIN)/python pipeline.py run-local $(ARGS)
 
-test: $(STAMP) ## lint, then every test but the launcher and docker tiers: real training and kfp.local runs included
+test: $(STAMP) ## lint, then every test but the jax, launcher and docker tiers: real training and kfp.local runs included
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not launcher and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not jax and not launcher and not docker" $(PYTEST_ARGS)
+
+test-jax: $(STAMP) ## the GPU image's backend (Keras on JAX) trained on the CPU: resume, out of memory, export (CI runs it)
+	$(BIN)/python -m pytest -m jax $(PYTEST_ARGS)
 
 test-launcher: $(STAMP) ## the compiled pipeline step by step, artifacts in S3 (needs root for /minio; CI runs it)
 	$(BIN)/python -m pytest -m launcher $(PYTEST_ARGS)
@@ -34,7 +37,7 @@ test-docker: $(STAMP) ## build the images on a local base and run every step and
 
 test-fast: $(STAMP) ## lint, then the tests not marked slow (seconds, no training)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow and not launcher and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not jax and not launcher and not docker" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

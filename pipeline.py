@@ -84,7 +84,7 @@ def preprocess(source: str, source_fingerprint: str, image_size: int, resize: st
 
 def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: float,
                weights: str, precision: str, checkpoint_dir: str, gpu_memory_limit_mib: int,
-               model: Output[Model], metrics: Output[Metrics]):
+               backend: str, model: Output[Model], metrics: Output[Metrics]):
     from pathlib import Path
 
     from components import train as step
@@ -94,11 +94,12 @@ def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: 
     summary = step.train(step.TrainConfig(data=Path(dataset.path), output=Path(model.path), epochs=epochs,
                                 batch_size=batch_size, learning_rate=learning_rate or None,
                                 weights=weights, precision=precision, checkpoint_dir=checkpoint_dir,
-                                gpu_memory_limit_mib=gpu_memory_limit_mib))
+                                gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend))
     model.metadata.update({"framework": "keras", "classes": summary["classes"],
                            "image_size": summary["image_size"], "precision": summary["precision"],
                            "step_batch": summary["step_batch"], "accumulation": summary["accumulation"],
-                           "gpu": summary["gpu"]})
+                           "gpu": summary["gpu"], "backend": summary["backend"],
+                           "gpu_memory_limit_mib": summary["gpu_memory_limit_mib"]})
     if summary["best_val_accuracy"] is not None:
         metrics.log_metric("best_val_accuracy", summary["best_val_accuracy"])
         metrics.log_metric("best_epoch", summary["best_epoch"])
@@ -268,7 +269,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
     def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
                 batch_size: int = 32, learning_rate: float = 0.0, weights: str = "none",
                 precision: str = "auto", tfds_data_dir: str = "", checkpoint_dir: str = "",
-                gpu_memory_limit_mib: int = 0, registry: str = "", model_name: str = DEFAULT_MODEL_NAME,
+                gpu_memory_limit_mib: int = 0, backend: str = "auto", registry: str = "",
+                model_name: str = DEFAULT_MODEL_NAME,
                 min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
                 export_formats: str = "") -> Outputs:
         # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest. Cached by the
@@ -282,7 +284,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
         trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
                            precision=precision, checkpoint_dir=checkpoint_dir,
-                           gpu_memory_limit_mib=gpu_memory_limit_mib)
+                           gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend)
         place(trained, "train")
         # 3. evaluate: held-out test split, candidate and production side by side -> blessed?
         evaluated = place(evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],

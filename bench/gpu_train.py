@@ -18,11 +18,12 @@ the run can be split over several calls of a rented machine.
    are done, then the same command again (resume), SIGTERM again; then resumed with
    `--oom-cap-mib` (the cached batch no longer fits): it runs out of memory, steps down and
    finishes.
-5. spe1: the cold run's settings again with one step per Keras call (the gap's diagnosis).
-6. bench: `bench/gpu_memory.py`'s step (random data already on the device, no callbacks) at the
+5. bench: `bench/gpu_memory.py`'s step (random data already on the device, no callbacks) at the
    batch the cold run chose, same cap.
-7. export: the warm run's model.keras exported on the CPU under TensorFlow (verified against
+6. export: the warm run's model.keras exported on the CPU under TensorFlow (verified against
    Keras after reload) and served: raw JPEG and PNG bytes through the serving signature.
+7. steady: the cold run's batch with checkpoints at epoch ends only, at 4 and at 1 steps per
+   Keras call.
 """
 
 from __future__ import annotations
@@ -174,12 +175,19 @@ class Bench:
             "oom_run_lines": _grep(self.log_path("warm-oom"), ("resuming from", "out of memory",
                                                                "per-step batch", "GPU memory cap"))}
 
-    def spe1(self) -> None:
-        output = self.work / "spe1"
+    def steady(self) -> None:
+        """The cold run's batch again with checkpoints only at epoch ends (--checkpoint-every
+        is 50 by default; the runs above save every 5 steps for the SIGTERM test), 4 and 1
+        steps per Keras call: what the step sustains, and what the per-call wait costs."""
         batch = str(self.report["cold"]["step_batch"])
-        seconds = self.run("spe1", self.train_command(output, 1, self.args.cap_mib, [
-            "--steps-per-execution", "1", "--batch-fit", "off", "--batch-size", batch]))
-        self.report["spe1"] = _summarise(output, seconds)
+        self.report["steady"] = {}
+        for calls in ("4", "1"):
+            output = self.work / f"steady-{calls}"
+            command = self.train_command(output, 3, self.args.cap_mib, [
+                "--steps-per-execution", calls, "--batch-fit", "off", "--batch-size", batch])
+            command[command.index("--checkpoint-every") + 1] = "100000"
+            seconds = self.run(f"steady-{calls}", command)
+            self.report["steady"][f"steps_per_execution_{calls}"] = _summarise(output, seconds)
 
     def bench(self) -> None:
         from bench import gpu_memory
@@ -271,14 +279,14 @@ def _summarise(output: Path, seconds: float) -> dict:
             to_95 = round(elapsed, 1)
     keys = ("backend", "precision", "step_batch", "accumulation", "gpu", "gpu_memory_limit_mib",
             "steps_per_execution", "first_step_seconds", "best_val_accuracy", "train_seconds")
+    fields = ("epoch", "seconds", "images_per_sec", "train_images_per_sec", "checkpoint_seconds",
+              "val_accuracy", "peak_gpu_memory_mib", "resumed_from_step")
     return {key: summary.get(key) for key in keys} | {
         "process_seconds": round(seconds, 1), "seconds_to_95_val_accuracy": to_95,
-        "epochs": [{k: row.get(k) for k in ("epoch", "seconds", "images_per_sec", "train_images_per_sec",
-                                            "val_accuracy", "peak_gpu_memory_mib", "resumed_from_step")}
-                   for row in history]}
+        "epochs": [{k: row.get(k) for k in fields} for row in history]}
 
 
-PHASES = ("data", "input", "cold", "warm", "spe1", "bench", "export")
+PHASES = ("data", "input", "cold", "bench", "warm", "export", "steady")
 
 
 def main() -> int:

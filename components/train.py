@@ -176,12 +176,13 @@ def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def configure_precision(requested: str) -> str:
-    """Set Keras' global dtype policy; the one place mixed precision is switched on."""
+def configure_precision(requested: str, on_gpu: bool | None = None) -> str:
+    """Set Keras' global dtype policy; the one place mixed precision is switched on. `on_gpu`
+    None: ask the framework (which, under JAX, starts it on the GPU)."""
     import keras
 
     if requested == "auto":
-        precision = "mixed_float16" if gpu_available() else "float32"
+        precision = "mixed_float16" if (gpu_available() if on_gpu is None else on_gpu) else "float32"
         if precision == "float32":
             log.info("no GPU found: training in float32 (mixed_float16 only pays off on a GPU)")
     else:
@@ -356,6 +357,7 @@ def _epoch_logger(epochs: int):
         resumed_from_step = 0
         val_loss_factor = 1.0
         fit_started: float | None = None
+        checkpoint_seconds = 0.0
         first_step_seconds: float | None = None
 
         def __init__(self):
@@ -363,6 +365,7 @@ def _epoch_logger(epochs: int):
             self.rows: list[dict[str, float]] = []
 
         def on_epoch_begin(self, epoch, logs=None):
+            self.checkpoint_seconds = 0.0
             self.started = self.last_report = time.monotonic()
             self.epoch = epoch
             self.first_batch_end = self.last_batch_end = None
@@ -399,6 +402,8 @@ def _epoch_logger(epochs: int):
                     / (self.last_batch_end - self.first_batch_end), 1)
             if self.resumed_from_step:
                 row["resumed_from_step"] = self.resumed_from_step
+            if self.checkpoint_seconds:  # mid-epoch saves; the epoch-end one comes after this row
+                row["checkpoint_seconds"] = round(self.checkpoint_seconds, 2)
             peak = batchfit.peak_memory_mib()
             if peak is not None:
                 row["peak_gpu_memory_mib"] = round(peak, 1)
@@ -466,20 +471,25 @@ def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) ->
     return root / f"run-{key}"
 
 
-def compilation_cache(config: TrainConfig, checkpoint_dir: Path) -> Path:
-    """Switch on JAX's persistent compilation cache in `<checkpoint root>/xla-cache`: beside the
-    checkpoints, so that what outlives a pod (a volume, or the bucket) also keeps the compiled
-    step, and a resumed pod or next week's run on the same settings skips the compile. Entries
-    are keyed by the program and the compiler, so other settings simply miss. With a bucket for
-    checkpoints, its `xla-cache/` is fetched here and sent back after each epoch."""
-    folder = checkpoint_dir.parent / "xla-cache"
+def compilation_cache(config: TrainConfig, checkpoint_dir: Path, memory_limit: int | None) -> Path:
+    """Switch on JAX's persistent compilation cache in `<checkpoint root>/xla-cache/<cap>`: beside
+    the checkpoints, so that what outlives a pod (a volume, or the bucket) also keeps the
+    compiled step, and a resumed pod or next week's run on the same settings skips the compile.
+    Entries are keyed by the program, the compiler and the device kind, but not by the memory
+    XLA compiled against: a step compiled under 7680 MiB, reused under 2048, asked for 6.99 GiB
+    and ran out (bench/RESULTS.md), where a fresh compile rematerializes to fit. Hence one
+    folder per memory cap. With a bucket for checkpoints, its copy is fetched here and sent back
+    after each epoch."""
+    name = f"cap-{memory_limit}MiB" if memory_limit else "no-cap"
+    folder = checkpoint_dir.parent / "xla-cache" / name
     if is_remote(config.checkpoint_dir):
+        uri = f"{config.checkpoint_dir.rstrip('/')}/xla-cache/{name}"
         try:
-            fetched = checkpoints.pull_folder(f"{config.checkpoint_dir.rstrip('/')}/xla-cache", folder)
+            fetched = checkpoints.pull_folder(uri, folder)
         except storage.StorageError as error:
             raise TrainError(f"cannot use --checkpoint-dir {config.checkpoint_dir}: {error}") from None
         if fetched:
-            log.info("fetched %d compiled program(s) from %s/xla-cache", fetched, config.checkpoint_dir)
+            log.info("fetched %d compiled program(s) from %s", fetched, uri)
     backend_lib.enable_compilation_cache(folder)
     entries = sum(1 for path in folder.iterdir() if path.is_file())
     log.info("XLA compilation cache: %s (%d entries)", folder, entries)
@@ -581,12 +591,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise TrainError(f"{config.data} has no training images")
 
     checkpoint_dir = run_checkpoint_dir(config, dataset)
-    compile_cache = compilation_cache(config, checkpoint_dir) if backend == "jax" else None
+    compile_cache = compilation_cache(config, checkpoint_dir, memory_limit) if backend == "jax" else None
 
+    # Whether training runs on the GPU, known without starting a framework there: the process
+    # must hold no GPU memory while the batch-fit probes run (measured on an H200: 528 MiB of
+    # CUDA context, which an 8 GB card cannot spare beside a probe's 7.1 GiB pool).
+    on_gpu = gpu is not None and (backend_lib.jax_gpu_installed() if backend == "jax" else gpu_available())
     import keras
 
-    keras.utils.set_random_seed(config.seed)
-    precision = configure_precision(config.precision)
+    precision = configure_precision(config.precision, on_gpu)
     classes = dataset.classes
     mirror = None
     if is_remote(config.checkpoint_dir):
@@ -611,7 +624,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         memory_limit_mib=int((memory_limit or 0) * (1 - batchfit.MARGIN)))
     if checkpoints.complete(checkpoint_dir):
         batch_plan = None  # resuming: the checkpoint says which batch and accumulation
-    elif config.batch_fit == "auto" and gpu is not None and gpu_available():
+    elif config.batch_fit == "auto" and on_gpu:
         try:
             largest = batchfit.largest_batch(config.batch_size, probe_spec, gpu, cache_file)
         except batchfit.BatchFitError as error:
@@ -620,6 +633,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     else:
         batch_plan = batchfit.plan(config.batch_size, config.batch_size)
 
+    # After the probes: under JAX, seeding starts the framework on the GPU.
+    keras.utils.set_random_seed(config.seed)
     weights = (fetch_weights(config.weights, checkpoint_dir.parent / "weights") if is_remote(config.weights)
                else config.weights)
     steps_per_execution = config.steps_per_execution or (4 if backend == "jax" else 1)
@@ -665,9 +680,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     epoch_logger = _epoch_logger(config.epochs)
 
     def save_checkpoint(current_model) -> None:
+        saving = time.monotonic()
         folder = checkpoints.save(checkpoint_dir, current_model, state)
         if mirror is not None:
             mirror.push(folder, best_weights)
+        epoch_logger.checkpoint_seconds += time.monotonic() - saving
 
     checkpointer = _checkpointer(save_checkpoint, config.checkpoint_every, state, train_images)
     previous_handler = signal.getsignal(signal.SIGTERM)
@@ -740,7 +757,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 model = prepare(model, state.step_batch, state.accumulation, state.epoch)
             save_checkpoint(model)
             if compile_cache is not None and is_remote(config.checkpoint_dir):
-                checkpoints.push_folder(compile_cache, f"{config.checkpoint_dir.rstrip('/')}/xla-cache")
+                checkpoints.push_folder(compile_cache, f"{config.checkpoint_dir.rstrip('/')}/xla-cache/"
+                                        f"{compile_cache.name}")
             if checkpointer.terminate:
                 raise Interrupted(f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
                                   f"the same checkpoint directory ({checkpoint_dir}) to resume")
@@ -804,7 +822,40 @@ def load_trained(model_dir: Path | str):
     if not model_path.is_file():
         raise TrainError(f"{model_dir} holds no model.keras: did train finish?")
     summary = json.loads((model_dir / "train_config.json").read_text())
-    return keras.saving.load_model(str(model_path), safe_mode=True), summary
+    model = keras.saving.load_model(str(model_path), safe_mode=True)
+    if any(layer.dtype_policy.compute_dtype != "float32" for layer in _all_layers(model)):
+        model = as_float32(model)
+    return model, summary
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def as_float32(model):
+    """The same network and weights computing in float32. A model trained in mixed precision
+    keeps float32 weights, but its layers compute in float16: on a CPU that is emulated, slow,
+    and its results depend on the kernel (1.7e-2 apart between Keras and the exported
+    SavedModel of a JAX-trained model at 224 px, bench/RESULTS.md). Evaluate, export and serve
+    run on CPUs, in float32."""
+    import keras
+
+    def to_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {key: to_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [to_float32(value) for value in node]
+        return node
+
+    config = to_float32(keras.saving.serialize_keras_object(model))
+    converted = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    converted.set_weights(model.get_weights())
+    return converted
 
 
 def build_parser() -> argparse.ArgumentParser:

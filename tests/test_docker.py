@@ -64,15 +64,21 @@ def test_images_run_as_non_root_with_the_sdks_kfp_and_the_git_revision(built):
         assert out.split() == [str(IMAGE_UID), kfp.__version__, "executor-ok"], out
 
 
-def test_gpu_image_carries_a_cuda_build_of_tensorflow_and_the_cpu_image_does_not(built):
+def test_gpu_image_carries_jax_for_cuda_12_and_neither_image_a_cuda_build_of_tensorflow(built):
+    """Keras trains on JAX on the GPU; TensorFlow reads records only and must take no GPU memory."""
     probe = ("import tensorflow as tf; b = tf.sysconfig.get_build_info(); "
-             "print(b['is_cuda_build'], b.get('cuda_version', '-'), b.get('cudnn_version', '-'), "
-             "tf.__version__)")
+             "print(b['is_cuda_build'], tf.__version__)")
     gpu = run_in(built.gpu, "python3", "-c", probe).stdout.split()
     cpu = run_in(built.cpu, "python3", "-c", probe).stdout.split()
-    assert gpu[0] == "True" and gpu[1].startswith("12") and gpu[2].startswith("9"), gpu
-    assert cpu[0] == "False", cpu
-    assert gpu[3] == cpu[3] == "2.21.0"
+    assert gpu == cpu == ["False", "2.21.0"], (gpu, cpu)
+    jax_probe = ("import importlib.metadata as m, jax, jax_cuda12_plugin; "
+                 "print(jax.__version__, m.version('jax-cuda12-plugin'), m.version('nvidia-cudnn-cu12'), "
+                 "m.version('nvidia-cuda-runtime-cu12'))")
+    versions = run_in(built.gpu, "python3", "-c", jax_probe).stdout.split()
+    assert versions[0] == versions[1] == "0.10.2", versions
+    assert versions[2].startswith("9.") and versions[3].startswith("12."), versions
+    missing = run_in(built.cpu, "python3", "-c", "import importlib.util as u; print(u.find_spec('jax'))")
+    assert missing.stdout.split() == ["None"]
 
 
 def test_no_canary_credential_in_history_config_or_any_layer(built, tmp_path):
@@ -104,14 +110,17 @@ def test_each_step_runs_in_its_container_and_matches_the_run_without_docker(buil
     run_in(built.cpu, "python3", "-m", "components.preprocess", "--source", "/work/images",
            "--output", "/work/dataset", "--image-size", size, "--validation-fraction", "0.2",
            "--test-fraction", "0.2", mounts=mount)
+    # The GPU image's backend, forced here (no GPU: auto would pick TensorFlow): JAX writes the
+    # model file that the CPU image evaluates and exports under TensorFlow.
     run_in(built.gpu, "python3", "-m", "components.train", "--data", "/work/dataset",
-           "--output", "/work/model", "--epochs", "1", "--batch-size", "8", mounts=mount)
+           "--output", "/work/model", "--epochs", "1", "--batch-size", "8", "--backend", "jax", mounts=mount)
     run_in(built.cpu, "python3", "-m", "components.evaluate", "--model", "/work/model",
            "--data", "/work/dataset", "--output", "/work/evaluation", mounts=mount)
     run_in(built.cpu, "python3", "-m", "components.export", "--model", "/work/model",
            "--data", "/work/dataset", "--evaluation", "/work/evaluation", "--output", "/work/servable",
            mounts=mount)
     assert (work / "servable" / "saved_model" / "saved_model.pb").is_file()
+    assert json.loads((work / "model" / "train_config.json").read_text())["backend"] == "jax"
     owners = {path.stat().st_uid for path in (work / "dataset").rglob("*")} | {
         path.stat().st_uid for path in (work / "servable").rglob("*")}
     assert owners == {IMAGE_UID}  # written by the image's user, not root

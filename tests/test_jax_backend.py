@@ -1,0 +1,172 @@
+"""The GPU image's backend, Keras on JAX, trained on the CPU (JAX's CPU wheel), with the same
+assertions as the TensorFlow path: the loss falls, SIGTERM and resume lose no step, running out
+of memory steps down with accumulation, and the model file JAX writes is evaluated, exported
+and served under TensorFlow. Each run is its own process (`python -m components.train
+--backend jax`): Keras reads its backend once per process, and this one runs TensorFlow.
+
+`make test-jax` (CI runs it); a few minutes on 2 cores, most of it XLA compiling the step once:
+the runs share one checkpoint root, so later runs load the step from its compilation cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components import checkpoints, records
+
+pytestmark = [pytest.mark.slow, pytest.mark.jax]
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, BATCH = 12, 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax-checkpoints")
+
+
+def train_command(data: Path, output: Path, root: Path, seed: int, *extra: str,
+                  module: str = "components.train") -> list[str]:
+    # The trained_model fixture's recipe (no augmentation, no warm-up), 4 steps an epoch.
+    return [sys.executable, "-m", module, "--data", str(data), "--output", str(output),
+            "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--no-augment", "--warmup-epochs", "0",
+            "--checkpoint-dir", str(root), "--checkpoint-every", "3", "--seed", str(seed), *extra]
+
+
+def jax_env() -> dict:
+    return dict(os.environ, KERAS_BACKEND="jax", PYTHONUNBUFFERED="1")
+
+
+def steps_per_epoch(data: Path) -> int:
+    return -(-records.load(data).count("train") // BATCH)
+
+
+def run_dir(log_text: str) -> Path:
+    """The run's checkpoint folder, as its log names it."""
+    return Path(re.search(r"checkpoints every \d+ steps in (\S+)", log_text)[1])
+
+
+def stop_after_first_checkpoint(command: list[str], root: Path, log: Path, env: dict) -> str:
+    """Start a run, SIGTERM it once it has written a checkpoint; its log."""
+    before = set(root.glob("run-*/step-*"))
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not set(root.glob("run-*/step-*")) - before:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "SIGTERM: writing a checkpoint" in text and "stopped by SIGTERM" in text
+    return text
+
+
+def finish(command: list[str], log: Path, env: dict) -> str:
+    with log.open("w") as out:
+        done = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+    assert done.returncode == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def test_jax_training_resumes_after_sigterm_and_its_model_is_evaluated_exported_and_served_by_tensorflow(
+        prepared_dataset, checkpoint_root, tmp_path):
+    import tensorflow as tf
+
+    from components.evaluate import EvaluateConfig, evaluate
+    from components.export import ExportConfig, export
+    from components.train import load_trained
+
+    output = tmp_path / "model"
+    # mixed_float16, as on the GPU: the model file then holds float16 compute policies, which
+    # evaluate and export (on CPUs) turn back into float32.
+    command = train_command(prepared_dataset, output, checkpoint_root, 1, "--backend", "jax",
+                            "--precision", "mixed_float16")
+    first = stop_after_first_checkpoint(command, checkpoint_root, tmp_path / "run1.log", jax_env())
+    assert "Keras backend: jax (--backend jax; no GPU)" in first
+    second = finish(command, tmp_path / "run2.log", jax_env())
+    assert "resuming from step-" in second
+
+    summary = json.loads((output / "train_config.json").read_text())
+    assert (summary["backend"], summary["precision"]) == ("jax", "mixed_float16")
+    assert summary["steps_per_execution"] == 4
+    history = json.loads((output / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+    last_three = np.mean([row["loss"] for row in history[-3:]])
+    assert last_three < 0.7 * history[0]["loss"], [row["loss"] for row in history]
+    per_epoch = steps_per_epoch(prepared_dataset)
+    state = json.loads((checkpoints.complete(run_dir(first))[-1] / checkpoints.STATE).read_text())
+    assert state["global_step"] == EPOCHS * per_epoch and state["backend"] == "jax"  # none lost, none twice
+
+    evaluation = evaluate(EvaluateConfig(model=output, data=prepared_dataset, output=tmp_path / "evaluation"))
+    assert evaluation["candidate"]["examples"] == records.load(prepared_dataset).count("test")
+    info = export(ExportConfig(model=output, data=prepared_dataset, output=tmp_path / "exported",
+                               evaluation=tmp_path / "evaluation"))
+    assert info["verification"]["passed"] and info["verification"]["max_abs_difference"] <= 1e-4
+
+    # Served: the test split's encoded images, as a client would send them, against Keras on
+    # the same pixels.
+    model, _ = load_trained(output)
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    serve = tf.saved_model.load(str(tmp_path / "exported" / "saved_model")).signatures["serving_default"]
+    dataset = records.load(prepared_dataset)
+    encoded, pixels = [], []
+    for serialized in tf.data.TFRecordDataset(dataset.files("test")):
+        example = records.parse_example(serialized)
+        encoded.append(example["image/encoded"].numpy())
+        pixels.append(tf.io.decode_image(example["image/encoded"], channels=3).numpy())
+    served = serve(image_bytes=tf.constant(encoded))
+    expected = np.asarray(model(np.stack(pixels).astype("float32"), training=False))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-4)
+    labels = [label.decode() for label in served["labels"].numpy()]
+    assert labels == [dataset.classes[i] for i in expected.argmax(axis=1)]
+
+
+def test_a_checkpoint_written_under_jax_resumes_under_tensorflow(prepared_dataset, checkpoint_root, tmp_path):
+    output = tmp_path / "model"
+    jax_run = train_command(prepared_dataset, output, checkpoint_root, 2, "--backend", "jax")
+    stop_after_first_checkpoint(jax_run, checkpoint_root, tmp_path / "jax.log", jax_env())
+    tf_run = train_command(prepared_dataset, output, checkpoint_root, 2, "--backend", "tensorflow")
+    text = finish(tf_run, tmp_path / "tf.log", dict(os.environ, KERAS_BACKEND="tensorflow"))
+    assert "the checkpoint was written under the jax backend; resuming it under tensorflow" in text
+    assert "resuming from step-" in text
+    summary = json.loads((output / "train_config.json").read_text())
+    assert summary["backend"] == "tensorflow" and summary["epochs_trained"] == EPOCHS
+    history = json.loads((output / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+
+
+def test_running_out_of_memory_under_jax_steps_down_with_accumulation_and_finishes(prepared_dataset,
+                                                                                   checkpoint_root, tmp_path):
+    output = tmp_path / "model"
+    command = train_command(prepared_dataset, output, checkpoint_root, 3, "--backend", "jax",
+                            module="tests.jax_oom_once")
+    text = finish(command, tmp_path / "oom.log", jax_env())
+    assert f"out of memory at a per-step batch of {BATCH} (RESOURCE_EXHAUSTED" in text
+    summary = json.loads((output / "train_config.json").read_text())
+    assert (summary["step_batch"], summary["accumulation"], summary["effective_batch"]) == (4, 2, 8)
+    assert summary["epochs_trained"] == EPOCHS and summary["backend"] == "jax"
+    per_epoch = steps_per_epoch(prepared_dataset)
+    calls = json.loads(text.split("FIT CALLS", 1)[1].strip().splitlines()[0])
+    # epoch 1 at 8 per step; epoch 2 runs out before its first step, then every epoch at 4.
+    assert calls == [per_epoch] * 2 + [-(-records.load(prepared_dataset).count("train") // 4)] * (EPOCHS - 1)
+
+
+def test_a_batch_fit_probe_trains_our_model_under_jax(monkeypatch):
+    from components import batchfit
+
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    spec = batchfit.ProbeSpec(image_size=32, precision="float32", num_classes=3, memory_limit_mib=0)
+    speeds: dict[int, float] = {}
+    assert batchfit.probe(spec, 4, speeds=speeds) is True
+    assert speeds[4] > 0
