@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAVORS = {"cpu": "cpu,onnx", "gpu": "gpu,onnx"}
+FLAVORS = {"cpu": "cpu,onnx", "gpu": "gpu"}
 OWN_NAME = "efficientnet-retrain"
 log = logging.getLogger("lock")
 

@@ -36,3 +36,16 @@ elif [ -n "${PIP_FIND_LINKS:-}" ]; then
 fi
 /opt/venv/bin/python -m pip install "$@" --no-deps --requirement /build/requirements.txt
 /opt/venv/bin/python -m pip check
+
+# Files no step opens at run time (sizes measured in the gpu venv, 2026-11-30): TensorFlow's C++
+# headers for building custom ops (287 MB); libclang (62 MB, for TensorFlow's source tools);
+# NVSHMEM's device bitcode, static library and network transports (215 MB): JAX's CUDA plugin
+# loads only libnvshmem_host at start, one GPU uses no NVSHMEM, and its device code is built
+# for sm_70/80/89/90/100, none for an RTX 2070 (sm_75). Without them the gpu venv is 6,853 MiB,
+# under the 6,865 MiB of the TensorFlow-with-CUDA venv it replaced (bench/RESULTS.md).
+site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -rf "$site/tensorflow/include" "$site/clang"
+for file in "$site"/nvidia/nvshmem/lib/*.bc "$site"/nvidia/nvshmem/lib/*.a \
+            "$site"/nvidia/nvshmem/lib/nvshmem_transport_* "$site"/nvidia/nvshmem/lib/nvshmem_bootstrap_*; do
+    case "$file" in *bootstrap_uid*) ;; *) rm -f "$file" ;; esac
+done

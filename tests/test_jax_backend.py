@@ -26,7 +26,7 @@ from components import checkpoints, records
 pytestmark = [pytest.mark.slow, pytest.mark.jax]
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS, BATCH = 12, 8
+EPOCHS, BATCH = 12, 32  # the trained_model fixture's recipe: one full batch of the 32 images an epoch
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def checkpoint_root(tmp_path_factory) -> Path:
 
 def train_command(data: Path, output: Path, root: Path, seed: int, *extra: str,
                   module: str = "components.train") -> list[str]:
-    # The trained_model fixture's recipe (no augmentation, no warm-up), 4 steps an epoch.
+    # The trained_model fixture's recipe: no augmentation, no warm-up.
     return [sys.executable, "-m", module, "--data", str(data), "--output", str(output),
             "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--no-augment", "--warmup-epochs", "0",
             "--checkpoint-dir", str(root), "--checkpoint-every", "3", "--seed", str(seed), *extra]
@@ -154,12 +154,12 @@ def test_running_out_of_memory_under_jax_steps_down_with_accumulation_and_finish
     text = finish(command, tmp_path / "oom.log", jax_env())
     assert f"out of memory at a per-step batch of {BATCH} (RESOURCE_EXHAUSTED" in text
     summary = json.loads((output / "train_config.json").read_text())
-    assert (summary["step_batch"], summary["accumulation"], summary["effective_batch"]) == (4, 2, 8)
+    assert (summary["step_batch"], summary["accumulation"], summary["effective_batch"]) == (16, 2, 32)
     assert summary["epochs_trained"] == EPOCHS and summary["backend"] == "jax"
     per_epoch = steps_per_epoch(prepared_dataset)
     calls = json.loads(text.split("FIT CALLS", 1)[1].strip().splitlines()[0])
-    # epoch 1 at 8 per step; epoch 2 runs out before its first step, then every epoch at 4.
-    assert calls == [per_epoch] * 2 + [-(-records.load(prepared_dataset).count("train") // 4)] * (EPOCHS - 1)
+    # epoch 1 at 32 per step; epoch 2 runs out before its first step, then every epoch at 16.
+    assert calls == [per_epoch] * 2 + [-(-records.load(prepared_dataset).count("train") // 16)] * (EPOCHS - 1)
 
 
 def test_a_batch_fit_probe_trains_our_model_under_jax(monkeypatch):
