@@ -25,10 +25,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "jax", "tensorflow")
-# MiB of a card that the framework's pool must leave free: the CUDA context, cuDNN/cuBLAS
-# handles and XLA's autotuning scratch live outside it. Measured on an H200 with JAX 0.11.2
-# (bench/RESULTS.md, "GPU memory outside the pool"): 513 MiB more than the pool in nvidia-smi.
-# 8192 - 512 = 7680 MiB on an 8 GB RTX 2070, the budget bench/ measured under.
+# MiB of a card that the framework's pool must leave free: the CUDA context and the cuDNN and
+# cuBLAS handles live outside it. Measured in nvidia-smi on an H200 with JAX 0.11.2
+# (bench/RESULTS.md): 546 MiB above the pool for training, 606 for a batch-fit probe. 640 on
+# an 8 GB RTX 2070 leaves a 7552 MiB pool; a 7680 MiB pool there would not fit beside its context.
 HEADROOM_MIB = 640
 
 
