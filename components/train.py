@@ -129,7 +129,7 @@ class TrainConfig:
         if self.batch_fit not in ("auto", "off"):
             raise TrainError(f"--batch-fit must be auto or off, got {self.batch_fit!r}")
         if self.gpu_memory_limit_mib < 0:
-            raise TrainError("--gpu-memory-limit must be 0 (the whole GPU) or more MiB")
+            raise TrainError("--gpu-memory-limit must be 0 (the card less a headroom) or more MiB")
         if self.steps_per_execution < 0:
             raise TrainError("--steps-per-execution must be 0 (auto) or more")
         if self.checkpoint_every < 1:
