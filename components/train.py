@@ -280,14 +280,16 @@ def build_model(num_classes: int, image_size: int, weights: str = "none", dropou
 
 
 def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_classes: int,
-                     epoch: int = 0, skip: int = 0, batch_size: int | None = None, steps: int | None = None):
+                     epoch: int = 0, skip: int = 0, batch_size: int | None = None, steps: int | None = None,
+                     full_batches: bool = True):
     """One epoch of training batches, in an order fixed by (seed, epoch): a resumed epoch skips
     the `skip` images it already trained on and sees the rest in the same order.
 
-    Every batch is full: the last one of an epoch is topped up from the start of the next pass
-    (a few images trained twice that epoch), so the compiled step never meets a new shape; under
-    XLA a partial batch would be a second compile of the whole step. `steps`: that many batches,
-    then the end (Keras' steps_per_execution needs the end to stop at); None: endless."""
+    `full_batches` (for XLA, where a partial batch would be a second compile of the whole
+    step): the last batch of an epoch is topped up from the start of the next pass (a few
+    images trained twice that epoch). Otherwise (TensorFlow without XLA, where a new shape costs
+    little and the top-up would cost images) the last batch is partial. `steps`: that many
+    batches, then the end (Keras' steps_per_execution needs the end to stop at); None: all."""
     import tensorflow as tf
 
     size = dataset.image_size
@@ -307,10 +309,12 @@ def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_
     # A buffer of the whole split when it is small (exact shuffle), capped so large sets stay
     # within memory (encoded records are shuffled: 10k x ~20 KB at 224 px).
     data = records.read_split(dataset, "train", shuffle_buffer=min(dataset.count("train"), 10_000),
-                              seed=config.seed * 100_003 + epoch).skip(skip).repeat()
+                              seed=config.seed * 100_003 + epoch).skip(skip)
+    if full_batches:
+        data = data.repeat()
     if config.augment:
         data = data.map(_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    batches = data.batch(batch_size or config.batch_size, drop_remainder=True,
+    batches = data.batch(batch_size or config.batch_size, drop_remainder=full_batches,
                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     if steps is not None:
         batches = batches.take(steps)
@@ -318,15 +322,17 @@ def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_
             .prefetch(tf.data.AUTOTUNE))
 
 
-def eval_dataset(dataset: records.PreparedDataset, split: str, batch_size: int, num_classes: int):
-    """(batches of (images, one-hot labels, weights), padding): every batch is `batch_size` images,
-    the last one padded with copies of a real image at weight 0, so that validation is compiled
-    once. Weighted metrics (accuracy) ignore the padding; Keras' loss divides each batch's sum
-    by the batch size, so the mean loss is the true one times (count + padding) / count."""
+def eval_dataset(dataset: records.PreparedDataset, split: str, batch_size: int, num_classes: int,
+                 pad: bool = True):
+    """(batches of (images, one-hot labels, weights), padding). With `pad` (for XLA) every batch
+    is `batch_size` images, the last one padded with copies of a real image at weight 0, so that
+    validation is compiled once: weighted metrics (compile_for_training's, under `fixed_shapes`)
+    ignore the padding, and Keras' loss divides each batch's sum by the batch size, so the mean
+    loss is the true one times (count + padding) / count."""
     import tensorflow as tf
 
     count = dataset.count(split)
-    padding = -count % batch_size
+    padding = -count % batch_size if pad else 0
     weighted = records.read_split(dataset, split).map(lambda image, label: (image, label, 1.0))
     if padding:
         filler = weighted.take(1).map(lambda image, label, _: (image, label, 0.0)).repeat(padding)
@@ -422,7 +428,7 @@ def _epoch_logger(epochs: int):
 
 def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1,
                          epochs: int | None = None, learning_rate: float | None = None,
-                         steps_per_execution: int = 1) -> None:
+                         steps_per_execution: int = 1, fixed_shapes: bool = False) -> None:
     """The optimizer, schedule and loss of every training run (and of bench/gpu_memory.py):
     AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
     cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
@@ -446,7 +452,11 @@ def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accum
         jit_compile={"auto": "auto", "on": True, "off": False}[config.xla],
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
+        # Padded validation (`fixed_shapes`) needs accuracy weighted by sample weight, which
+        # Keras applies only to `weighted_metrics`; training accuracy is then weighted by the
+        # class weights too, as the loss is.
+        metrics=[] if fixed_shapes else ["accuracy"],
+        weighted_metrics=["accuracy"] if fixed_shapes else None,
         steps_per_execution=steps_per_execution,
     )
 
@@ -638,6 +648,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     weights = (fetch_weights(config.weights, checkpoint_dir.parent / "weights") if is_remote(config.weights)
                else config.weights)
     steps_per_execution = config.steps_per_execution or (4 if backend == "jax" else 1)
+    # JAX compiles every new shape with XLA: full training batches, padded validation.
+    fixed_shapes = backend == "jax"
 
     def prepare(model, step_batch: int, accumulation: int, epoch: int):
         """Set the phase of `epoch` and compile with that phase's schedule (a fresh optimizer)."""
@@ -646,7 +658,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         phase_epochs, phase_rate = config.phase_plan(phase)
         compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation,
                              epochs=phase_epochs, learning_rate=phase_rate,
-                             steps_per_execution=steps_per_execution)
+                             steps_per_execution=steps_per_execution, fixed_shapes=fixed_shapes)
         model.optimizer.build(model.trainable_variables)
         if phase:
             log.info("phase %d: %s, %d epoch(s) at a peak learning rate of %g", phase,
@@ -712,9 +724,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         while state.epoch < config.epochs:
             remaining = train_images - state.images_in_epoch
             steps = math.ceil(remaining / state.step_batch)
-            validation, padding = (eval_dataset(dataset, "validation", state.step_batch, len(classes))
-                                   if has_validation else (None, 0))
-            epoch_logger.images, epoch_logger.step_batch = steps * state.step_batch, state.step_batch
+            validation, padding = (eval_dataset(dataset, "validation", state.step_batch, len(classes),
+                                                pad=fixed_shapes) if has_validation else (None, 0))
+            epoch_logger.images = steps * state.step_batch if fixed_shapes else remaining
+            epoch_logger.step_batch = state.step_batch
             epoch_logger.resumed_from_step = state.step
             if has_validation:
                 count = dataset.count("validation")
@@ -723,7 +736,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             try:
                 model.fit(
                     training_dataset(dataset, config, len(classes), epoch=state.epoch,
-                                     skip=state.images_in_epoch, batch_size=state.step_batch, steps=steps),
+                                     skip=state.images_in_epoch, batch_size=state.step_batch, steps=steps,
+                                     full_batches=fixed_shapes),
                     initial_epoch=state.epoch, epochs=state.epoch + 1,
                     steps_per_epoch=steps,
                     validation_data=validation,

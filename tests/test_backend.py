@@ -86,3 +86,25 @@ def test_a_mixed_precision_model_file_is_loaded_to_compute_in_float32(tmp_path):
         np.testing.assert_array_equal(ours, theirs)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(loaded.predict_on_batch(images), mixed.predict_on_batch(images), atol=2e-2)
+
+
+def test_padded_validation_gives_the_exact_accuracy_and_loss(prepared_dataset):
+    """Under JAX validation runs at the training batch, padded with weight-0 copies: the
+    accuracy must ignore them (a weighted metric) and the loss be corrected exactly."""
+    from components import records
+    from components.train import compile_for_training, eval_dataset
+
+    dataset = records.load(prepared_dataset)
+    classes = len(dataset.classes)
+    count = dataset.count("validation")
+    model = build_model(classes, dataset.image_size)
+    compile_for_training(model, TrainConfig(data=prepared_dataset, output=Path("/tmp/x")), steps_per_epoch=1,
+                         fixed_shapes=True)
+    padded, padding = eval_dataset(dataset, "validation", count + 5, classes)
+    whole, none = eval_dataset(dataset, "validation", count, classes, pad=False)
+    assert (padding, none) == (5, 0)
+    with_padding = model.evaluate(padded, return_dict=True, verbose=0)
+    exact = model.evaluate(whole, return_dict=True, verbose=0)
+    assert set(exact) == {"loss", "accuracy"}
+    assert with_padding["accuracy"] == pytest.approx(exact["accuracy"])
+    assert with_padding["loss"] * (count + padding) / count == pytest.approx(exact["loss"], rel=1e-5)
