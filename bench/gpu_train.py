@@ -13,7 +13,9 @@ the run can be split over several calls of a rented machine.
 2. input: the input pipeline's own rate (`components.train.training_dataset` read to numpy, as
    Keras feeds JAX) on this machine's CPUs.
 3. cold: `components.train` with batch fit, an empty batch-fit cache and an empty compilation
-   cache, capped at `--cap-mib`; nvidia-smi sampled for the memory outside the pool.
+   cache, capped at `--cap-mib`, checkpoints at the product's default interval (its epochs
+   after the first are the steady-state figures); nvidia-smi sampled for the memory outside
+   the pool.
 4. warm: a second run (another seed: a new run, the same caches): SIGTERM once its first steps
    are done, then the same command again (resume), SIGTERM again; then resumed with
    `--oom-cap-mib` (the cached batch no longer fits): it runs out of memory, steps down and
@@ -22,8 +24,9 @@ the run can be split over several calls of a rented machine.
    batch the cold run chose, same cap.
 6. export: the warm run's model.keras exported on the CPU under TensorFlow (verified against
    Keras after reload) and served: raw JPEG and PNG bytes through the serving signature.
-7. steady: the cold run's batch with checkpoints at epoch ends only, at 4 and at 1 steps per
-   Keras call.
+7. steady (not in the default phases): the cold run's batch with checkpoints at epoch ends
+   only, at 4 and at 1 steps per Keras call. `bench/gpu_feed.py` splits the step's time
+   further.
 """
 
 from __future__ import annotations
@@ -74,12 +77,13 @@ class Bench:
             raise SystemExit(f"{name} failed (exit {done.returncode}): see {self.log_path(name)}")
         return seconds
 
-    def train_command(self, output: Path, seed: int, cap: int, extra: list[str] = ()) -> list[str]:
+    def train_command(self, output: Path, seed: int, cap: int, extra: list[str] = (),
+                      every: int = 5) -> list[str]:
         a = self.args
         return [sys.executable, "-m", "components.train", "--data", str(self.work / "dataset"),
                 "--output", str(output), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                 "--precision", a.precision, "--gpu-memory-limit", str(cap), "--backend", a.backend,
-                "--checkpoint-dir", str(self.work / "checkpoints"), "--checkpoint-every", "5",
+                "--checkpoint-dir", str(self.work / "checkpoints"), "--checkpoint-every", str(every),
                 "--seed", str(seed), *extra]
 
     # ---------------------------------------------------------------------------------- phases
@@ -141,7 +145,8 @@ class Bench:
         stop = threading.Event()
         sampler = threading.Thread(target=_sample_gpu_memory, args=(samples, stop), daemon=True)
         sampler.start()
-        seconds = self.run("cold", self.train_command(output, 1, self.args.cap_mib))
+        # The product's default checkpoint interval: its epochs 2.. are the steady figures.
+        seconds = self.run("cold", self.train_command(output, 1, self.args.cap_mib, every=50))
         stop.set()
         sampler.join()
         self.report["cold"] = _summarise(output, seconds) | {
@@ -279,14 +284,15 @@ def _summarise(output: Path, seconds: float) -> dict:
             to_95 = round(elapsed, 1)
     keys = ("backend", "precision", "step_batch", "accumulation", "gpu", "gpu_memory_limit_mib",
             "steps_per_execution", "first_step_seconds", "best_val_accuracy", "train_seconds")
-    fields = ("epoch", "seconds", "images_per_sec", "train_images_per_sec", "checkpoint_seconds",
-              "val_accuracy", "peak_gpu_memory_mib", "resumed_from_step")
+    fields = ("epoch", "seconds", "images_per_sec", "train_images_per_sec", "first_call_seconds",
+              "validation_seconds", "checkpoint_seconds", "val_accuracy", "peak_gpu_memory_mib",
+              "resumed_from_step")
     return {key: summary.get(key) for key in keys} | {
         "process_seconds": round(seconds, 1), "seconds_to_95_val_accuracy": to_95,
         "epochs": [{k: row.get(k) for k in fields} for row in history]}
 
 
-PHASES = ("data", "input", "cold", "bench", "warm", "export", "steady")
+PHASES = ("data", "input", "cold", "bench", "warm", "export")
 
 
 def main() -> int:
@@ -302,7 +308,7 @@ def main() -> int:
     parser.add_argument("--precision", default="mixed_float16")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--cap-mib", type=int, default=7680, help="the RTX 2070 stand-in")
-    parser.add_argument("--oom-cap-mib", type=int, default=2048, help="the lowered cap of the resumed run")
+    parser.add_argument("--oom-cap-mib", type=int, default=4096, help="the lowered cap of the resumed run")
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

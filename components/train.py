@@ -376,10 +376,18 @@ def _epoch_logger(epochs: int):
             self.epoch = epoch
             self.first_batch_end = self.last_batch_end = None
             self.first_batch = self.last_batch = 0
+            self.validation_seconds = None
+
+        def on_test_begin(self, logs=None):
+            self.validation_started = time.monotonic()
+
+        def on_test_end(self, logs=None):
+            self.validation_seconds = time.monotonic() - self.validation_started
 
         def on_train_batch_end(self, batch, logs=None):
-            # Keras has converted `logs` to floats, waiting for the device: `now` is when these
-            # steps finished, not when they were queued.
+            # On an epoch's first and last call Keras (TensorFlow) or pipelined_callbacks (JAX)
+            # has waited for the device: there `now` is when the steps finished, not when they
+            # were queued. Between them, under JAX, it may be a call early.
             now = time.monotonic()
             self.last_batch = batch
             if self.first_batch_end is None:
@@ -406,6 +414,10 @@ def _epoch_logger(epochs: int):
                 row["train_images_per_sec"] = round(
                     (steps - self.first_batch - 1) * self.step_batch
                     / (self.last_batch_end - self.first_batch_end), 1)
+            if self.first_batch_end is not None:  # the input's set-up and the first call's steps
+                row["first_call_seconds"] = round(self.first_batch_end - self.started, 3)
+            if self.validation_seconds is not None:
+                row["validation_seconds"] = round(self.validation_seconds, 3)
             if self.resumed_from_step:
                 row["resumed_from_step"] = self.resumed_from_step
             if self.checkpoint_seconds:  # mid-epoch saves; the epoch-end one comes after this row
@@ -426,6 +438,43 @@ def _epoch_logger(epochs: int):
     return EpochLogger()
 
 
+def pipelined_callbacks(callbacks: list, model, epochs: int, steps: int, ahead: int = 1):
+    """The callback list `model.fit` gets under JAX: callbacks run in the training thread, on
+    the step's logs as device arrays, without waiting for each call to finish.
+
+    Keras' own list converts every call's logs to floats before its callbacks run (unless all
+    of them are marked thread-safe, and ours write checkpoints), which waits for the device:
+    the GPU then idles while the host fetches, copies and dispatches the next call. This one
+    lets `ahead` calls run ahead of the one waited for, enough to keep the GPU fed, few
+    enough that the input batches queued on it stay small (each call holds its
+    `steps_per_execution` batches there until it runs). It waits for the call it was given on
+    an epoch's first and last call, so that the step times callbacks take there are the
+    device's. Callbacks that read `logs` convert them themselves (which waits, if they do)."""
+    import collections
+
+    import jax
+    import keras
+
+    class PipelinedCallbackList(keras.callbacks.CallbackList):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.queued = collections.deque()
+            self.calls = 0
+            super().on_epoch_begin(epoch, logs)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.queued.append(logs)
+            total = self.params.get("steps")
+            edge = self.calls == 0 or (total is not None and batch + 1 >= total)
+            self.calls += 1
+            while self.queued and (edge or len(self.queued) > ahead):
+                jax.block_until_ready(self.queued.popleft())
+            for callback in self.callbacks:
+                callback.on_train_batch_end(batch, logs=logs)
+
+    return PipelinedCallbackList(callbacks, add_history=True, add_progbar=False, model=model,
+                                 verbose=0, epochs=epochs, steps=steps)
+
+
 def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1,
                          epochs: int | None = None, learning_rate: float | None = None,
                          steps_per_execution: int = 1, fixed_shapes: bool = False) -> None:
@@ -433,18 +482,21 @@ def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accum
     AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
     cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
 
-    With `accumulation` > 1 the optimizer sums that many steps' gradients per update; the
-    schedule counts updates (Keras' `iterations` does too)."""
+    With `accumulation` > 1 the optimizer sums that many steps' gradients per update. The
+    schedule is planned in updates but given to Keras in steps: Keras calls a schedule with its
+    raw step counter (`optimizer._iterations`, one per batch), not with `iterations` (updates),
+    so a schedule of N updates would end, its rate 0 from there on, after N / accumulation
+    updates."""
     import keras
 
-    total_steps = max(math.ceil(steps_per_epoch / accumulation) * (epochs or config.epochs), 1)
-    warmup_steps = max(min(int(config.warmup_epochs * steps_per_epoch / accumulation), total_steps - 1), 0)
+    total_updates = max(math.ceil(steps_per_epoch / accumulation) * (epochs or config.epochs), 1)
+    warmup_updates = max(min(int(config.warmup_epochs * steps_per_epoch / accumulation), total_updates - 1), 0)
     learning_rate = learning_rate or config.resolved_learning_rate()
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else learning_rate,
-        decay_steps=total_steps - warmup_steps,
-        warmup_target=learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps,
+        initial_learning_rate=0.0 if warmup_updates else learning_rate,
+        decay_steps=(total_updates - warmup_updates) * accumulation,
+        warmup_target=learning_rate if warmup_updates else None,
+        warmup_steps=warmup_updates * accumulation,
     )
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
                                        gradient_accumulation_steps=accumulation if accumulation > 1 else None)
@@ -733,6 +785,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 count = dataset.count("validation")
                 epoch_logger.val_loss_factor = (count + padding) / count
             epoch_logger.fit_started = time.monotonic()
+            callbacks = [epoch_logger, checkpointer, *extra_callbacks]
             try:
                 model.fit(
                     training_dataset(dataset, config, len(classes), epoch=state.epoch,
@@ -741,7 +794,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     initial_epoch=state.epoch, epochs=state.epoch + 1,
                     steps_per_epoch=steps,
                     validation_data=validation,
-                    callbacks=[epoch_logger, checkpointer, *extra_callbacks],
+                    callbacks=(pipelined_callbacks(callbacks, model, state.epoch + 1, steps)
+                               if backend == "jax" else callbacks),
                     class_weight=class_weight,
                     shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
                     verbose=0,

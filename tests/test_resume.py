@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(accumulation: int = 1):
+    """2 epochs of 4 updates: with accumulation, of 4 x `accumulation` batches (a per-step batch
+    `accumulation` times smaller, as after a step-down)."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    compile_for_training(model, TrainConfig(data=Path(), output=Path(), epochs=2), steps_per_epoch=4,
-                         accumulation=accumulation)
+    compile_for_training(model, TrainConfig(data=Path(), output=Path(), epochs=2),
+                         steps_per_epoch=4 * accumulation, accumulation=accumulation)
     model.optimizer.build(model.trainable_variables)
     return model
 
@@ -77,6 +79,61 @@ def test_optimizer_state_survives_a_change_of_accumulation(tmp_path):
     assert int(restored.optimizer.iterations.numpy()) == 5  # updates: the schedule goes on from there
     moments = [v for v in restored.optimizer.variables if "momentum" in v.path]
     assert moments and all(np.abs(np.asarray(v.numpy())).sum() > 0 for v in moments)
+
+
+def _rates_per_update(model, steps: int) -> list[float]:
+    """The learning rate at which each update of `steps` batches was applied."""
+    accumulation = model.optimizer.gradient_accumulation_steps or 1
+    rates = []
+    for step in range(steps):
+        if (step + 1) % accumulation == 0:  # this batch's step applies the update
+            rates.append(float(model.optimizer.learning_rate))
+        fit_steps_from(model, step)
+    return rates
+
+
+def fit_steps_from(model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    model.train_on_batch(rng.random((8, 4)), np.eye(3)[rng.integers(0, 3, 8)])
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_the_schedule_counts_updates_under_accumulation(accumulation):
+    """Keras calls the schedule with its step counter, not its update counter: planned in
+    updates, a schedule ran `accumulation` times too fast and left the rate at 0 for the rest
+    of the run (seen on the GPU: a run stepped down to 64 x 4 stalled at 0.65 accuracy)."""
+    plain = tiny_model()
+    accumulated = tiny_model(accumulation=accumulation)
+    updates = 8  # tiny_model's plan: 2 epochs x 4 updates
+    expected = _rates_per_update(plain, updates + 1)  # one past the end: the rate there is 0
+    assert expected[-1] == 0 and min(expected[:-1][1:]) > 0
+    got = _rates_per_update(accumulated, updates * accumulation)
+    # Keras moves the rate at every batch, so an update's rate is a few batches further along
+    # the same curve: between the unaccumulated run's rates at that update and the next.
+    for update, rate in enumerate(got):
+        low, high = sorted(expected[update:update + 2])
+        assert low - 1e-9 <= rate <= high + 1e-9, (update, rate, expected)
+    assert int(accumulated.optimizer.iterations.numpy()) == updates
+
+
+def test_after_a_step_down_the_schedule_goes_on_from_the_same_update(tmp_path):
+    model = tiny_model()
+    fit_steps(model, 3)
+    rate_at_4 = float(tiny_model_at(4).optimizer.learning_rate)
+    folder = checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=3))
+    fit_steps(model, 1)
+    assert float(model.optimizer.learning_rate) == pytest.approx(rate_at_4)
+    restored = tiny_model(accumulation=2)
+    checkpoints.restore(folder, restored, saved_accumulation=1, accumulation=2)
+    fit_steps(restored, 2)  # one update of 2 x the smaller batch
+    assert int(restored.optimizer.iterations.numpy()) == 4
+    assert float(restored.optimizer.learning_rate) == pytest.approx(rate_at_4)
+
+
+def tiny_model_at(updates: int):
+    model = tiny_model()
+    model.optimizer.iterations.assign(updates)
+    return model
 
 
 def test_checkpoints_are_keyed_by_data_and_settings(prepared_dataset, tmp_path):
