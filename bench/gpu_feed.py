@@ -56,8 +56,14 @@ def main() -> int:
     import numpy as np
     import tensorflow as tf
 
-    from components.train import (TrainConfig, build_model, compile_for_training, configure_precision,
-                                  pipelined_callbacks, training_dataset)
+    from components.train import (
+        TrainConfig,
+        build_model,
+        compile_for_training,
+        configure_precision,
+        pipelined_callbacks,
+        training_dataset,
+    )
 
     dataset = records.load(args.data, verify=False)
     classes = len(dataset.classes)
@@ -128,7 +134,7 @@ def main() -> int:
         jax.block_until_ready(state)
         rate = (args.steps // calls) * calls * args.batch / (time.perf_counter() - started)
         model._jax_state = dict(zip(("trainable_variables", "non_trainable_variables", "optimizer_variables",
-                                     "metrics_variables"), state))
+                                     "metrics_variables"), state, strict=True))
         model._jax_state_synced = False
         model.jax_state_sync()
         return rate
@@ -153,7 +159,8 @@ def main() -> int:
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
-    device = {row["steps_per_execution"]: row["img_per_s"] for row in report["rows"] if row["variant"] == "device"}
+    device = {row["steps_per_execution"]: row["img_per_s"] for row in report["rows"]
+              if row["variant"] == "device"}
     best = max(device.values())
     for row in report["rows"]:
         row["vs_device"] = round(row["img_per_s"] / best, 3)

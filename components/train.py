@@ -490,7 +490,8 @@ def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accum
     import keras
 
     total_updates = max(math.ceil(steps_per_epoch / accumulation) * (epochs or config.epochs), 1)
-    warmup_updates = max(min(int(config.warmup_epochs * steps_per_epoch / accumulation), total_updates - 1), 0)
+    warmup_updates = max(min(int(config.warmup_epochs * steps_per_epoch / accumulation),
+                             total_updates - 1), 0)
     learning_rate = learning_rate or config.resolved_learning_rate()
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup_updates else learning_rate,
