@@ -143,6 +143,7 @@ def main() -> int:
     fit_seconds("memory", "wait", 2)
     for calls in (int(c) for c in args.calls.split(",")):
         model.steps_per_execution = calls
+        model.make_train_function(force=True)  # Keras reads steps_per_execution when it makes it
         steps = -(-args.steps // calls) * calls
         row = {"steps_per_execution": calls, "variant": "device", "img_per_s": round(device_rate(calls), 1),
                "peak_mib": peak_mib()}

@@ -156,7 +156,9 @@ class Bench:
 
     def warm(self) -> None:
         output = self.work / "warm"
-        command = self.train_command(output, 2, self.args.cap_mib)
+        # Without a cold run in this --work (a fresh machine), its batch, unfitted.
+        extra = [] if "cold" in self.report else ["--batch-fit", "off"]
+        command = self.train_command(output, 2, self.args.cap_mib, extra)
         stops = []
         for attempt in range(2):  # SIGTERM after the first steps of this process, twice
             log_path = self.log_path(f"warm-{attempt}")
@@ -174,7 +176,7 @@ class Bench:
                                                     "compilation cache"))})
             if code != 128 + signal.SIGTERM or "stopped by SIGTERM" not in text:
                 raise SystemExit(f"warm run {attempt} did not stop on SIGTERM as expected (exit {code})")
-        seconds = self.run("warm-oom", self.train_command(output, 2, self.args.oom_cap_mib))
+        seconds = self.run("warm-oom", self.train_command(output, 2, self.args.oom_cap_mib, extra))
         self.report["warm"] = _summarise(output, seconds) | {
             "stops": stops,
             "oom_run_lines": _grep(self.log_path("warm-oom"), ("resuming from", "out of memory",
