@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("--cap-mib", type=int, default=7680)
     parser.add_argument("--steps", type=int, default=24, help="the short fit; the long one is twice")
     parser.add_argument("--calls", default="1,4,8", help="steps per Keras call to try")
+    parser.add_argument("--callbacks", default="wait,pipelined,free", help="callback variants to try")
     parser.add_argument("--precision", default="mixed_float16")
     args = parser.parse_args()
 
@@ -149,7 +150,7 @@ def main() -> int:
                "peak_mib": peak_mib()}
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
-        for callbacks in ("wait", "pipelined", "free"):
+        for callbacks in args.callbacks.split(","):
             for kind in ("memory", "pipeline"):
                 # The fastest of two: a fit's set-up varies by tenths of a second.
                 short = min(fit_seconds(kind, callbacks, steps) for _ in range(2))
