@@ -11,9 +11,10 @@ pool of worker processes; a file that is not a decodable image (empty, truncated
 saved as .jpg, an unsupported format, too many pixels, JPEG data that decodes only with
 corruption warnings) is rejected with its reason (`rejected.json`), never a crash. Valid images are
 converted to RGB, resized by `components.imaging` (the code the exported model runs) and split
-train/validation/test per class by a hash of their resized pixels: a re-run gives
-byte-identical output, adding an image moves no other image, and exact duplicates always land
-in the same split. The output folder appears only when complete: everything is written to a
+train/validation/test per class, each class's share of each split exact within one image,
+by a hash of their resized pixels (`assign_splits`): a re-run gives byte-identical output,
+adding an image moves at most one other into each split, and exact duplicates always land in
+the same split. The output folder appears only when complete: everything is written to a
 staging folder that is renamed at the end, the `_COMPLETE` marker written last.
 """
 
@@ -629,33 +630,45 @@ class Processed:
 
 
 def assign_splits(images: list[Processed], config: PreprocessConfig) -> dict[str, str]:
-    """key -> split. Each image's split follows from its content hash alone (positions below
-    test_fraction go to test, the next validation_fraction to validation), so adding an image
-    never moves another, and duplicates share a split. Then, so that every split can score
-    every class, a class left without a test or validation image gives up its lowest-placed
-    training image(s) for it."""
-    splits = {}
-    by_class: dict[int, list[Processed]] = {}
+    """key -> split, exact per class and stable.
+
+    Each class gets `round(n * fraction)` of its n images for test and for validation, at
+    least one each (while a distinct image is left for training), so that class shares match
+    the data within one image. Which images: a class's distinct images ranked by their content
+    hash, the lowest to test, the highest to validation, the middle to training. The same
+    input gives the same split, and adding an image moves at most one other into each split
+    (test and validation grow from the training middle, never from each other). Duplicates
+    (the same resized pixels) are one unit and share a split, across classes too: a unit
+    another class has placed keeps its split and counts towards this class's shares."""
+    placed: dict[str, str] = {}  # digest -> split, across classes
+    by_class: dict[int, dict[str, list[Processed]]] = {}
     for image in images:
-        by_class.setdefault(image.label, []).append(image)
-        if image.position < config.test_fraction:
-            splits[image.key] = "test"
-        elif image.position < config.test_fraction + config.validation_fraction:
-            splits[image.key] = "validation"
-        else:
-            splits[image.key] = "train"
-    for members in by_class.values():
-        for split, wanted in (("test", config.test_fraction), ("validation", config.validation_fraction)):
-            if wanted <= 0 or any(splits[m.key] == split for m in members):
-                continue
-            train_digests = sorted({m.digest for m in members if splits[m.key] == "train"})
-            if len(train_digests) < 2:
-                continue  # keep the last distinct training image
-            lowest = min(train_digests, key=lambda d: (int(d[:13], 16), d))
-            for member in members:
-                if member.digest == lowest:
-                    splits[member.key] = split
-    return splits
+        by_class.setdefault(image.label, {}).setdefault(image.digest, []).append(image)
+    for label in sorted(by_class):
+        units = sorted(by_class[label].items(), key=lambda unit: (unit[1][0].position, unit[0]))
+        total = sum(len(members) for _, members in units)
+        quota = {split: max(1, math.floor(total * fraction + 0.5)) if fraction > 0 else 0
+                 for split, fraction in (("test", config.test_fraction),
+                                         ("validation", config.validation_fraction))}
+        filled = Counter()
+        for digest, members in units:
+            if digest in placed:
+                filled[placed[digest]] += len(members)
+        free = [(digest, len(members)) for digest, members in units if digest not in placed]
+        keep = 0 if filled["train"] else 1  # a distinct image left for training
+        low, high = 0, len(free) - 1
+        wants_validation = filled["validation"] < quota["validation"]
+        while filled["test"] < quota["test"] and high - low + 1 > keep + wants_validation:
+            placed[free[low][0]] = "test"
+            filled["test"] += free[low][1]
+            low += 1
+        while filled["validation"] < quota["validation"] and high - low + 1 > keep:
+            placed[free[high][0]] = "validation"
+            filled["validation"] += free[high][1]
+            high -= 1
+        for digest, _ in free[low:high + 1]:
+            placed[digest] = "train"
+    return {image.key: placed[image.digest] for image in images}
 
 
 class _Progress:
@@ -858,6 +871,11 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
         source.close()
     log.info("wrote %s: %s; rejected %d file(s)", config.output,
              ", ".join(f"{split} {n}" for split, n in manifest["totals"].items()), len(manifest["rejected"]))
+    for split in ("validation", "test"):  # what the scores will rest on, class by class
+        per_class = manifest["counts"][split]
+        shown = ", ".join(f"{name} {n}" for name, n in list(per_class.items())[:20])
+        log.info("%s: %d image(s): %s%s", split, manifest["totals"][split], shown,
+                 f", ... ({len(per_class) - 20} more classes)" if len(per_class) > 20 else "")
     return manifest
 
 

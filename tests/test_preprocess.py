@@ -248,14 +248,16 @@ def _split_of_each_source(folder: Path) -> dict[str, str]:
             for row in read_all(folder, split)}
 
 
-def test_adding_an_image_moves_no_other(image_folder, tmp_path):
+def test_adding_an_image_moves_at_most_one_other_per_split(image_folder, tmp_path):
     run(image_folder, tmp_path / "a")
     before = _split_of_each_source(tmp_path / "a")
     Image.new("RGB", (32, 32), (1, 2, 3)).save(image_folder / "dots" / "new.png")
     run(image_folder, tmp_path / "b")
     after = _split_of_each_source(tmp_path / "b")
     assert set(after) == set(before) | {"dots/new.png"}
-    assert {key: after[key] for key in before} == before
+    moved = Counter(before[key] for key in before if after[key] != before[key])
+    assert all(n <= 1 for n in moved.values()), moved
+    assert all(key.startswith("dots/") for key in before if after[key] != before[key])
 
 
 def test_exact_duplicates_never_straddle_splits(image_folder, tmp_path):
