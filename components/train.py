@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "mixed_float16")
 PROGRESS_SECONDS = 30.0  # a progress line within an epoch at most this often
 # From scratch, fewer optimizer updates than this leave EfficientNet-B0 answering at chance,
-# measured on 120 photos of three plain colours at 64 px (bench/RESULTS.md, "Small data"):
+# measured on 120 photos of three plain colours at 64 px (bench/small_data.py, RESULTS.md):
 # 24 updates (batch 32, 8 epochs) scored 0.33 on test and fresh images, 288 (batch 8, 24
-# epochs) 1.0 and 0.96. The floor lies between; 200 is the warning's line, not a proven one.
+# epochs) 0.92 and 0.92. The floor lies between; 200 is the warning's line, not a proven one.
 MIN_SCRATCH_UPDATES = 200
 
 
@@ -95,10 +95,10 @@ class TrainConfig:
     # Keras backend: auto = jax when a GPU is used (and JAX with its CUDA plugin is installed),
     # tensorflow on a CPU (components/backend.py says why); jax or tensorflow to force one.
     backend: str = "auto"
-    # Training steps queued per Keras call (0 = auto: 4 under JAX, 1 under TensorFlow). Keras
-    # converts the step's logs to floats after each call, which waits for the GPU: with 1, the
-    # GPU idles while the host fetches and sends the next batch. 4 keeps up to 5 input batches
-    # on the GPU (5 x 38 MB at 256 x 224 px), inside batchfit's 7% margin.
+    # Training steps queued per Keras call (0 = auto: 4 under JAX, 1 under TensorFlow). Under
+    # JAX, pipelined_callbacks lets one call run ahead of the one waited for, so up to 2 x 4 + 1
+    # input batches sit on the GPU (9 x 38 MB at 256 x 224 px), inside batchfit's 7% margin
+    # (on the H200 the peak stayed at 7,312 MiB, bench/RESULTS.md).
     steps_per_execution: int = 0
     # auto: on a GPU, probe for the largest per-step batch up to batch_size (components.batchfit)
     # and reach batch_size by gradient accumulation; off: batch_size per step, as given.
@@ -484,11 +484,11 @@ def too_few_updates(train_images: int, step_batch: int, accumulation: int, epoch
                     weights: str) -> str | None:
     """The warning a from-scratch run too short to learn gets before it starts (with the numbers
     and what to do), or None."""
-    updates = math.ceil(math.ceil(train_images / step_batch) / accumulation) * epochs
+    per_epoch = math.ceil(math.ceil(train_images / step_batch) / accumulation)
+    updates = per_epoch * epochs
     if weights != "none" or updates >= MIN_SCRATCH_UPDATES:
         return None
     batch = step_batch * accumulation
-    per_epoch = math.ceil(math.ceil(train_images / step_batch) / accumulation)
     smaller = max(1, min(batch, train_images * epochs // MIN_SCRATCH_UPDATES))
     return (f"{train_images} training images at an effective batch of {batch} for {epochs} epochs are "
             f"{updates} optimizer updates: from scratch (--weights none) EfficientNet-B0 needs about "
