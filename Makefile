@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install the pinned dependencies
 
 run: $(STAMP) ## run the whole pipeline locally on the built-in dataset (kfp.local, CPU)
-	$(BIN)/python pipeline.py run-local $(ARGS)
+	$(BIN)/python pipeline.py run-local --weights none $(ARGS)
 
 test: $(STAMP) ## lint, then every test but the jax, launcher and docker tiers: real training and kfp.local runs included
 	$(BIN)/ruff check .

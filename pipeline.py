@@ -37,6 +37,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, M
 
 from components import docker_local
 from components.docker_local import DockerRunConfig
+from components.train import MIN_SCRATCH_UPDATES
 
 log = logging.getLogger("pipeline")
 
@@ -83,8 +84,8 @@ def preprocess(source: str, source_fingerprint: str, image_size: int, resize: st
 
 
 def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: float,
-               weights: str, precision: str, checkpoint_dir: str, gpu_memory_limit_mib: int,
-               backend: str, model: Output[Model], metrics: Output[Metrics]):
+               weights: str, weights_cache: str, min_updates: int, precision: str, checkpoint_dir: str,
+               gpu_memory_limit_mib: int, backend: str, model: Output[Model], metrics: Output[Metrics]):
     from pathlib import Path
 
     from components import train as step
@@ -93,7 +94,8 @@ def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: 
     configure_logging()
     summary = step.train(step.TrainConfig(data=Path(dataset.path), output=Path(model.path), epochs=epochs,
                                 batch_size=batch_size, learning_rate=learning_rate or None,
-                                weights=weights, precision=precision, checkpoint_dir=checkpoint_dir,
+                                weights=weights, weights_cache=weights_cache, min_updates=min_updates,
+                                precision=precision, checkpoint_dir=checkpoint_dir,
                                 gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend))
     model.metadata.update({"framework": "keras", "classes": summary["classes"],
                            "image_size": summary["image_size"], "precision": summary["precision"],
@@ -267,10 +269,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
                               "evaluate against production, export and push only a blessed model.",
                   pipeline_root=(cluster.pipeline_root if cluster else "") or None)
     def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
-                batch_size: int = 32, learning_rate: float = 0.0, weights: str = "none",
-                precision: str = "auto", tfds_data_dir: str = "", checkpoint_dir: str = "",
-                gpu_memory_limit_mib: int = 0, backend: str = "auto", registry: str = "",
-                model_name: str = DEFAULT_MODEL_NAME,
+                batch_size: int = 32, learning_rate: float = 0.0, weights: str = "imagenet",
+                weights_cache: str = "", min_updates: int = MIN_SCRATCH_UPDATES, precision: str = "auto",
+                tfds_data_dir: str = "",
+                checkpoint_dir: str = "", gpu_memory_limit_mib: int = 0, backend: str = "auto",
+                registry: str = "", model_name: str = DEFAULT_MODEL_NAME,
                 min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
                 export_formats: str = "") -> Outputs:
         # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest. Cached by the
@@ -283,7 +286,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
         # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights), on the RTX 2070
         trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                           precision=precision, checkpoint_dir=checkpoint_dir,
+                           weights_cache=weights_cache, min_updates=min_updates, precision=precision,
+                           checkpoint_dir=checkpoint_dir,
                            gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend)
         place(trained, "train")
         # 3. evaluate: held-out test split, candidate and production side by side -> blessed?
@@ -317,11 +321,16 @@ def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = 
 
 def run_local(data: str | None, workdir: Path, image_size: int | None = None,
               epochs: int | None = None, batch_size: int = 32, learning_rate: float = 0.0,
-              weights: str = "none", precision: str = "auto", resize: str = "stretch",
+              weights: str | None = None, precision: str = "auto", resize: str = "stretch",
               tfds_data_dir: str = "", registry: str | None = None, model_name: str | None = None,
               min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
-              export_formats: str = "", docker: DockerRunConfig | None = None) -> dict:
+              export_formats: str = "", docker: DockerRunConfig | None = None,
+              min_updates: int = MIN_SCRATCH_UPDATES) -> dict:
     """Run the whole pipeline through kfp.local and return the run summary.
+
+    `weights` None: ImageNet weights for `data`, none (from scratch, offline) for the built-in
+    patterns. ImageNet weights are fetched and verified before any step starts, into Keras'
+    cache folder, or with `docker` into the bucket where the train container finds them.
 
     The model registry defaults to `<workdir>/registry`, so consecutive runs in one workdir
     compare each new model with the one the previous blessed run put in production.
@@ -330,9 +339,12 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     """
     from kfp import local
 
+    from components import pretrained
     from components.preprocess import MIN_IMAGE_SIZE
 
     builtin = data is None
+    if weights is None:
+        weights = "none" if builtin else "imagenet"
     if image_size is None:
         image_size = BUILTIN_IMAGE_SIZE if builtin else 224
     if epochs is None:
@@ -342,6 +354,8 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         raise SystemExit(f"error: --image-size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
     if epochs < 1:
         raise SystemExit(f"error: --epochs must be at least 1, got {epochs}")
+    if min_updates < 0:
+        raise SystemExit(f"error: --min-updates must be 0 (off) or more, got {min_updates}")
     local_folder = not builtin and "://" not in data and not data.startswith("tfds:")
     if local_folder and not Path(data).is_dir():
         raise SystemExit(f"error: --data {data} is not a folder of class sub-folders")
@@ -386,6 +400,14 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     elif "://" not in registry:
         registry = str(Path(registry).resolve())
 
+    weights_cache = f"s3://{docker.bucket}/weights" if docker else ""
+    if weights == "imagenet":
+        # Now, not minutes later in the train step: an offline machine gets the one line at once.
+        try:
+            pretrained.resolve(weights_cache or str(pretrained.keras_cache()), workdir / "weights")
+        except pretrained.WeightsError as error:
+            raise SystemExit(f"error: {error}") from None
+
     # The step subprocesses import `components` from this checkout, installed or not.
     repo = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
@@ -400,7 +422,9 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     started = time.monotonic()
     task = retrain(source=data, image_size=image_size, resize=resize, epochs=epochs,
                    batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                   precision=precision, tfds_data_dir=tfds_data_dir, registry=registry,
+                   weights_cache=weights_cache, min_updates=min_updates, precision=precision,
+                   tfds_data_dir=tfds_data_dir,
+                   registry=registry,
                    model_name=model_name, min_accuracy=min_accuracy, margin=margin,
                    max_class_drop=max_class_drop, export_formats=export_formats)
     from components import blessing
@@ -428,6 +452,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         "resize": resize,
         "epochs": epochs,
         "weights": weights,
+        "min_updates": min_updates,
         "pipeline_root": str(pipeline_root),
         "runner": "docker" if docker else "subprocess",
         "wall_seconds": round(time.monotonic() - started, 1),
@@ -614,8 +639,12 @@ def main(argv: list[str] | None = None) -> int:
                          help=f"default 10; {BUILTIN_EPOCHS} for the built-in dataset")
     run_cmd.add_argument("--batch-size", type=int, default=32)
     run_cmd.add_argument("--learning-rate", type=float, default=0.0, help="0 = pick by --weights")
-    run_cmd.add_argument("--weights", default="none",
-                         help="none | imagenet | path to EfficientNet-B0 no-top weights")
+    run_cmd.add_argument("--weights", default=None,
+                         help="none | imagenet | path to EfficientNet-B0 no-top weights (default: "
+                              "imagenet for --data, none for the built-in dataset)")
+    run_cmd.add_argument("--min-updates", type=int, default=MIN_SCRATCH_UPDATES,
+                         help="from scratch: pass over the images more times an epoch until training "
+                              "makes this many optimizer updates (0 = off)")
     run_cmd.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_float16"))
     run_cmd.add_argument("--workdir", type=Path, default=Path("local-run"))
     run_cmd.add_argument("--registry", default=None,
@@ -691,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_local(args.data, args.workdir, args.image_size, args.epochs, args.batch_size,
                                 args.learning_rate, args.weights, args.precision, args.resize,
                                 args.tfds_data_dir, args.registry, args.model_name, args.min_accuracy,
-                                args.margin, args.max_class_drop, args.export_formats, docker)
+                                args.margin, args.max_class_drop, args.export_formats, docker,
+                                min_updates=args.min_updates)
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
         # own error line is in the log above it.

@@ -32,7 +32,7 @@ def run(data: Path, epochs: int, jit: bool, batch_size: int) -> dict:
 
     keras.utils.set_random_seed(0)
     dataset = records.load(data, verify=False)
-    config = TrainConfig(data=data, output=Path("/nonexistent"), batch_size=batch_size)
+    config = TrainConfig(weights="none", data=data, output=Path("/nonexistent"), batch_size=batch_size)
     model = build_model(len(dataset.classes), dataset.image_size)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy",
                   jit_compile=jit)

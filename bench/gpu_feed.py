@@ -68,8 +68,8 @@ def main() -> int:
 
     dataset = records.load(args.data, verify=False)
     classes = len(dataset.classes)
-    config = TrainConfig(data=dataset.folder, output=Path("/nonexistent"), batch_size=args.batch,
-                         precision=args.precision)
+    config = TrainConfig(weights="none", data=dataset.folder, output=Path("/nonexistent"),
+                         batch_size=args.batch, precision=args.precision)
     precision = configure_precision(args.precision, gpu is not None)
     keras.utils.set_random_seed(0)
     model = build_model(classes, dataset.image_size, "none")

@@ -89,7 +89,7 @@ def _probe_keras(precision: str, remat: str, batch: int, steps: int, warmup: int
 
     keras.mixed_precision.set_global_policy(precision)
     model = build_model(CLASSES, SIZE, "none", remat="none" if remat == "save-convs" else remat)
-    config = TrainConfig(data=Path(), output=Path(), epochs=1, batch_size=batch)
+    config = TrainConfig(weights="none", data=Path(), output=Path(), epochs=1, batch_size=batch)
     compile_for_training(model, config, steps_per_epoch=warmup + steps)
     if remat == "save-convs":
         save_conv_outputs_only(model)

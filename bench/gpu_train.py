@@ -84,7 +84,7 @@ class Bench:
                 "--output", str(output), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                 "--precision", a.precision, "--gpu-memory-limit", str(cap), "--backend", a.backend,
                 "--checkpoint-dir", str(self.work / "checkpoints"), "--checkpoint-every", str(every),
-                "--seed", str(seed), *extra]
+                "--seed", str(seed), "--weights", "none", *extra]
 
     # ---------------------------------------------------------------------------------- phases
 
@@ -124,7 +124,7 @@ class Bench:
                 "from components import records\n"
                 "from components.train import TrainConfig, training_dataset\n"
                 "d = records.load(Path(sys.argv[1]), verify=False); b = int(sys.argv[2])\n"
-                "c = TrainConfig(data=d.folder, output=Path('/nonexistent'), batch_size=b)\n"
+                "c = TrainConfig(weights='none', data=d.folder, output=Path('/nonexistent'), batch_size=b)\n"
                 "it = training_dataset(d, c, len(d.classes)).as_numpy_iterator()\n"
                 "for _ in range(5): next(it)\n"
                 "t = time.perf_counter(); n = 60\n"

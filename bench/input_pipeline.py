@@ -110,7 +110,8 @@ def main() -> int:
     dataset = records.load(scratch / "prepared")
     stored = sum(shard["bytes"] for shard in dataset.manifest["shards"]["train"]) / dataset.count("train")
 
-    config = TrainConfig(data=scratch / "prepared", output=scratch / "model", batch_size=BATCH)
+    config = TrainConfig(weights="none", data=scratch / "prepared", output=scratch / "model",
+                         batch_size=BATCH)
     results = {"cpus": os.cpu_count(), "image_size": SIZE, "batch": BATCH,
                "train_images": dataset.count("train"), "mean_record_kb": round(stored / 1024, 1)}
     results["baseline_img_per_s"] = round(rate(baseline_dataset(dataset, 2), args.batches), 1)

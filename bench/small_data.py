@@ -57,8 +57,8 @@ def main() -> int:
     model_dir = work / f"model-{args.epochs}x{args.batch_size}"
     shutil.rmtree(model_dir, ignore_errors=True)
     started = time.monotonic()
-    train.train(train.TrainConfig(data=work / "prepared", output=model_dir, epochs=args.epochs,
-                                  batch_size=args.batch_size))
+    train.train(train.TrainConfig(weights="none", min_updates=0, data=work / "prepared", output=model_dir,
+                                  epochs=args.epochs, batch_size=args.batch_size))
     seconds = time.monotonic() - started
 
     import keras

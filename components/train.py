@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from components import backend as backend_lib
-from components import batchfit, checkpoints, records, storage
+from components import batchfit, checkpoints, pretrained, records, storage
 from components.cli import json_config, local_path
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ PROGRESS_SECONDS = 30.0  # a progress line within an epoch at most this often
 # From scratch, fewer optimizer updates than this leave EfficientNet-B0 answering at chance,
 # measured on 120 photos of three plain colours at 64 px (bench/small_data.py, RESULTS.md):
 # 24 updates (batch 32, 8 epochs) scored 0.33 on test and fresh images, 288 (batch 8, 24
-# epochs) 0.92 and 0.92. The floor lies between; 200 is the warning's line, not a proven one.
+# epochs) 0.92 and 0.92. The default floor of TrainConfig.min_updates; bench/quality.py
+# measures it on several small datasets, with and without.
 MIN_SCRATCH_UPDATES = 200
 
 
@@ -72,7 +73,18 @@ class TrainConfig:
     learning_rate: float | None = None
     weight_decay: float = 1e-4  # AdamW, decoupled
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 at the last step
-    weights: str = "none"  # none | imagenet | path or URI of EfficientNet-B0 no-top weights
+    # none | imagenet | path or URI of EfficientNet-B0 no-top weights. ImageNet weights are what
+    # fine-tuning in this field starts from; the built-in demo and the tests ask for none.
+    weights: str = "imagenet"
+    # Where the ImageNet weights file is kept and looked for, verified by its published MD5
+    # (components/pretrained.py): a folder or an s3:// / minio:// prefix. "" = <checkpoint_dir>/
+    # weights when checkpoint_dir is set (it outlives the pod), else Keras' own ~/.keras/models.
+    weights_cache: str = ""
+    # From scratch, each epoch passes over the training images as many times as it takes for
+    # the run to make at least this many optimizer updates (0 = off): small data otherwise
+    # ends training before the network learns anything (MIN_SCRATCH_UPDATES says what was
+    # measured). Pretrained weights need far fewer and are left alone.
+    min_updates: int = MIN_SCRATCH_UPDATES
     # Fine-tuning pretrained weights in two phases (the Keras transfer-learning recipe): first
     # the new head alone for head_epochs (random head gradients would wreck the features),
     # then the top unfreeze_blocks of EfficientNet-B0's 16 blocks too, whole, BatchNorm frozen.
@@ -124,6 +136,8 @@ class TrainConfig:
                 and not Path(self.weights).is_file()):
             raise TrainError(f"--weights must be none, imagenet, an existing weights file or an "
                              f"s3://, minio:// or gs:// URI of one; {self.weights} does not exist")
+        if self.min_updates < 0:
+            raise TrainError(f"--min-updates must be 0 (off) or more, got {self.min_updates}")
         if self.head_epochs < 0 or not 0 <= self.unfreeze_blocks <= 16:
             raise TrainError("--head-epochs must be 0 or more and --unfreeze-blocks in 0..16")
         if self.xla not in ("auto", "on", "off"):
@@ -147,6 +161,16 @@ class TrainConfig:
     @property
     def pretrained(self) -> bool:
         return self.weights != "none"
+
+    def passes_per_epoch(self, train_images: int) -> int:
+        """How many times an epoch goes over the training images: enough, from scratch, for
+        `min_updates` optimizer updates at the requested (effective) batch over all epochs. Fixed
+        by the settings and the data alone, so a resumed run (or one on another GPU, with
+        another per-step batch) counts epochs the same way."""
+        updates = math.ceil(train_images / self.batch_size) * self.epochs
+        if self.pretrained or updates >= self.min_updates:
+            return 1
+        return math.ceil(self.min_updates * self.batch_size / (train_images * self.epochs))
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -224,6 +248,20 @@ def is_remote(location: str) -> bool:
     return location.startswith(REMOTE_SCHEMES)
 
 
+def resolve_weights(config: TrainConfig, checkpoint_dir: Path) -> str:
+    """What `build_model` loads: "none", or a local weights file (ImageNet's from the verified
+    cache, or the user's own, fetched from an object store)."""
+    if config.weights == "imagenet":
+        cache = config.weights_cache or pretrained.default_cache(config.checkpoint_dir)
+        try:
+            return str(pretrained.resolve(cache, checkpoint_dir.parent / "weights"))
+        except pretrained.WeightsError as error:
+            raise TrainError(str(error)) from None
+    if is_remote(config.weights):
+        return fetch_weights(config.weights, checkpoint_dir.parent / "weights")
+    return config.weights
+
+
 def fetch_weights(uri: str, folder: Path) -> str:
     """Download a weights file from an object store (for air-gapped clusters that keep
     `efficientnetb0_notop.h5` in a bucket) into `folder`; the local path. Keras needs the file
@@ -286,9 +324,10 @@ def build_model(num_classes: int, image_size: int, weights: str = "none", dropou
 
 def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_classes: int,
                      epoch: int = 0, skip: int = 0, batch_size: int | None = None, steps: int | None = None,
-                     full_batches: bool = True):
+                     full_batches: bool = True, passes: int = 1):
     """One epoch of training batches, in an order fixed by (seed, epoch): a resumed epoch skips
-    the `skip` images it already trained on and sees the rest in the same order.
+    the `skip` images it already trained on and sees the rest in the same order. An epoch is
+    `passes` passes over the training images, each in its own order.
 
     `full_batches` (for XLA, where a partial batch would be a second compile of the whole
     step): the last batch of an epoch is topped up from the start of the next pass (a few
@@ -314,7 +353,7 @@ def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_
     # A buffer of the whole split when it is small (exact shuffle), capped so large sets stay
     # within memory (encoded records are shuffled: 10k x ~20 KB at 224 px).
     data = records.read_split(dataset, "train", shuffle_buffer=min(dataset.count("train"), 10_000),
-                              seed=config.seed * 100_003 + epoch).skip(skip)
+                              seed=config.seed * 100_003 + epoch).repeat(passes).skip(skip)
     if full_batches:
         data = data.repeat()
     if config.augment:
@@ -481,21 +520,23 @@ def pipelined_callbacks(callbacks: list, model, epochs: int, steps: int, ahead: 
 
 
 def too_few_updates(train_images: int, step_batch: int, accumulation: int, epochs: int,
-                    weights: str) -> str | None:
+                    weights: str, passes: int = 1) -> str | None:
     """The warning a from-scratch run too short to learn gets before it starts (with the numbers
-    and what to do), or None."""
-    per_epoch = math.ceil(math.ceil(train_images / step_batch) / accumulation)
+    and what to do), or None. `passes`: passes over the images an epoch (min_updates)."""
+    per_epoch = math.ceil(math.ceil(train_images * passes / step_batch) / accumulation)
     updates = per_epoch * epochs
     if weights != "none" or updates >= MIN_SCRATCH_UPDATES:
         return None
     batch = step_batch * accumulation
-    smaller = max(1, min(batch, train_images * epochs // MIN_SCRATCH_UPDATES))
-    return (f"{train_images} training images at an effective batch of {batch} for {epochs} epochs are "
-            f"{updates} optimizer updates: from scratch (--weights none) EfficientNet-B0 needs about "
+    smaller = max(1, min(batch, train_images * passes * epochs // MIN_SCRATCH_UPDATES))
+    over = f" ({passes} passes an epoch)" if passes > 1 else ""
+    return (f"{train_images} training images at an effective batch of {batch} for {epochs} epochs{over} "
+            f"are {updates} optimizer updates: from scratch (--weights none) EfficientNet-B0 needs about "
             f"{MIN_SCRATCH_UPDATES} to learn anything, and this model will probably answer at chance. "
             f"Use --epochs {math.ceil(MIN_SCRATCH_UPDATES / per_epoch)} at this batch, or --batch-size "
-            f"{smaller} for these epochs, or --weights imagenet (pretrained weights need far fewer), "
-            "or more images.")
+            f"{smaller} for these epochs, or --min-updates {MIN_SCRATCH_UPDATES} (the default: more "
+            "passes over the images an epoch), or --weights imagenet (pretrained weights need far "
+            "fewer), or more images.")
 
 
 def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1,
@@ -675,8 +716,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_images = dataset.count("train")
     if train_images == 0:
         raise TrainError(f"{config.data} has no training images")
+    passes = config.passes_per_epoch(train_images)
+    epoch_images = train_images * passes  # what one epoch trains on
 
     checkpoint_dir = run_checkpoint_dir(config, dataset)
+    # Before the batch-fit probes, which take minutes: an offline machine learns now.
+    weights = resolve_weights(config, checkpoint_dir)
     compile_cache = compilation_cache(config, checkpoint_dir, memory_limit) if backend == "jax" else None
 
     # Whether training runs on the GPU, known without starting a framework there: the process
@@ -721,8 +766,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # After the probes: under JAX, seeding starts the framework on the GPU.
     keras.utils.set_random_seed(config.seed)
-    weights = (fetch_weights(config.weights, checkpoint_dir.parent / "weights") if is_remote(config.weights)
-               else config.weights)
     steps_per_execution = config.steps_per_execution or (4 if backend == "jax" else 1)
     # JAX compiles every new shape with XLA: full training batches, padded validation.
     fixed_shapes = backend == "jax"
@@ -732,7 +775,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         phase = config.phase(epoch)
         set_phase(model, phase, config.unfreeze_blocks)
         phase_epochs, phase_rate = config.phase_plan(phase)
-        compile_for_training(model, config, math.ceil(train_images / step_batch), accumulation,
+        compile_for_training(model, config, math.ceil(epoch_images / step_batch), accumulation,
                              epochs=phase_epochs, learning_rate=phase_rate,
                              steps_per_execution=steps_per_execution, fixed_shapes=fixed_shapes)
         model.optimizer.build(model.trainable_variables)
@@ -774,7 +817,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             mirror.push(folder, best_weights)
         epoch_logger.checkpoint_seconds += time.monotonic() - saving
 
-    checkpointer = _checkpointer(save_checkpoint, config.checkpoint_every, state, train_images)
+    checkpointer = _checkpointer(save_checkpoint, config.checkpoint_every, state, epoch_images)
     previous_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
@@ -791,18 +834,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                                            update_freq="epoch", write_graph=False))
     if state.global_step == 0:
         warning = too_few_updates(train_images, state.step_batch, state.accumulation, config.epochs,
-                                  config.weights)
+                                  config.weights, passes)
         if warning:
             log.warning("%s", warning)
+        if passes > 1:
+            log.info("from scratch, %d training images x %d epochs at a batch of %d would be %d "
+                     "optimizer updates, fewer than --min-updates %d: each epoch passes over the "
+                     "images %d times", train_images, config.epochs, config.batch_size,
+                     math.ceil(train_images / config.batch_size) * config.epochs, config.min_updates, passes)
         log.info("training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
                  "%d epochs x %d steps of %d, learning rate %g; checkpoints every %d steps in %s",
                  config.weights, precision, train_images, len(classes), dataset.image_size,
-                 config.epochs, math.ceil(train_images / state.step_batch), state.step_batch,
+                 config.epochs, math.ceil(epoch_images / state.step_batch), state.step_batch,
                  learning_rate, config.checkpoint_every, checkpoint_dir)
     started = time.monotonic()
     try:
         while state.epoch < config.epochs:
-            remaining = train_images - state.images_in_epoch
+            remaining = epoch_images - state.images_in_epoch
             steps = math.ceil(remaining / state.step_batch)
             validation, padding = (eval_dataset(dataset, "validation", state.step_batch, len(classes),
                                                 pad=fixed_shapes) if has_validation else (None, 0))
@@ -818,7 +866,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 model.fit(
                     training_dataset(dataset, config, len(classes), epoch=state.epoch,
                                      skip=state.images_in_epoch, batch_size=state.step_batch, steps=steps,
-                                     full_batches=fixed_shapes),
+                                     full_batches=fixed_shapes, passes=passes),
                     initial_epoch=state.epoch, epochs=state.epoch + 1,
                     steps_per_epoch=steps,
                     validation_data=validation,
@@ -834,7 +882,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 model = _step_down(error, model, state, build, checkpoint_dir, config, cache_file, gpu,
                                    probe_spec)
                 continue
-            if checkpointer.terminate and state.images_in_epoch < train_images:
+            if checkpointer.terminate and state.images_in_epoch < epoch_images:
                 raise Interrupted(f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}; "
                                   f"run again with the same checkpoint directory ({checkpoint_dir}) "
                                   "to resume")
@@ -887,6 +935,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "image_size": dataset.image_size,
         "resize": dataset.manifest.get("resize", "stretch"),
         "train_images": train_images,
+        "passes_per_epoch": passes,
         "step_batch": state.step_batch,
         "accumulation": state.accumulation,
         "effective_batch": state.step_batch * state.accumulation,
@@ -970,6 +1019,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=defaults.weights,
                         help="none | imagenet | path or s3://, minio://, gs:// URI of EfficientNet-B0 "
                              "no-top weights")
+    parser.add_argument("--weights-cache", default=defaults.weights_cache,
+                        help="folder or s3:// / minio:// prefix keeping the verified ImageNet weights "
+                             "(default: <checkpoint-dir>/weights if given, else ~/.keras/models)")
+    parser.add_argument("--min-updates", type=int, default=defaults.min_updates,
+                        help="from scratch: pass over the images more times an epoch until the run "
+                             "makes this many optimizer updates (0 = off)")
     parser.add_argument("--head-epochs", type=int, default=defaults.head_epochs,
                         help="pretrained weights: epochs training the new head alone first")
     parser.add_argument("--unfreeze-blocks", type=int, default=defaults.unfreeze_blocks,

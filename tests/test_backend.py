@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from components import backend, batchfit
-from components.train import TrainConfig, TrainError, build_model, load_trained, run_checkpoint_dir, train
+from components.train import TrainError, build_model, load_trained, run_checkpoint_dir, train
+from tests.conftest import scratch_config
 
 
 def test_auto_is_jax_only_with_a_gpu_and_jax_for_cuda(monkeypatch):
@@ -36,7 +37,7 @@ def test_another_backend_than_the_one_keras_runs_is_refused_clearly(prepared_dat
     with pytest.raises(backend.BackendError, match="already imported with the tensorflow backend"):
         backend.activate("jax")
     with pytest.raises(TrainError, match="run the step in a new process to train with jax"):
-        train(TrainConfig(data=prepared_dataset, output=tmp_path / "model", backend="jax"))
+        train(scratch_config(data=prepared_dataset, output=tmp_path / "model", backend="jax"))
     assert not (tmp_path / "model").exists()
 
 
@@ -56,12 +57,12 @@ def test_a_run_resumes_whatever_the_backend_steps_per_call_or_memory_cap(prepare
     from components import records
 
     dataset = records.load(prepared_dataset)
-    base = TrainConfig(data=prepared_dataset, output=Path("/tmp/x"))
-    same = [TrainConfig(data=prepared_dataset, output=Path("/tmp/x"), backend="jax"),
-            TrainConfig(data=prepared_dataset, output=Path("/tmp/x"), steps_per_execution=1),
-            TrainConfig(data=prepared_dataset, output=Path("/tmp/x"), gpu_memory_limit_mib=2048)]
+    base = scratch_config(data=prepared_dataset, output=Path("/tmp/x"))
+    same = [scratch_config(data=prepared_dataset, output=Path("/tmp/x"), backend="jax"),
+            scratch_config(data=prepared_dataset, output=Path("/tmp/x"), steps_per_execution=1),
+            scratch_config(data=prepared_dataset, output=Path("/tmp/x"), gpu_memory_limit_mib=2048)]
     assert {run_checkpoint_dir(config, dataset) for config in same} == {run_checkpoint_dir(base, dataset)}
-    other = TrainConfig(data=prepared_dataset, output=Path("/tmp/x"), batch_size=64)
+    other = scratch_config(data=prepared_dataset, output=Path("/tmp/x"), batch_size=64)
     assert run_checkpoint_dir(other, dataset) != run_checkpoint_dir(base, dataset)
 
 
@@ -98,8 +99,8 @@ def test_padded_validation_gives_the_exact_accuracy_and_loss(prepared_dataset):
     classes = len(dataset.classes)
     count = dataset.count("validation")
     model = build_model(classes, dataset.image_size)
-    compile_for_training(model, TrainConfig(data=prepared_dataset, output=Path("/tmp/x")), steps_per_epoch=1,
-                         fixed_shapes=True)
+    compile_for_training(model, scratch_config(data=prepared_dataset, output=Path("/tmp/x")),
+                         steps_per_epoch=1, fixed_shapes=True)
     padded, padding = eval_dataset(dataset, "validation", count + 5, classes)
     whole, none = eval_dataset(dataset, "validation", count, classes, pad=False)
     assert (padding, none) == (5, 0)

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from components import batchfit, records
 from components.batchfit import BatchFitError, Gpu, ProbeSpec, plan, search
-from components.train import TrainConfig, train
+from components.train import train
+from tests.conftest import scratch_config
 
 
 def recording(limit: int):
@@ -125,7 +126,7 @@ def test_running_out_of_memory_mid_training_steps_down_and_finishes(prepared_dat
         return real_fit(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", fit_that_runs_out_once)
-    summary = train(TrainConfig(data=prepared_dataset, output=tmp_path / "model", epochs=3, batch_size=16,
+    summary = train(scratch_config(data=prepared_dataset, output=tmp_path / "model", epochs=3, batch_size=16,
                                 augment=False, batch_fit="off", checkpoint_every=1))
     assert "out of memory at a per-step batch of 16" in caplog.text
     assert (summary["step_batch"], summary["accumulation"], summary["effective_batch"]) == (8, 2, 16)

@@ -113,7 +113,8 @@ def test_each_step_runs_in_its_container_and_matches_the_run_without_docker(buil
     # The GPU image's backend, forced here (no GPU: auto would pick TensorFlow): JAX writes the
     # model file that the CPU image evaluates and exports under TensorFlow.
     run_in(built.gpu, "python3", "-m", "components.train", "--data", "/work/dataset",
-           "--output", "/work/model", "--epochs", "1", "--batch-size", "8", "--backend", "jax", mounts=mount)
+           "--output", "/work/model", "--epochs", "1", "--batch-size", "8", "--backend", "jax",
+           "--weights", "none", "--min-updates", "0", mounts=mount)
     run_in(built.cpu, "python3", "-m", "components.evaluate", "--model", "/work/model",
            "--data", "/work/dataset", "--output", "/work/evaluation", mounts=mount)
     run_in(built.cpu, "python3", "-m", "components.export", "--model", "/work/model",
@@ -153,7 +154,8 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
     result = subprocess.run(
         [sys.executable, str(REPO / "pipeline.py"), "run-local", "--runner", "docker", "--image", built.cpu,
          "--gpu-image", built.gpu, "--data", str(images), "--image-size", str(TINY_SIZE), "--epochs", "2",
-         "--batch-size", "16", "--workdir", str(workdir), "--model-name", "flowers"],
+         "--batch-size", "16", "--weights", "none", "--min-updates", "0", "--workdir", str(workdir),
+         "--model-name", "flowers"],
         env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     summary = json.loads((workdir / "run-summary.json").read_text())
@@ -188,7 +190,7 @@ def test_a_step_failing_in_its_container_fails_the_run_with_its_reason(built, s3
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, str(REPO / "pipeline.py"), "run-local", "--runner", "docker", "--image", built.cpu,
-         "--gpu-image", built.gpu, "--data", "s3://empty/flowers", "--bucket", "empty",
+         "--gpu-image", built.gpu, "--data", "s3://empty/flowers", "--bucket", "empty", "--weights", "none",
          "--workdir", str(tmp_path / "run")], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
     assert "no objects under s3://empty/flowers" in result.stdout + result.stderr

@@ -39,7 +39,8 @@ def train_command(data: Path, output: Path, root: Path, seed: int, *extra: str,
     # The trained_model fixture's recipe: no augmentation, no warm-up.
     return [sys.executable, "-m", module, "--data", str(data), "--output", str(output),
             "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--no-augment", "--warmup-epochs", "0",
-            "--checkpoint-dir", str(root), "--checkpoint-every", "3", "--seed", str(seed), *extra]
+            "--checkpoint-dir", str(root), "--checkpoint-every", "3", "--seed", str(seed),
+            "--weights", "none", "--min-updates", "0", *extra]
 
 
 def jax_env() -> dict:

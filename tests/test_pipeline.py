@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import pipeline
+from components.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["preprocess", "train", "evaluate", "export"]
@@ -129,7 +130,10 @@ def test_parameters_and_defaults(spec):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["source"]["parameterType"] == "STRING"
     assert params["image_size"]["defaultValue"] == 224
-    assert params["weights"]["defaultValue"] == "none"
+    # ImageNet weights for real data (issue 16); the demo and the tests ask for none.
+    assert params["weights"]["defaultValue"] == "imagenet"
+    assert params["weights"]["defaultValue"] == TrainConfig.weights
+    assert params["min_updates"]["defaultValue"] == TrainConfig.min_updates
     assert params["registry"]["defaultValue"] == ""
     assert params["margin"]["defaultValue"] == 0.01
     assert params["max_class_drop"]["defaultValue"] == 0.1

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from components import checkpoints
-from components.train import TrainConfig, compile_for_training, run_checkpoint_dir
+from components.train import compile_for_training, run_checkpoint_dir
+from tests.conftest import scratch_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def tiny_model(accumulation: int = 1):
     """2 epochs of 4 updates: with accumulation, of 4 x `accumulation` batches (a per-step batch
     `accumulation` times smaller, as after a step-down)."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    compile_for_training(model, TrainConfig(data=Path(), output=Path(), epochs=2),
+    compile_for_training(model, scratch_config(data=Path(), output=Path(), epochs=2),
                          steps_per_epoch=4 * accumulation, accumulation=accumulation)
     model.optimizer.build(model.trainable_variables)
     return model
@@ -135,10 +136,10 @@ def test_checkpoints_are_keyed_by_data_and_settings(prepared_dataset, tmp_path):
     from components import records
 
     dataset = records.load(prepared_dataset)
-    base = TrainConfig(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"))
-    same = TrainConfig(data=prepared_dataset, output=tmp_path / "b", checkpoint_dir=str(tmp_path / "c"),
+    base = scratch_config(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"))
+    same = scratch_config(data=prepared_dataset, output=tmp_path / "b", checkpoint_dir=str(tmp_path / "c"),
                        checkpoint_every=7)
-    other = TrainConfig(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"),
+    other = scratch_config(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"),
                         epochs=11)
     assert run_checkpoint_dir(base, dataset) == run_checkpoint_dir(same, dataset)
     assert run_checkpoint_dir(base, dataset) != run_checkpoint_dir(other, dataset)
@@ -169,7 +170,7 @@ def test_training_killed_by_sigterm_then_sigkill_resumes_to_the_same_end(prepare
     ckpt, out = tmp_path / "ckpt", tmp_path / "model"
     command = [sys.executable, "-m", "components.train", "--data", str(prepared_dataset),
                "--output", str(out), "--epochs", "4", "--batch-size", "2", "--checkpoint-every", "3",
-               "--checkpoint-dir", str(ckpt), "--no-augment"]
+               "--checkpoint-dir", str(ckpt), "--no-augment", "--weights", "none", "--min-updates", "0"]
     logs = [tmp_path / f"run{i}.log" for i in range(3)]
 
     with logs[0].open("w") as log:  # 1: SIGTERM mid-epoch -> a checkpoint at that very step, exit 143
@@ -218,7 +219,7 @@ def test_checkpoints_in_an_s3_bucket_let_a_new_pod_resume(prepared_dataset, tmp_
     s3_env.client().make_bucket("training")
     settings = dict(data=prepared_dataset, epochs=2, batch_size=8, augment=False, checkpoint_every=2,
                     checkpoint_dir="s3://training/checkpoints")
-    first = train(TrainConfig(output=tmp_path / "pod1", **settings))
+    first = train(scratch_config(output=tmp_path / "pod1", **settings))
     names = sorted(o.object_name for o in s3_env.client().list_objects("training", recursive=True))
     steps = sorted({name.split("/")[2] for name in names if "/step-" in name})
     run = names[0].split("/")[1]
@@ -229,11 +230,11 @@ def test_checkpoints_in_an_s3_bucket_let_a_new_pod_resume(prepared_dataset, tmp_
     # Another pod, nothing on its disk: the bucket says the run is done; nothing is retrained.
     caplog.clear()
     caplog.set_level(logging.INFO)
-    second = train(TrainConfig(output=tmp_path / "pod2", **settings))
+    second = train(scratch_config(output=tmp_path / "pod2", **settings))
     assert f"resuming from {steps[-1]}" in caplog.text
     assert second["epochs_trained"] == 2 and second["best_epoch"] == first["best_epoch"]
     assert json.loads((tmp_path / "pod2" / "history.json").read_text()) == json.loads(
         (tmp_path / "pod1" / "history.json").read_text())
 
     with pytest.raises(Exception, match="does not exist"):
-        train(TrainConfig(output=tmp_path / "pod3", **dict(settings, checkpoint_dir="s3://nope/c")))
+        train(scratch_config(output=tmp_path / "pod3", **dict(settings, checkpoint_dir="s3://nope/c")))

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 def _run_local(source: Path, workdir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "64",
-         "--resize", "pad", "--batch-size", "16", "--workdir", str(workdir), "--model-name", "patterns",
+         "--resize", "pad", "--batch-size", "16", "--weights", "none", "--min-updates", "0",
+         "--workdir", str(workdir), "--model-name", "patterns",
          *flags], cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -113,7 +114,8 @@ def test_run_local_with_one_class_fails_in_preprocess_and_writes_no_summary(tmp_
         (source / "dots" / path.name).write_bytes(path.read_bytes())
     result = subprocess.run(
         [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "32",
-         "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=600)
+         "--weights", "none", "--workdir", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     output = result.stdout + result.stderr
     assert "only one class (dots)" in output

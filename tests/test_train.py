@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from components.train import TrainConfig, TrainError, build_model, configure_precision, train
-from tests.conftest import TINY_SIZE
+from tests.conftest import TINY_SIZE, scratch_config
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_from_scratch_speeds_up_batchnorm_and_pretrained_freezes_it(tmp_path):
     ({"learning_rate": -1.0}, "--learning-rate must be positive"),
 ])
 def test_bad_settings_are_refused(tmp_path, change, message):
-    config = TrainConfig(data=tmp_path, output=tmp_path / "m", **change)
+    config = scratch_config(data=tmp_path, output=tmp_path / "m", **change)
     with pytest.raises(TrainError, match=message):
         train(config)
 
@@ -65,7 +65,7 @@ def test_bad_settings_are_refused(tmp_path, change, message):
 def test_unfinished_dataset_is_refused(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(TrainError, match="no manifest.json"):
-        train(TrainConfig(data=tmp_path / "data", output=tmp_path / "m"))
+        train(scratch_config(data=tmp_path / "data", output=tmp_path / "m"))
 
 
 @pytest.mark.slow
@@ -102,7 +102,7 @@ def test_class_weights_from_the_manifest_reach_fit(prepared_dataset, tmp_path, m
 
     monkeypatch.setattr(keras.Model, "fit", fit)
     with pytest.raises(_StopBeforeTraining):
-        train(TrainConfig(data=prepared_dataset, output=tmp_path / "m", class_weights=enabled, xla="off"))
+        train(scratch_config(data=prepared_dataset, output=tmp_path / "m", class_weights=enabled, xla="off"))
     manifest = records.load(prepared_dataset).manifest
     expected = {i: manifest["class_weights"][name] for i, name in enumerate(manifest["classes"])}
     assert seen["class_weight"] == (expected if enabled else None)
