@@ -263,31 +263,52 @@ def decode_image(encoded, size: int):
     return tf.ensure_shape(image, [size, size, 3])
 
 
-def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None,
-               shuffle_buffer: int = 0, seed: int | None = None):
-    """`tf.data.Dataset` of (uint8 image [size, size, 3], int32 label) for one split.
+def serialized_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None,
+                     shuffle_buffer: int = 0, seed: int | None = None, passes: int = 1, skip: int = 0):
+    """`tf.data.Dataset` of one split's still-encoded records: `passes` passes one after the
+    other, each shuffled by its own seed derived from `seed` (with `shuffle_buffer`), then the
+    first `skip` records dropped. Deterministic: the same arguments give the same records in
+    the same order, which is what lets a resumed epoch skip exactly what it trained on.
 
-    Shards are read in parallel. With `shuffle_buffer`, the still-encoded records are shuffled
-    (about 20 KB each at 224 px instead of 150 KB decoded: a buffer of 10,000 costs 200 MB,
-    not 1.5 GB); without, they come in file order. Augmentation and batching are the reader's
-    business.
-    """
+    Shards are read in parallel (in a fixed order). The records are shuffled still encoded:
+    about 20 KB each at 224 px instead of 150 KB decoded, so a buffer of 10,000 costs 200 MB,
+    not 1.5 GB."""
     import tensorflow as tf
 
     files = dataset.files(split)
     if not files:
         raise DatasetError(f"split {split!r} of {dataset.folder} has no shards")
+    # The manifest's count, asserted: Keras then knows the epoch length, and a shard holding
+    # fewer records than promised fails the run instead of silently shortening every epoch.
+    records = (tf.data.TFRecordDataset(files, num_parallel_reads=parallel_reads or tf.data.AUTOTUNE)
+               .apply(tf.data.experimental.assert_cardinality(dataset.count(split))))
+
+    def one_pass(index: int):
+        if not shuffle_buffer:
+            return records
+        # Each pass its own seeded, non-reshuffling shuffle: tf.data's repeat of a reshuffling
+        # dataset orders later passes differently from one run to the next.
+        return records.shuffle(shuffle_buffer, seed=None if seed is None else seed * 1_009 + index,
+                               reshuffle_each_iteration=False)
+
+    data = one_pass(0)
+    for index in range(1, passes):
+        data = data.concatenate(one_pass(index))
+    return data.skip(skip) if skip else data
+
+
+def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None,
+               shuffle_buffer: int = 0, seed: int | None = None, passes: int = 1, skip: int = 0):
+    """`tf.data.Dataset` of (uint8 image [size, size, 3], int32 label) for one split: the records
+    of `serialized_split` (same arguments), decoded. Without `shuffle_buffer` they come in file
+    order. Augmentation and batching are the reader's business."""
+    import tensorflow as tf
+
     size = dataset.image_size
-    autotune = tf.data.AUTOTUNE
 
     def _decode(serialized):
         example = parse_example(serialized)
         return decode_image(example["image/encoded"], size), tf.cast(example["image/class/label"], tf.int32)
 
-    # The manifest's count, asserted: Keras then knows the epoch length, and a shard holding
-    # fewer records than promised fails the run instead of silently shortening every epoch.
-    data = (tf.data.TFRecordDataset(files, num_parallel_reads=parallel_reads or autotune)
-            .apply(tf.data.experimental.assert_cardinality(dataset.count(split))))
-    if shuffle_buffer:
-        data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return data.map(_decode, num_parallel_calls=autotune, deterministic=not shuffle_buffer)
+    data = serialized_split(dataset, split, parallel_reads, shuffle_buffer, seed, passes, skip)
+    return data.map(_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle_buffer)

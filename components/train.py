@@ -170,7 +170,8 @@ class TrainConfig:
         updates = math.ceil(train_images / self.batch_size) * self.epochs
         if self.pretrained or updates >= self.min_updates:
             return 1
-        return math.ceil(self.min_updates * self.batch_size / (train_images * self.epochs))
+        # The fewest p with ceil(train_images * p / batch) >= ceil(min_updates / epochs).
+        return self.batch_size * (math.ceil(self.min_updates / self.epochs) - 1) // train_images + 1
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -353,7 +354,7 @@ def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_
     # A buffer of the whole split when it is small (exact shuffle), capped so large sets stay
     # within memory (encoded records are shuffled: 10k x ~20 KB at 224 px).
     data = records.read_split(dataset, "train", shuffle_buffer=min(dataset.count("train"), 10_000),
-                              seed=config.seed * 100_003 + epoch).repeat(passes).skip(skip)
+                              seed=config.seed * 100_003 + epoch, passes=passes, skip=skip)
     if full_batches:
         data = data.repeat()
     if config.augment:
