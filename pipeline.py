@@ -22,22 +22,26 @@ source into the container), one call into `components.<step>`, metrics logged.
 
 
 import argparse
+import inspect
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import docker_local
+from components.blessing import BlessingConfig
 from components.docker_local import DockerRunConfig
-from components.train import MIN_SCRATCH_UPDATES
+from components.evaluate import EvaluateConfig
+from components.preprocess import PreprocessConfig
+from components.train import PRECISIONS, TrainConfig
 
 log = logging.getLogger("pipeline")
 
@@ -46,7 +50,7 @@ PIPELINE_NAME = "efficientnet-retrain"
 # with --image / --gpu-image to point at your own registry.
 DEFAULT_IMAGE = "efficientnet-retrain:cpu"
 DEFAULT_GPU_IMAGE = "efficientnet-retrain:gpu"
-DEFAULT_MODEL_NAME = "image-classifier"
+DEFAULT_MODEL_NAME = EvaluateConfig.model_name
 BUILTIN_MODEL_NAME = "patterns"
 # Built-in dataset: 64 px keeps the patterns clear and a 2-core CPU run within minutes.
 BUILTIN_IMAGE_SIZE = 64
@@ -268,14 +272,20 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
                   description="Retrain an EfficientNet-B0 image classifier: preprocess, train, "
                               "evaluate against production, export and push only a blessed model.",
                   pipeline_root=(cluster.pipeline_root if cluster else "") or None)
-    def retrain(source: str, image_size: int = 224, resize: str = "stretch", epochs: int = 10,
-                batch_size: int = 32, learning_rate: float = 0.0, weights: str = "imagenet",
-                weights_cache: str = "", min_updates: int = MIN_SCRATCH_UPDATES, precision: str = "auto",
-                tfds_data_dir: str = "",
-                checkpoint_dir: str = "", gpu_memory_limit_mib: int = 0, backend: str = "auto",
-                registry: str = "", model_name: str = DEFAULT_MODEL_NAME,
-                min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
-                export_formats: str = "") -> Outputs:
+    # Every default is the step config's own (tests/test_pipeline.py holds them equal);
+    # learning_rate 0 stands for TrainConfig's None (pick by weights), as KFP has no null float.
+    def retrain(source: str, image_size: int = PreprocessConfig.image_size,
+                resize: str = PreprocessConfig.resize, epochs: int = TrainConfig.epochs,
+                batch_size: int = TrainConfig.batch_size, learning_rate: float = 0.0,
+                weights: str = TrainConfig.weights, weights_cache: str = TrainConfig.weights_cache,
+                min_updates: int = TrainConfig.min_updates, precision: str = TrainConfig.precision,
+                tfds_data_dir: str = PreprocessConfig.tfds_data_dir,
+                checkpoint_dir: str = TrainConfig.checkpoint_dir,
+                gpu_memory_limit_mib: int = TrainConfig.gpu_memory_limit_mib,
+                backend: str = TrainConfig.backend,
+                registry: str = EvaluateConfig.registry, model_name: str = DEFAULT_MODEL_NAME,
+                min_accuracy: float = BlessingConfig.min_accuracy, margin: float = BlessingConfig.margin,
+                max_class_drop: float = BlessingConfig.max_class_drop, export_formats: str = "") -> Outputs:
         # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest. Cached by the
         #    data's fingerprint, taken fresh (never cached) from the listing each run.
         listed = place(fingerprint_op(source=source, tfds_data_dir=tfds_data_dir), "fingerprint")
@@ -319,58 +329,74 @@ def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = 
     return output
 
 
-def run_local(data: str | None, workdir: Path, image_size: int | None = None,
-              epochs: int | None = None, batch_size: int = 32, learning_rate: float = 0.0,
-              weights: str | None = None, precision: str = "auto", resize: str = "stretch",
-              tfds_data_dir: str = "", registry: str | None = None, model_name: str | None = None,
-              min_accuracy: float = 0.0, margin: float = 0.01, max_class_drop: float = 0.10,
-              export_formats: str = "", docker: DockerRunConfig | None = None,
-              min_updates: int = MIN_SCRATCH_UPDATES) -> dict:
+@dataclass(frozen=True)
+class LocalRun:
+    """One `run-local`: the data, the work folder and the pipeline parameters it sets; the rest
+    take `retrain`'s defaults (the step configs' own), or for the built-in dataset the demo's."""
+
+    data: str | None = None  # None: the built-in patterns dataset
+    workdir: Path = Path("local-run")
+    params: dict[str, Any] = field(default_factory=dict)  # retrain's parameters, by name (not source)
+    docker: DockerRunConfig | None = None  # every step in its image, data and registry in the bucket
+
+
+# The built-in demo: 64 px keeps the patterns clear and a 2-core CPU run within minutes; from
+# scratch because it must run offline.
+BUILTIN_PARAMS = {"image_size": BUILTIN_IMAGE_SIZE, "epochs": BUILTIN_EPOCHS, "weights": "none",
+                  "model_name": BUILTIN_MODEL_NAME}
+
+
+def pipeline_defaults() -> dict[str, Any]:
+    """`retrain`'s parameters that have a default, with it."""
+    parameters = inspect.signature(build_pipeline().pipeline_func).parameters
+    return {name: parameter.default for name, parameter in parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+def run_local(*, settings: LocalRun) -> dict:
     """Run the whole pipeline through kfp.local and return the run summary.
 
-    `weights` None: ImageNet weights for `data`, none (from scratch, offline) for the built-in
-    patterns. ImageNet weights are fetched and verified before any step starts, into Keras'
-    cache folder, or with `docker` into the bucket where the train container finds them.
-
-    The model registry defaults to `<workdir>/registry`, so consecutive runs in one workdir
-    compare each new model with the one the previous blessed run put in production.
-    With `docker`, every step runs in its image (kfp.local's DockerRunner) and data and
-    registry go through the object store: see components/docker_local.py.
+    ImageNet weights (the default with `data`) are fetched and verified before any step
+    starts, into Keras' cache folder, or with `docker` into the bucket where the train
+    container finds them. The model registry defaults to `<workdir>/registry`, so consecutive
+    runs in one workdir compare each new model with the one the previous blessed run put in
+    production. With `docker`, every step runs in its image (kfp.local's DockerRunner) and data
+    and registry go through the object store: see components/docker_local.py.
     """
     from kfp import local
 
     from components import pretrained
     from components.preprocess import MIN_IMAGE_SIZE
 
+    data, docker = settings.data, settings.docker
     builtin = data is None
-    if weights is None:
-        weights = "none" if builtin else "imagenet"
-    if image_size is None:
-        image_size = BUILTIN_IMAGE_SIZE if builtin else 224
-    if epochs is None:
-        epochs = BUILTIN_EPOCHS if builtin else 10
+    if "source" in settings.params:
+        raise SystemExit("error: run-local takes the source as --data, not --param source=...")
+    values = pipeline_defaults() | (BUILTIN_PARAMS if builtin else {}) | settings.params
+    image_size, epochs, weights = values["image_size"], values["epochs"], values["weights"]
     # Checked here too so that a typo fails in a second, not after a kfp.local start-up.
     if image_size < MIN_IMAGE_SIZE:
         raise SystemExit(f"error: --image-size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
     if epochs < 1:
         raise SystemExit(f"error: --epochs must be at least 1, got {epochs}")
-    if min_updates < 0:
-        raise SystemExit(f"error: --min-updates must be 0 (off) or more, got {min_updates}")
+    if values["min_updates"] < 0:
+        raise SystemExit(f"error: --min-updates must be 0 (off) or more, got {values['min_updates']}")
     local_folder = not builtin and "://" not in data and not data.startswith("tfds:")
     if local_folder and not Path(data).is_dir():
         raise SystemExit(f"error: --data {data} is not a folder of class sub-folders")
 
+    registry, tfds_data_dir = values["registry"], values["tfds_data_dir"]
     if docker:
         engine = docker_local.client()
         docker_local.check_images(engine, docker.images)
         docker_local.check_store(docker.bucket)
-        if registry is not None and "://" not in registry:
+        if registry and "://" not in registry:
             raise SystemExit(f"error: --registry {registry}: the containers cannot see a local folder; "
                              "give s3://... or leave it out for s3://<bucket>/registry")
         if tfds_data_dir and "://" not in tfds_data_dir:
             raise SystemExit(f"error: --tfds-data-dir {tfds_data_dir}: the containers cannot see a local "
                              "folder; give gs://... or prepare the dataset in the image's reach")
-    workdir = workdir.resolve()
+    workdir = settings.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     summary_path = workdir / "run-summary.json"
     summary_path.unlink(missing_ok=True)  # a failed run must not leave an older run's summary
@@ -390,21 +416,22 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
     elif local_folder:
         data = str(Path(data).resolve())
 
+    model_name = values["model_name"]
     if docker and (builtin or local_folder):
         data = docker_local.stage_folder(Path(data), docker.bucket,
                                          BUILTIN_MODEL_NAME if builtin else Path(data).name)
-    if model_name is None:
-        model_name = BUILTIN_MODEL_NAME if builtin else DEFAULT_MODEL_NAME
-    if registry is None:
+    if not registry:
         registry = f"s3://{docker.bucket}/registry" if docker else str(workdir / "registry")
     elif "://" not in registry:
         registry = str(Path(registry).resolve())
-
-    weights_cache = f"s3://{docker.bucket}/weights" if docker else ""
+    values["registry"] = registry
+    if docker and not values["weights_cache"]:
+        values["weights_cache"] = f"s3://{docker.bucket}/weights"
     if weights == "imagenet":
         # Now, not minutes later in the train step: an offline machine gets the one line at once.
         try:
-            pretrained.resolve(weights_cache or str(pretrained.keras_cache()), workdir / "weights")
+            pretrained.resolve(values["weights_cache"] or pretrained.default_cache(values["checkpoint_dir"]),
+                               workdir / "weights")
         except pretrained.WeightsError as error:
             raise SystemExit(f"error: {error}") from None
 
@@ -420,13 +447,7 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         retrain = build_pipeline()
     local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.monotonic()
-    task = retrain(source=data, image_size=image_size, resize=resize, epochs=epochs,
-                   batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                   weights_cache=weights_cache, min_updates=min_updates, precision=precision,
-                   tfds_data_dir=tfds_data_dir,
-                   registry=registry,
-                   model_name=model_name, min_accuracy=min_accuracy, margin=margin,
-                   max_class_drop=max_class_drop, export_formats=export_formats)
+    task = retrain(source=data, **values)
     from components import blessing
     from components.evaluate import EVALUATION
     from components.registry import Registry
@@ -449,10 +470,10 @@ def run_local(data: str | None, workdir: Path, image_size: int | None = None,
         "classes": evaluation["candidate"]["classes"],
         "source": data,
         "image_size": image_size,
-        "resize": resize,
+        "resize": values["resize"],
         "epochs": epochs,
         "weights": weights,
-        "min_updates": min_updates,
+        "min_updates": values["min_updates"],
         "pipeline_root": str(pipeline_root),
         "runner": "docker" if docker else "subprocess",
         "wall_seconds": round(time.monotonic() - started, 1),
@@ -506,8 +527,9 @@ def cluster_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                    train_retries=args.train_retries)
 
 
-def pipeline_params(pairs: list[str], package: Path) -> dict:
-    """`NAME=VALUE` flags checked against the compiled pipeline's parameters, typed as declared."""
+def pipeline_params(pairs: list[str], package: Path, required: tuple[str, ...] | None = None) -> dict:
+    """`NAME=VALUE` flags checked against the compiled pipeline's parameters, typed as declared.
+    `required`: the parameters that must be given (default: those without a default)."""
     import yaml
 
     declared = next(yaml.safe_load_all(package.read_text()))["root"]["inputDefinitions"]["parameters"]
@@ -524,10 +546,31 @@ def pipeline_params(pairs: list[str], package: Path) -> dict:
             params[name] = convert(value)
         except (ValueError, KeyError):
             raise SystemExit(f"error: --param {name}={value!r} is not a valid {kind.lower()}") from None
-    missing = sorted(n for n, d in declared.items() if "defaultValue" not in d and not d.get("isOptional")
-                     and n not in params)
+    if required is None:
+        required = tuple(name for name, spec in declared.items()
+                         if "defaultValue" not in spec and not spec.get("isOptional"))
+    missing = sorted(n for n in required if n not in params)
     if missing:
         raise SystemExit(f"error: the pipeline needs --param {missing[0]}=... (no default)")
+    return params
+
+
+# run-local's own flags for pipeline parameters (the parameter's name with dashes).
+LOCAL_FLAGS = ("image_size", "resize", "epochs", "batch_size", "learning_rate", "weights", "min_updates",
+               "precision", "tfds_data_dir", "registry", "model_name", "min_accuracy", "margin",
+               "max_class_drop", "export_formats")
+
+
+def local_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline parameters a run-local command line sets: its named flags, then `--param`
+    pairs, typed and checked against the compiled pipeline exactly as `submit` does."""
+    import tempfile
+
+    params = {name: getattr(args, name) for name in LOCAL_FLAGS if getattr(args, name) is not None}
+    if args.param:
+        with tempfile.TemporaryDirectory() as scratch:
+            package = compile_pipeline(Path(scratch) / "pipeline.yaml")
+            params |= pipeline_params(args.param, package, required=())
     return params
 
 
@@ -593,7 +636,7 @@ def run_doctor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python pipeline.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     compile_cmd = commands.add_parser("compile", help="write the KFP IR YAML")
@@ -629,36 +672,44 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd.add_argument("--data", default=None,
                          help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
                               "or tfds:NAME[:VERSION] (default: the built-in patterns dataset)")
-    run_cmd.add_argument("--tfds-data-dir", default="",
+    run_cmd.add_argument("--tfds-data-dir", default=None,
                          help="folder or gs:// path holding prepared TFDS data (tfds: sources)")
     run_cmd.add_argument("--image-size", type=int, default=None,
-                         help=f"px (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
-    run_cmd.add_argument("--resize", choices=("stretch", "pad", "crop"), default="stretch",
-                         help="how a non-square image becomes square")
+                         help=f"px (default {PreprocessConfig.image_size}; {BUILTIN_IMAGE_SIZE} for the "
+                              "built-in dataset)")
+    run_cmd.add_argument("--resize", choices=("stretch", "pad", "crop"), default=None,
+                         help=f"how a non-square image becomes square (default {PreprocessConfig.resize})")
     run_cmd.add_argument("--epochs", type=int, default=None,
-                         help=f"default 10; {BUILTIN_EPOCHS} for the built-in dataset")
-    run_cmd.add_argument("--batch-size", type=int, default=32)
-    run_cmd.add_argument("--learning-rate", type=float, default=0.0, help="0 = pick by --weights")
+                         help=f"default {TrainConfig.epochs}; {BUILTIN_EPOCHS} for the built-in dataset")
+    run_cmd.add_argument("--batch-size", type=int, default=None, help=f"default {TrainConfig.batch_size}")
+    run_cmd.add_argument("--learning-rate", type=float, default=None, help="default 0 = pick by --weights")
     run_cmd.add_argument("--weights", default=None,
-                         help="none | imagenet | path to EfficientNet-B0 no-top weights (default: "
-                              "imagenet for --data, none for the built-in dataset)")
-    run_cmd.add_argument("--min-updates", type=int, default=MIN_SCRATCH_UPDATES,
+                         help=f"none | {TrainConfig.weights} | path to EfficientNet-B0 no-top weights "
+                              "(default: imagenet for --data, none for the built-in dataset)")
+    run_cmd.add_argument("--min-updates", type=int, default=None,
                          help="from scratch: pass over the images more times an epoch until training "
-                              "makes this many optimizer updates (0 = off)")
-    run_cmd.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_float16"))
-    run_cmd.add_argument("--workdir", type=Path, default=Path("local-run"))
+                              "makes this many optimizer updates "
+                              f"(0 = off; default {TrainConfig.min_updates})")
+    run_cmd.add_argument("--precision", default=None, choices=PRECISIONS)
+    run_cmd.add_argument("--workdir", type=Path, default=LocalRun.workdir)
     run_cmd.add_argument("--registry", default=None,
                          help="model registry: s3://bucket[/prefix], minio://... or a folder "
                               "(default: <workdir>/registry)")
     run_cmd.add_argument("--model-name", default=None,
                          help=f"name in the registry (default {DEFAULT_MODEL_NAME}; "
                               f"{BUILTIN_MODEL_NAME} for the built-in dataset)")
-    run_cmd.add_argument("--min-accuracy", type=float, default=0.0, help="bless only at or above this")
-    run_cmd.add_argument("--margin", type=float, default=0.01,
-                         help="bless only if accuracy >= production accuracy - margin")
-    run_cmd.add_argument("--max-class-drop", type=float, default=0.10,
-                         help="bless only if no class's recall falls more than this against production")
-    run_cmd.add_argument("--export-formats", default="", help="extra export formats: litert,onnx")
+    run_cmd.add_argument("--min-accuracy", type=float, default=None,
+                         help=f"bless only at or above this (default {BlessingConfig.min_accuracy})")
+    run_cmd.add_argument("--margin", type=float, default=None,
+                         help="bless only if accuracy >= production accuracy - margin "
+                              f"(default {BlessingConfig.margin})")
+    run_cmd.add_argument("--max-class-drop", type=float, default=None,
+                         help="bless only if no class's recall falls more than this against production "
+                              f"(default {BlessingConfig.max_class_drop})")
+    run_cmd.add_argument("--export-formats", default=None, help="extra export formats: litert,onnx")
+    run_cmd.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="any other pipeline parameter (repeat), typed and checked as submit does: "
+                              "e.g. --param checkpoint_dir=/mnt/ckpt --param gpu_memory_limit_mib=7680")
     run_cmd.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
                          help="docker: every step in its image; data and registry through the S3 store")
     run_cmd.add_argument("--image", default=DEFAULT_IMAGE, help="docker: the CPU steps' image")
@@ -684,6 +735,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--model-name", required=True, dest="model")
         if name == "promote":
             command.add_argument("--version", type=int, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from components.cli import configure_logging, exit_on_user_error
@@ -717,11 +773,8 @@ def main(argv: list[str] | None = None) -> int:
                                  bucket=args.bucket or os.environ.get("RETRAIN_BUCKET") or "retrain")
     try:
         with exit_on_user_error(docker_local.DockerError, StorageError):
-            summary = run_local(args.data, args.workdir, args.image_size, args.epochs, args.batch_size,
-                                args.learning_rate, args.weights, args.precision, args.resize,
-                                args.tfds_data_dir, args.registry, args.model_name, args.min_accuracy,
-                                args.margin, args.max_class_drop, args.export_formats, docker,
-                                min_updates=args.min_updates)
+            summary = run_local(settings=LocalRun(data=args.data, workdir=args.workdir, docker=docker,
+                                                  params=local_params(args)))
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
         # own error line is in the log above it.

@@ -45,7 +45,7 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s
         secrets={"mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key}},
         workdir=tmp_path / "launcher", env=launcher_harness.python_path_env(REPO))
     harness.run({"source": "minio://datasets/patterns", "image_size": 64, "resize": "pad", "epochs": 20,
-                 "batch_size": 16, "registry": "minio://models", "model_name": "patterns"})
+                 "batch_size": 16, "weights": "none", "registry": "minio://models", "model_name": "patterns"})
 
     assert harness.ran == ["fingerprint", "preprocess", "train", "evaluate", "export"]
     assert harness.parameters[("evaluate", "Output")] is True

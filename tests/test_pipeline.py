@@ -11,6 +11,10 @@ import pytest
 import yaml
 
 import pipeline
+from components.blessing import BlessingConfig
+from components.evaluate import EvaluateConfig
+from components.export import ExportConfig
+from components.preprocess import PreprocessConfig
 from components.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +142,58 @@ def test_parameters_and_defaults(spec):
     assert params["margin"]["defaultValue"] == 0.01
     assert params["max_class_drop"]["defaultValue"] == 0.1
     assert params["min_accuracy"]["defaultValue"] == 0.0
+
+
+# Each retrain parameter's step config and field; learning_rate (0 for the config's None: KFP
+# has no null float) and export_formats (a string for the config's tuple) are the exceptions.
+OWNERS = {"image_size": (PreprocessConfig, "image_size"), "resize": (PreprocessConfig, "resize"),
+          "tfds_data_dir": (PreprocessConfig, "tfds_data_dir"), "epochs": (TrainConfig, "epochs"),
+          "batch_size": (TrainConfig, "batch_size"), "weights": (TrainConfig, "weights"),
+          "weights_cache": (TrainConfig, "weights_cache"), "min_updates": (TrainConfig, "min_updates"),
+          "precision": (TrainConfig, "precision"), "checkpoint_dir": (TrainConfig, "checkpoint_dir"),
+          "gpu_memory_limit_mib": (TrainConfig, "gpu_memory_limit_mib"), "backend": (TrainConfig, "backend"),
+          "registry": (EvaluateConfig, "registry"), "model_name": (EvaluateConfig, "model_name"),
+          "min_accuracy": (BlessingConfig, "min_accuracy"), "margin": (BlessingConfig, "margin"),
+          "max_class_drop": (BlessingConfig, "max_class_drop")}
+
+
+def test_every_pipeline_default_is_its_step_configs_own(spec):
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == set(OWNERS) | {"source", "learning_rate", "export_formats"}
+    for name, (config, field) in OWNERS.items():
+        assert params[name]["defaultValue"] == getattr(config, field), name
+    assert params["learning_rate"]["defaultValue"] == 0.0 and TrainConfig.learning_rate is None
+    assert params["export_formats"]["defaultValue"] == "" and ExportConfig.formats == ()
+    assert ExportConfig.model_name == EvaluateConfig.model_name
+
+
+@pytest.mark.parametrize("command", ["run-local", "submit"])
+def test_every_pipeline_parameter_is_reachable_from_run_local_and_submit(spec, tmp_path, command):
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    values = {"STRING": "x", "NUMBER_INTEGER": "7", "NUMBER_DOUBLE": "0.5", "BOOLEAN": "true"}
+    typed = {"STRING": "x", "NUMBER_INTEGER": 7, "NUMBER_DOUBLE": 0.5, "BOOLEAN": True}
+    pairs = [f"{name}={values[p['parameterType']]}" for name, p in params.items() if name != "source"]
+    flags = [flag for pair in pairs for flag in ("--param", pair)]
+    if command == "run-local":  # the source is --data there
+        args = pipeline.build_parser().parse_args(["run-local", *flags])
+        got = pipeline.local_params(args)
+    else:
+        package = tmp_path / "pipeline.yaml"
+        pipeline.compile_pipeline(package)
+        got = pipeline.pipeline_params([*pairs, "source=s3://b/p"], package)
+        assert got.pop("source") == "s3://b/p"
+    assert got == {name: typed[p["parameterType"]] for name, p in params.items() if name != "source"}
+
+
+def test_run_local_types_and_checks_params_as_submit_does():
+    parser = pipeline.build_parser()
+    with pytest.raises(SystemExit, match="is not a valid number_integer"):
+        pipeline.local_params(parser.parse_args(["run-local", "--param", "epochs=ten"]))
+    with pytest.raises(SystemExit, match="expected NAME=VALUE with NAME one of"):
+        pipeline.local_params(parser.parse_args(["run-local", "--param", "epoch=10"]))
+    # Its named flags are the same parameters: the later --param wins.
+    args = parser.parse_args(["run-local", "--epochs", "3", "--param", "epochs=4", "--weights", "none"])
+    assert pipeline.local_params(args) == {"epochs": 4, "weights": "none"}
 
 
 def test_step_modules_do_not_import_kfp():
