@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/cpu_xla.py --data /tmp/prepared --epochs 3
 
-Trains our own model (components.train.build_model, float32) on the same prepared shards,
+Trains our own model (components.model.build_model, float32) on the same prepared shards,
 once with `jit_compile=True` and once with False, in one process, each with a fresh model.
 Keras' `jit_compile="auto"` (what train uses) turns XLA off on a CPU-only machine and on
 where a GPU is present; this checks that the CPU half of that choice is right for
@@ -28,7 +28,8 @@ def run(data: Path, epochs: int, jit: bool, batch_size: int) -> dict:
     import keras
 
     from components import records
-    from components.train import TrainConfig, build_model, training_dataset
+    from components.model import build_model
+    from components.train import TrainConfig, training_dataset
 
     keras.utils.set_random_seed(0)
     dataset = records.load(data, verify=False)

@@ -57,14 +57,8 @@ def main() -> int:
     import numpy as np
     import tensorflow as tf
 
-    from components.train import (
-        TrainConfig,
-        build_model,
-        compile_for_training,
-        configure_precision,
-        pipelined_callbacks,
-        training_dataset,
-    )
+    from components.model import build_model, compile_for_training, configure_precision
+    from components.train import TrainConfig, pipelined_callbacks, training_dataset
 
     dataset = records.load(args.data, verify=False)
     classes = len(dataset.classes)
@@ -73,7 +67,7 @@ def main() -> int:
     precision = configure_precision(args.precision, gpu is not None)
     keras.utils.set_random_seed(0)
     model = build_model(classes, dataset.image_size, "none")
-    compile_for_training(model, config, steps_per_epoch=10 * args.steps, fixed_shapes=True)
+    compile_for_training(model, config.recipe(), steps_per_epoch=10 * args.steps, fixed_shapes=True)
     report: dict = {"device": str(jax.devices()[0].device_kind), "cap_mib": cap, "batch": args.batch,
                     "precision": precision, "image_size": dataset.image_size, "cpus": os.cpu_count(),
                     "train_images": dataset.count("train"), "steps": args.steps, "rows": []}

@@ -2,7 +2,7 @@
 
     python bench/gpu_memory.py --cap-mib 7680 --out results.json        # on a GPU machine
 
-Our training step (`components.train.build_model` + `compile_for_training`, Keras 3 on the JAX
+Our training step (`components.model.build_model` + `compile_for_training`, Keras 3 on the JAX
 backend, since TensorFlow with CUDA cannot be installed on the GPU machines we rent) side by
 side with the peer a user would pick instead: PyTorch + torchvision `efficientnet_b0` with
 autocast fp16 + GradScaler + channels_last (and fp32). 7.5 GiB (7680 MiB) stands in for the
@@ -85,12 +85,13 @@ def _probe_keras(precision: str, remat: str, batch: int, steps: int, warmup: int
     import keras
     import numpy as np
 
-    from components.train import TrainConfig, build_model, compile_for_training
+    from components.model import build_model, compile_for_training
+    from components.train import TrainConfig
 
     keras.mixed_precision.set_global_policy(precision)
     model = build_model(CLASSES, SIZE, "none", remat="none" if remat == "save-convs" else remat)
     config = TrainConfig(weights="none", data=Path(), output=Path(), epochs=1, batch_size=batch)
-    compile_for_training(model, config, steps_per_epoch=warmup + steps)
+    compile_for_training(model, config.recipe(), steps_per_epoch=warmup + steps)
     if remat == "save-convs":
         save_conv_outputs_only(model)
     rng = np.random.default_rng(0)

@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
+    from components import model as model_lib
     from components import preprocess, records, train
 
     work = args.work
@@ -64,7 +65,7 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    model = train.load_trained(model_dir)[0]
+    model = model_lib.load_trained(model_dir)[0]
     dataset = records.load(work / "prepared")
     classes = dataset.classes
 
@@ -90,7 +91,7 @@ def main() -> int:
         return {split: split_accuracy(split) for split in records.SPLITS} | {"fresh": fresh_accuracy()}
 
     before = scores()
-    layers = [layer for layer in train._all_layers(model)
+    layers = [layer for layer in model_lib._all_layers(model)
               if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
     momenta = [layer.momentum for layer in layers]
     batches, _ = train.eval_dataset(dataset, "train", 32, len(classes), pad=False)

@@ -264,13 +264,14 @@ def _run_probe(spec: ProbeSpec, batch: int) -> int:
         import keras
         import numpy as np
 
-        from components.train import TrainConfig, build_model, compile_for_training
+        from components.model import Recipe, build_model, compile_for_training
 
         keras.mixed_precision.set_global_policy(spec.precision)
         model = build_model(spec.num_classes, spec.image_size)
-        compile_for_training(
-            model, TrainConfig(data=Path(), output=Path(), epochs=1), steps_per_epoch=spec.steps
-        )
+        # The rates do not change the memory a step takes; XLA "auto" as in training.
+        recipe = Recipe(learning_rate=1e-3, epochs=1, weight_decay=1e-4, warmup_epochs=0.0,
+                        label_smoothing=0.1, xla="auto")
+        compile_for_training(model, recipe, steps_per_epoch=spec.steps)
         rng = np.random.default_rng(0)
         # uint8, as train feeds them (the model casts on the device)
         images = rng.integers(0, 256, (batch, spec.image_size, spec.image_size, 3), dtype="uint8")

@@ -258,12 +258,12 @@ def pair_examples(dataset: records.PreparedDataset, split: str, labels: np.ndarr
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from components import report
-    from components.train import TrainError, load_trained
+    from components.model import ModelError, load_trained
 
     try:
         dataset = records.load(config.data, verify=False)
         model, summary = load_trained(config.model)
-    except (records.DatasetError, TrainError) as error:
+    except (records.DatasetError, ModelError) as error:
         raise EvaluateError(str(error)) from None
     if summary["classes"] != dataset.classes:
         raise EvaluateError(f"the model was trained on classes {summary['classes']}, "

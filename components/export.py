@@ -300,7 +300,7 @@ def _check_blessed(evaluation: dict[str, Any] | None) -> None:
 
 def export(config: ExportConfig) -> dict[str, Any]:
     from components import registry as model_registry
-    from components.train import TrainError, load_trained
+    from components.model import ModelError, load_trained
 
     unknown = sorted(set(config.formats) - set(FORMATS))
     if unknown:
@@ -320,7 +320,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
     try:
         dataset = records.load(config.data, verify=False)
         model, summary = load_trained(config.model)
-    except (records.DatasetError, TrainError) as error:
+    except (records.DatasetError, ModelError) as error:
         raise ExportError(str(error)) from None
     classes, image_size = summary["classes"], summary["image_size"]
     resize_policy = summary.get("resize", "stretch")

@@ -8,10 +8,12 @@ Writes to `--output`: `model.keras` (the weights that scored best on validation)
 accumulation, classes, image size), `history.json` (per epoch: metrics, images/s, phase,
 peak GPU memory) and `tensorboard/`.
 
-Weights: `imagenet` (Keras downloads `efficientnetb0_notop.h5` once; needs internet), a path
-or an s3://, minio://, gs:// URI of that file or any EfficientNet-B0 no-top weights
-(air-gapped clusters), or `none` (from scratch; what tests and the built-in dataset use).
-Pretrained weights train in two phases: the new head alone, then the top blocks too.
+Weights: `imagenet`, the default (Keras' `efficientnetb0_notop.h5`, verified by its published
+MD5 and cached where the next run finds it: components/pretrained.py), a path or an s3://,
+minio://, gs:// URI of any EfficientNet-B0 no-top weights file, or `none` (from scratch: what
+tests and the built-in dataset use; small data then gets `--min-updates`). Pretrained weights
+train in two phases: the new head alone, then the top blocks too. The network itself, its
+optimizer and schedule are components/model.py.
 
 Backend: on a GPU Keras trains on JAX (`--backend auto`, components/backend.py), with the
 memory cap applied before JAX starts and XLA's compiled programs kept beside the checkpoints;
@@ -43,10 +45,18 @@ from typing import Any
 from components import backend as backend_lib
 from components import batchfit, checkpoints, pretrained, records, storage
 from components.cli import json_config, local_path
+from components.model import (
+    PRECISIONS,
+    Recipe,
+    build_model,
+    compile_for_training,
+    configure_precision,
+    gpu_available,
+    set_phase,
+)
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "mixed_float16")
 PROGRESS_SECONDS = 30.0  # a progress line within an epoch at most this often
 # From scratch, fewer optimizer updates than this leave EfficientNet-B0 answering at chance,
 # measured on 120 photos of three plain colours at 64 px (bench/small_data.py, RESULTS.md):
@@ -185,6 +195,12 @@ class TrainConfig:
             return 0
         return 1 if epoch < self.head_epochs else 2
 
+    def recipe(self, epochs: int | None = None, learning_rate: float | None = None) -> Recipe:
+        """How a phase of `epochs` (default: all) at peak `learning_rate` (default: resolved) trains."""
+        return Recipe(learning_rate=learning_rate or self.resolved_learning_rate(),
+                      epochs=epochs or self.epochs, weight_decay=self.weight_decay,
+                      warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, xla=self.xla)
+
     def phase_plan(self, phase: int) -> tuple[int, float]:
         """(epochs, peak learning rate) of a phase: its own warm-up + cosine schedule."""
         if phase == 1:
@@ -194,55 +210,8 @@ class TrainConfig:
         return self.epochs, self.resolved_learning_rate()
 
 
-def gpu_available() -> bool:
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return any(device.platform == "gpu" for device in jax.devices())
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
-def configure_precision(requested: str, on_gpu: bool | None = None) -> str:
-    """Set Keras' global dtype policy; the one place mixed precision is switched on. `on_gpu`
-    None: ask the framework (which, under JAX, starts it on the GPU)."""
-    import keras
-
-    if requested == "auto":
-        precision = "mixed_float16" if (gpu_available() if on_gpu is None else on_gpu) else "float32"
-        if precision == "float32":
-            log.info("no GPU found: training in float32 (mixed_float16 only pays off on a GPU)")
-    else:
-        precision = requested
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
-
-
 REMOTE_SCHEMES = ("s3://", "minio://", "gs://")
 HEAD_LEARNING_RATE = 1e-3  # phase 1: a new, randomly initialised head
-
-
-def set_phase(model, phase: int, unfreeze_blocks: int) -> None:
-    """Make the layers of `phase` trainable (see TrainConfig.phase); BatchNorm of pretrained
-    weights stays frozen in every phase. Recompile afterwards."""
-    import keras
-
-    if phase == 0:
-        return
-    backbone = model.layers[1]
-    if phase == 1:
-        backbone.trainable = False
-        return
-    blocks = list(dict.fromkeys(layer.name.split("_")[0] for layer in backbone.layers
-                                if layer.name.startswith("block")))
-    top = set(blocks[len(blocks) - unfreeze_blocks:]) if unfreeze_blocks else set()
-    backbone.trainable = True
-    for layer in backbone.layers:
-        in_top = layer.name.split("_")[0] in top or layer.name.startswith("top_")
-        layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def is_remote(location: str) -> bool:
@@ -281,46 +250,6 @@ def fetch_weights(uri: str, folder: Path) -> str:
     local.write_bytes(data)
     log.info("fetched weights %s (%.1f MB)", uri, len(data) / 1e6)
     return str(local)
-
-
-REMAT_MODES = ("none", "activations", "larger_than", "full")
-
-
-def build_model(num_classes: int, image_size: int, weights: str = "none", dropout: float = 0.2,
-                remat: str = "none"):
-    """EfficientNet-B0 backbone + a new softmax head. Input: float RGB in 0..255.
-
-    `remat` (Keras `RematScope` mode, applied to the backbone's layers) trades recomputation in
-    the backward pass for activation memory."""
-    import keras
-
-    if remat not in REMAT_MODES:
-        raise TrainError(f"remat must be one of {', '.join(REMAT_MODES)}, got {remat!r}")
-    with keras.RematScope(mode=None if remat == "none" else remat):
-        backbone = keras.applications.EfficientNetB0(
-            include_top=False,
-            weights=None if weights == "none" else weights,
-            input_shape=(image_size, image_size, 3),
-            pooling="avg",
-        )
-    for layer in backbone.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            if weights == "none":
-                # From scratch on a few hundred images, the default momentum 0.99 leaves the
-                # moving statistics ~100 steps behind the weights and validation accuracy far
-                # below training accuracy; 0.9 tracks within ~10 steps.
-                layer.momentum = 0.9
-            else:
-                # Pretrained statistics are better than any a small dataset can estimate:
-                # frozen BatchNorm runs in inference mode (the Keras fine-tuning recipe).
-                layer.trainable = False
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    features = backbone(inputs)
-    features = keras.layers.Dropout(dropout, name="head_dropout")(features)
-    # Softmax in float32: under mixed_float16 the logits can overflow and NaN the loss.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
-                                 name="probabilities")(features)
-    return keras.Model(inputs, outputs, name="efficientnet_b0_classifier")
 
 
 def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_classes: int,
@@ -540,45 +469,6 @@ def too_few_updates(train_images: int, step_batch: int, accumulation: int, epoch
             "fewer), or more images.")
 
 
-def compile_for_training(model, config: TrainConfig, steps_per_epoch: int, accumulation: int = 1,
-                         epochs: int | None = None, learning_rate: float | None = None,
-                         steps_per_execution: int = 1, fixed_shapes: bool = False) -> None:
-    """The optimizer, schedule and loss of every training run (and of bench/gpu_memory.py):
-    AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
-    cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
-
-    With `accumulation` > 1 the optimizer sums that many steps' gradients per update. The
-    schedule is planned in updates but given to Keras in steps: Keras calls a schedule with its
-    raw step counter (`optimizer._iterations`, one per batch), not with `iterations` (updates),
-    so a schedule of N updates would end, its rate 0 from there on, after N / accumulation
-    updates."""
-    import keras
-
-    total_updates = max(math.ceil(steps_per_epoch / accumulation) * (epochs or config.epochs), 1)
-    warmup_updates = max(min(int(config.warmup_epochs * steps_per_epoch / accumulation),
-                             total_updates - 1), 0)
-    learning_rate = learning_rate or config.resolved_learning_rate()
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_updates else learning_rate,
-        decay_steps=(total_updates - warmup_updates) * accumulation,
-        warmup_target=learning_rate if warmup_updates else None,
-        warmup_steps=warmup_updates * accumulation,
-    )
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
-                                       gradient_accumulation_steps=accumulation if accumulation > 1 else None)
-    model.compile(
-        jit_compile={"auto": "auto", "on": True, "off": False}[config.xla],
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        # Padded validation (`fixed_shapes`) needs accuracy weighted by sample weight, which
-        # Keras applies only to `weighted_metrics`; training accuracy is then weighted by the
-        # class weights too, as the loss is.
-        metrics=[] if fixed_shapes else ["accuracy"],
-        weighted_metrics=["accuracy"] if fixed_shapes else None,
-        steps_per_execution=steps_per_execution,
-    )
-
-
 def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) -> Path:
     """`<checkpoint dir>/<run key>`: the key hashes the data fingerprint and every setting that
     shapes training, so a restart of the same run resumes, while next week's run on new data
@@ -776,8 +666,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         phase = config.phase(epoch)
         set_phase(model, phase, config.unfreeze_blocks)
         phase_epochs, phase_rate = config.phase_plan(phase)
-        compile_for_training(model, config, math.ceil(epoch_images / step_batch), accumulation,
-                             epochs=phase_epochs, learning_rate=phase_rate,
+        compile_for_training(model, config.recipe(phase_epochs, phase_rate),
+                             math.ceil(epoch_images / step_batch), accumulation,
                              steps_per_execution=steps_per_execution, fixed_shapes=fixed_shapes)
         model.optimizer.build(model.trainable_variables)
         if phase:
@@ -957,51 +847,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     log.info("saved %s (best epoch %d, val_accuracy %s)", config.output / "model.keras",
              best["epoch"], best.get("val_accuracy"))
     return summary
-
-
-def load_trained(model_dir: Path | str):
-    """(Keras model, train summary) from a `train` output folder."""
-    import keras
-
-    model_dir = Path(model_dir)
-    model_path = model_dir / "model.keras"
-    if not model_path.is_file():
-        raise TrainError(f"{model_dir} holds no model.keras: did train finish?")
-    summary = json.loads((model_dir / "train_config.json").read_text())
-    model = keras.saving.load_model(str(model_path), safe_mode=True)
-    if any(layer.dtype_policy.compute_dtype != "float32" for layer in _all_layers(model)):
-        model = as_float32(model)
-    return model, summary
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-
-
-def as_float32(model):
-    """The same network and weights computing in float32. A model trained in mixed precision
-    keeps float32 weights, but its layers compute in float16: on a CPU that is emulated, slow,
-    and its results depend on the kernel (1.7e-2 apart between Keras and the exported
-    SavedModel of a JAX-trained model at 224 px, bench/RESULTS.md). Evaluate, export and serve
-    run on CPUs, in float32."""
-    import keras
-
-    def to_float32(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
-                return {**node, "config": {**node["config"], "name": "float32"}}
-            return {key: to_float32(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [to_float32(value) for value in node]
-        return node
-
-    config = to_float32(keras.saving.serialize_keras_object(model))
-    converted = keras.saving.deserialize_keras_object(config, safe_mode=True)
-    converted.set_weights(model.get_weights())
-    return converted
 
 
 def build_parser() -> argparse.ArgumentParser:

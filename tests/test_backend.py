@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from components import backend, batchfit
-from components.train import TrainError, build_model, load_trained, run_checkpoint_dir, train
+from components.model import build_model, load_trained
+from components.train import TrainError, run_checkpoint_dir, train
 from tests.conftest import scratch_config
 
 
@@ -93,13 +94,14 @@ def test_padded_validation_gives_the_exact_accuracy_and_loss(prepared_dataset):
     """Under JAX validation runs at the training batch, padded with weight-0 copies: the
     accuracy must ignore them (a weighted metric) and the loss be corrected exactly."""
     from components import records
-    from components.train import compile_for_training, eval_dataset
+    from components.model import compile_for_training
+    from components.train import eval_dataset
 
     dataset = records.load(prepared_dataset)
     classes = len(dataset.classes)
     count = dataset.count("validation")
     model = build_model(classes, dataset.image_size)
-    compile_for_training(model, scratch_config(data=prepared_dataset, output=Path("/tmp/x")),
+    compile_for_training(model, scratch_config(data=prepared_dataset, output=Path("/tmp/x")).recipe(),
                          steps_per_epoch=1, fixed_shapes=True)
     padded, padding = eval_dataset(dataset, "validation", count + 5, classes)
     whole, none = eval_dataset(dataset, "validation", count, classes, pad=False)

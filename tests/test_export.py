@@ -130,7 +130,7 @@ def test_serving_signature_uses_the_datasets_resize_policy(trained_model, tmp_pa
 
     from components import imaging
     from components.export import write_saved_model
-    from components.train import load_trained
+    from components.model import load_trained
 
     model, summary = load_trained(trained_model)
     write_saved_model(model, summary["classes"], summary["image_size"], tmp_path / "padded", "pad")
@@ -188,8 +188,8 @@ def test_exported_model_on_raw_bytes_matches_keras_on_the_preprocessed_records(e
     import tensorflow as tf
 
     from components import records
+    from components.model import load_trained
     from components.preprocess import PreprocessConfig, preprocess
-    from components.train import load_trained
 
     output, info = exported
     raw = _raw_images()

@@ -86,7 +86,7 @@ def test_jax_training_resumes_after_sigterm_and_its_model_is_evaluated_exported_
 
     from components.evaluate import EvaluateConfig, evaluate
     from components.export import ExportConfig, export
-    from components.train import load_trained
+    from components.model import load_trained
 
     output = tmp_path / "model"
     # mixed_float16, as on the GPU: the model file then holds float16 compute policies, which

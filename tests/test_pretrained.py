@@ -36,7 +36,7 @@ def weights_file(tmp_path_factory) -> Path:
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
-    from components.train import build_model
+    from components.model import build_model
 
     path = tmp_path_factory.mktemp("published") / pretrained.IMAGENET_FILE
     with h5py.File(path, "w") as handle:

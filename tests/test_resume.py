@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from components import checkpoints
-from components.train import compile_for_training, run_checkpoint_dir
+from components.model import compile_for_training
+from components.train import run_checkpoint_dir
 from tests.conftest import scratch_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def tiny_model(accumulation: int = 1):
     """2 epochs of 4 updates: with accumulation, of 4 x `accumulation` batches (a per-step batch
     `accumulation` times smaller, as after a step-down)."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    compile_for_training(model, scratch_config(data=Path(), output=Path(), epochs=2),
+    compile_for_training(model, scratch_config(data=Path(), output=Path(), epochs=2).recipe(),
                          steps_per_epoch=4 * accumulation, accumulation=accumulation)
     model.optimizer.build(model.trainable_variables)
     return model

@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from components.train import TrainConfig, TrainError, build_model, configure_precision, train
+from components.model import build_model, configure_precision
+from components.train import TrainConfig, TrainError, train
 from tests.conftest import TINY_SIZE, scratch_config
 
 
@@ -133,7 +134,7 @@ def _backbone_weights(model) -> dict[str, np.ndarray]:
 
 
 def test_fine_tuning_phases_choose_whole_blocks_and_keep_batchnorm_frozen(tmp_path):
-    from components.train import set_phase
+    from components.model import set_phase
 
     weights = tmp_path / "backbone.weights.h5"
     build_model(2, TINY_SIZE, "none").layers[1].save_weights(str(weights))

@@ -1,0 +1,61 @@
+"""The module graph of components/: no cycle, and no module reaches into a step for a helper."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+COMPONENTS = Path(__file__).resolve().parent.parent / "components"
+# The pipeline's steps: each is run (by pipeline.py or its own CLI), never imported by another
+# module; what two of them share lives in a module of its own (model, records, storage, ...).
+STEPS = {"preprocess", "train", "evaluate", "export"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every components.* module `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "components":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names
+                      if alias.name.startswith("components.")}
+    return found - {path.stem}
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return {path.stem: imports_of(path) for path in COMPONENTS.glob("*.py") if path.stem != "__init__"}
+
+
+def test_no_module_imports_a_step(graph):
+    reaching = {module: sorted(imported & STEPS) for module, imported in graph.items() if imported & STEPS}
+    assert reaching == {}
+
+
+def test_the_module_graph_has_no_cycle(graph):
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", f"import cycle: {' -> '.join([*path, module])}"
+        state[module] = "open"
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path):
+    """The checks above would pass vacuously if function-level imports went unseen."""
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    from components.train import train\n"
+                      "    from components import records\n")
+    assert imports_of(source) == {"train", "records"}
