@@ -58,6 +58,7 @@ from components.model import (
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 30.0  # a progress line within an epoch at most this often
+BEST_WEIGHTS = "best.weights.h5"  # in the run's checkpoint folder: the best epoch so far
 # From scratch, fewer optimizer updates than this leave EfficientNet-B0 answering at chance,
 # measured on 120 photos of three plain colours at 64 px (bench/small_data.py, RESULTS.md):
 # 24 updates (batch 32, 8 epochs) scored 0.33 on test and fresh images, 288 (batch 8, 24
@@ -549,8 +550,62 @@ def _checkpointer(save, every: int, state: checkpoints.TrainingState, train_imag
     return Checkpointer()
 
 
-def _step_down(error: BaseException, model, state: checkpoints.TrainingState, build, checkpoint_dir: Path,
-               config: TrainConfig, cache_file: Path, gpu, probe_spec) -> Any:
+@dataclass
+class _Run:
+    """A prepared run: what `_prepare_run` resolved, and the model it builds or resumes."""
+
+    config: TrainConfig
+    backend: str
+    gpu: Any  # batchfit.Gpu or None
+    memory_limit: int | None
+    dataset: records.PreparedDataset
+    passes: int  # passes over the training images an epoch (min_updates)
+    checkpoint_dir: Path
+    weights: str  # what build_model loads
+    compile_cache: Path | None
+    precision: str
+    mirror: checkpoints.RemoteMirror | None
+    cache_file: Path  # the batch-fit cache
+    probe_spec: batchfit.ProbeSpec
+    batch_plan: batchfit.BatchPlan | None  # None when resuming: the checkpoint has one
+    steps_per_execution: int
+    fixed_shapes: bool  # JAX compiles every new shape with XLA: full batches, padded validation
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    @property
+    def train_images(self) -> int:
+        return self.dataset.count("train")
+
+    @property
+    def epoch_images(self) -> int:
+        """What one epoch trains on."""
+        return self.train_images * self.passes
+
+    def prepare(self, model, step_batch: int, accumulation: int, epoch: int):
+        """Set the phase of `epoch` and compile with that phase's schedule (a fresh optimizer)."""
+        config = self.config
+        phase = config.phase(epoch)
+        set_phase(model, phase, config.unfreeze_blocks)
+        phase_epochs, phase_rate = config.phase_plan(phase)
+        compile_for_training(model, config.recipe(phase_epochs, phase_rate),
+                             math.ceil(self.epoch_images / step_batch), accumulation,
+                             steps_per_execution=self.steps_per_execution, fixed_shapes=self.fixed_shapes)
+        model.optimizer.build(model.trainable_variables)
+        if phase:
+            log.info("phase %d: %s, %d epoch(s) at a peak learning rate of %g", phase,
+                     "the new head alone" if phase == 1 else f"head + top {config.unfreeze_blocks} blocks",
+                     phase_epochs, phase_rate)
+        return model
+
+    def build(self, step_batch: int, accumulation: int, epoch: int = 0):
+        model = build_model(len(self.classes), self.dataset.image_size, self.weights, self.config.dropout)
+        return self.prepare(model, step_batch, accumulation, epoch)
+
+
+def _step_down(error: BaseException, model, state: checkpoints.TrainingState, run: _Run) -> Any:
     """Out of memory mid-training: halve the per-step batch (raising accumulation to keep the
     effective batch), remember it, and go on from the newest checkpoint. Returns the new model
     and updates `state` in place (the checkpoint callback holds it)."""
@@ -558,23 +613,23 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, bu
     smaller -= smaller % 8 if smaller >= 8 else 0
     if smaller < 1:
         raise TrainError(f"out of memory even at a per-step batch of 1: {error}") from None
-    new_plan = batchfit.plan(config.batch_size, smaller)
+    new_plan = batchfit.plan(run.config.batch_size, smaller)
     log.warning("out of memory at a per-step batch of %d (%s): going on from the last checkpoint with "
                 "%d x %d accumulation steps", state.step_batch, str(error).splitlines()[0][:200],
                 new_plan.step_batch, new_plan.accumulation)
-    if gpu is not None:
-        batchfit.record_out_of_memory(cache_file, gpu, probe_spec, state.step_batch)
+    if run.gpu is not None:
+        batchfit.record_out_of_memory(run.cache_file, run.gpu, run.probe_spec, state.step_batch)
     del model
     import gc
 
     gc.collect()
     try:
         model, saved = checkpoints.load_latest(
-            checkpoint_dir, lambda saved: build(new_plan.step_batch, new_plan.accumulation,
-                                                saved.epoch if saved else 0),
+            run.checkpoint_dir, lambda saved: run.build(new_plan.step_batch, new_plan.accumulation,
+                                                    saved.epoch if saved else 0),
             accumulation=new_plan.accumulation)
     except checkpoints.CheckpointError as failure:
-        raise TrainError(f"{failure}; delete {checkpoint_dir} to start over") from None
+        raise TrainError(f"{failure}; delete {run.checkpoint_dir} to start over") from None
     backend = state.backend
     vars(state).update(vars(saved or checkpoints.TrainingState()))
     state.step_batch, state.accumulation, state.backend = new_plan.step_batch, new_plan.accumulation, backend
@@ -588,6 +643,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     every epoch end; a run started with the same directory continues from the newest usable
     one (mid-epoch: the images of that epoch already trained on are skipped)."""
     config.validate()
+    run = _prepare_run(config)
+    model, state = _load_or_build(run)
+    started = time.monotonic()
+    model, epoch_logger = _train_epochs(run, model, state)
+    return _finish(run, model, state, epoch_logger, time.monotonic() - started)
+
+
+def _prepare_run(config: TrainConfig) -> _Run:
+    """Backend, data, checkpoint folder, weights, precision and batch plan, in that order."""
     # Before anything imports keras (TensorFlow does) or starts the GPU: Keras reads its backend
     # once, JAX reads its memory cap and compilation cache when it starts, and the batch probes
     # need the memory that a framework would otherwise reserve in this process.
@@ -607,8 +671,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_images = dataset.count("train")
     if train_images == 0:
         raise TrainError(f"{config.data} has no training images")
-    passes = config.passes_per_epoch(train_images)
-    epoch_images = train_images * passes  # what one epoch trains on
 
     checkpoint_dir = run_checkpoint_dir(config, dataset)
     # Before the batch-fit probes, which take minutes: an offline machine learns now.
@@ -622,7 +684,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     import keras
 
     precision = configure_precision(config.precision, on_gpu)
-    classes = dataset.classes
     mirror = None
     if is_remote(config.checkpoint_dir):
         if config.checkpoint_dir.startswith("gs://"):
@@ -636,13 +697,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             mirror.pull(checkpoint_dir)
         except storage.StorageError as error:
             raise TrainError(f"cannot use --checkpoint-dir {remote}: {error}") from None
-    learning_rate = config.resolved_learning_rate()
     cache_file = (Path(config.batch_fit_cache) if config.batch_fit_cache
                   else checkpoint_dir.parent / "batch-fit.json"
                   if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
                   else batchfit.default_cache_file())
     probe_spec = batchfit.ProbeSpec(
-        image_size=dataset.image_size, precision=precision, num_classes=len(classes),
+        image_size=dataset.image_size, precision=precision, num_classes=len(dataset.classes),
         memory_limit_mib=int((memory_limit or 0) * (1 - batchfit.MARGIN)))
     if checkpoints.complete(checkpoint_dir):
         batch_plan = None  # resuming: the checkpoint says which batch and accumulation
@@ -657,58 +717,77 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # After the probes: under JAX, seeding starts the framework on the GPU.
     keras.utils.set_random_seed(config.seed)
-    steps_per_execution = config.steps_per_execution or (4 if backend == "jax" else 1)
-    # JAX compiles every new shape with XLA: full training batches, padded validation.
-    fixed_shapes = backend == "jax"
+    return _Run(config=config, backend=backend, gpu=gpu, memory_limit=memory_limit, dataset=dataset,
+                passes=config.passes_per_epoch(train_images), checkpoint_dir=checkpoint_dir, weights=weights,
+                compile_cache=compile_cache, precision=precision, mirror=mirror, cache_file=cache_file,
+                probe_spec=probe_spec, batch_plan=batch_plan,
+                steps_per_execution=config.steps_per_execution or (4 if backend == "jax" else 1),
+                fixed_shapes=backend == "jax")
 
-    def prepare(model, step_batch: int, accumulation: int, epoch: int):
-        """Set the phase of `epoch` and compile with that phase's schedule (a fresh optimizer)."""
-        phase = config.phase(epoch)
-        set_phase(model, phase, config.unfreeze_blocks)
-        phase_epochs, phase_rate = config.phase_plan(phase)
-        compile_for_training(model, config.recipe(phase_epochs, phase_rate),
-                             math.ceil(epoch_images / step_batch), accumulation,
-                             steps_per_execution=steps_per_execution, fixed_shapes=fixed_shapes)
-        model.optimizer.build(model.trainable_variables)
-        if phase:
-            log.info("phase %d: %s, %d epoch(s) at a peak learning rate of %g", phase,
-                     "the new head alone" if phase == 1 else f"head + top {config.unfreeze_blocks} blocks",
-                     phase_epochs, phase_rate)
-        return model
 
-    def build(step_batch: int, accumulation: int, epoch: int = 0):
-        model = build_model(len(classes), dataset.image_size, weights, config.dropout)
-        return prepare(model, step_batch, accumulation, epoch)
-
+def _load_or_build(run: _Run) -> tuple[Any, checkpoints.TrainingState]:
+    """The newest usable checkpoint of this run, or a fresh model at the planned batch."""
+    plan = run.batch_plan
     try:
         model, state = checkpoints.load_latest(
-            checkpoint_dir, lambda saved: build(saved.step_batch, saved.accumulation, saved.epoch) if saved
-            else build(batch_plan.step_batch, batch_plan.accumulation))
+            run.checkpoint_dir, lambda saved: run.build(saved.step_batch, saved.accumulation, saved.epoch)
+            if saved else run.build(plan.step_batch, plan.accumulation))
     except checkpoints.CheckpointError as error:
-        raise TrainError(f"{error}; delete {checkpoint_dir} to start over") from None
-    if state is not None and state.backend and state.backend != backend:
+        raise TrainError(f"{error}; delete {run.checkpoint_dir} to start over") from None
+    if state is not None and state.backend and state.backend != run.backend:
         log.warning("the checkpoint was written under the %s backend; resuming it under %s (weights "
-                    "and optimizer variables are plain arrays, the same under both)", state.backend, backend)
-    state = state or checkpoints.TrainingState(step_batch=batch_plan.step_batch,
-                                               accumulation=batch_plan.accumulation)
-    state.backend = backend
+                    "and optimizer variables are plain arrays, the same under both)", state.backend,
+                    run.backend)
+    state = state or checkpoints.TrainingState(step_batch=plan.step_batch, accumulation=plan.accumulation)
+    state.backend = run.backend
     log.info("per-step batch %d x %d accumulation step(s) = effective batch %d (requested %d)",
-             state.step_batch, state.accumulation, state.step_batch * state.accumulation, config.batch_size)
+             state.step_batch, state.accumulation, state.step_batch * state.accumulation,
+             run.config.batch_size)
+    return model, state
 
+
+def _log_plan(run: _Run, state: checkpoints.TrainingState) -> None:
+    """What a fresh run is about to do, and the warning if it is too short to learn."""
+    config = run.config
+    warning = too_few_updates(run.train_images, state.step_batch, state.accumulation, config.epochs,
+                              config.weights, run.passes)
+    if warning:
+        log.warning("%s", warning)
+    if run.passes > 1:
+        log.info("from scratch, %d training images x %d epochs at a batch of %d would be %d "
+                 "optimizer updates, fewer than --min-updates %d: each epoch passes over the "
+                 "images %d times", run.train_images, config.epochs, config.batch_size,
+                 math.ceil(run.train_images / config.batch_size) * config.epochs, config.min_updates,
+                 run.passes)
+    log.info("training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
+             "%d epochs x %d steps of %d, learning rate %g; checkpoints every %d steps in %s",
+             config.weights, run.precision, run.train_images, len(run.classes), run.dataset.image_size,
+             config.epochs, math.ceil(run.epoch_images / state.step_batch), state.step_batch,
+             config.resolved_learning_rate(), config.checkpoint_every, run.checkpoint_dir)
+
+
+def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
+    """The epoch loop, from `state` to the last epoch (or an early stop): a checkpoint every
+    `checkpoint_every` steps and at each epoch end, the best epoch's weights kept, a step down
+    to a smaller batch on running out of memory, a clean stop on SIGTERM. Returns the model
+    and the epoch logger (its rows are also in `state.history`)."""
+    import keras
+
+    config, dataset, checkpoint_dir = run.config, run.dataset, run.checkpoint_dir
     config.output.mkdir(parents=True, exist_ok=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     has_validation = dataset.count("validation") > 0
-    best_weights = checkpoint_dir / "best.weights.h5"
+    best_weights = checkpoint_dir / BEST_WEIGHTS
     epoch_logger = _epoch_logger(config.epochs)
 
     def save_checkpoint(current_model) -> None:
         saving = time.monotonic()
         folder = checkpoints.save(checkpoint_dir, current_model, state)
-        if mirror is not None:
-            mirror.push(folder, best_weights)
+        if run.mirror is not None:
+            run.mirror.push(folder, best_weights)
         epoch_logger.checkpoint_seconds += time.monotonic() - saving
 
-    checkpointer = _checkpointer(save_checkpoint, config.checkpoint_every, state, epoch_images)
+    checkpointer = _checkpointer(save_checkpoint, config.checkpoint_every, state, run.epoch_images)
     previous_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
@@ -717,35 +796,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     manifest_weights = dataset.manifest.get("class_weights") or {}
-    class_weight = ({index: float(manifest_weights.get(name, 1.0)) for index, name in enumerate(classes)}
+    class_weight = ({index: float(manifest_weights.get(name, 1.0)) for index, name in enumerate(run.classes)}
                     if config.class_weights and manifest_weights else None)
     extra_callbacks = []
     if all(importlib.util.find_spec(name) for name in ("tensorflow", "tensorboard")):  # via tf.summary
         extra_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(config.output / "tensorboard"),
                                                            update_freq="epoch", write_graph=False))
     if state.global_step == 0:
-        warning = too_few_updates(train_images, state.step_batch, state.accumulation, config.epochs,
-                                  config.weights, passes)
-        if warning:
-            log.warning("%s", warning)
-        if passes > 1:
-            log.info("from scratch, %d training images x %d epochs at a batch of %d would be %d "
-                     "optimizer updates, fewer than --min-updates %d: each epoch passes over the "
-                     "images %d times", train_images, config.epochs, config.batch_size,
-                     math.ceil(train_images / config.batch_size) * config.epochs, config.min_updates, passes)
-        log.info("training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
-                 "%d epochs x %d steps of %d, learning rate %g; checkpoints every %d steps in %s",
-                 config.weights, precision, train_images, len(classes), dataset.image_size,
-                 config.epochs, math.ceil(epoch_images / state.step_batch), state.step_batch,
-                 learning_rate, config.checkpoint_every, checkpoint_dir)
-    started = time.monotonic()
+        _log_plan(run, state)
     try:
         while state.epoch < config.epochs:
-            remaining = epoch_images - state.images_in_epoch
+            remaining = run.epoch_images - state.images_in_epoch
             steps = math.ceil(remaining / state.step_batch)
-            validation, padding = (eval_dataset(dataset, "validation", state.step_batch, len(classes),
-                                                pad=fixed_shapes) if has_validation else (None, 0))
-            epoch_logger.images = steps * state.step_batch if fixed_shapes else remaining
+            validation, padding = (eval_dataset(dataset, "validation", state.step_batch, len(run.classes),
+                                                pad=run.fixed_shapes) if has_validation else (None, 0))
+            epoch_logger.images = steps * state.step_batch if run.fixed_shapes else remaining
             epoch_logger.step_batch = state.step_batch
             epoch_logger.resumed_from_step = state.step
             if has_validation:
@@ -755,14 +820,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             callbacks = [epoch_logger, checkpointer, *extra_callbacks]
             try:
                 model.fit(
-                    training_dataset(dataset, config, len(classes), epoch=state.epoch,
+                    training_dataset(dataset, config, len(run.classes), epoch=state.epoch,
                                      skip=state.images_in_epoch, batch_size=state.step_batch, steps=steps,
-                                     full_batches=fixed_shapes, passes=passes),
+                                     full_batches=run.fixed_shapes, passes=run.passes),
                     initial_epoch=state.epoch, epochs=state.epoch + 1,
                     steps_per_epoch=steps,
                     validation_data=validation,
                     callbacks=(pipelined_callbacks(callbacks, model, state.epoch + 1, steps)
-                               if backend == "jax" else callbacks),
+                               if run.backend == "jax" else callbacks),
                     class_weight=class_weight,
                     shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
                     verbose=0,
@@ -770,10 +835,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             except Exception as error:
                 if not batchfit.is_out_of_memory(error):
                     raise
-                model = _step_down(error, model, state, build, checkpoint_dir, config, cache_file, gpu,
-                                   probe_spec)
+                model = _step_down(error, model, state, run)
                 continue
-            if checkpointer.terminate and state.images_in_epoch < epoch_images:
+            if checkpointer.terminate and state.images_in_epoch < run.epoch_images:
                 raise Interrupted(f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}; "
                                   f"run again with the same checkpoint directory ({checkpoint_dir}) "
                                   "to resume")
@@ -789,11 +853,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
             state.epoch, state.step, state.images_in_epoch = state.epoch + 1, 0, 0
             if state.epoch < config.epochs and config.phase(state.epoch) != config.phase(state.epoch - 1):
                 # Before the checkpoint, so that it holds the optimizer of the phase it resumes in.
-                model = prepare(model, state.step_batch, state.accumulation, state.epoch)
+                model = run.prepare(model, state.step_batch, state.accumulation, state.epoch)
             save_checkpoint(model)
-            if compile_cache is not None and is_remote(config.checkpoint_dir):
-                checkpoints.push_folder(compile_cache, f"{config.checkpoint_dir.rstrip('/')}/xla-cache/"
-                                        f"{compile_cache.name}")
+            if run.compile_cache is not None and is_remote(config.checkpoint_dir):
+                checkpoints.push_folder(run.compile_cache, f"{config.checkpoint_dir.rstrip('/')}/xla-cache/"
+                                        f"{run.compile_cache.name}")
             if checkpointer.terminate:
                 raise Interrupted(f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
                                   f"the same checkpoint directory ({checkpoint_dir}) to resume")
@@ -805,40 +869,51 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 break
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    if has_validation and best_weights.exists():
+    return model, epoch_logger
+
+
+def _finish(run: _Run, model, state: checkpoints.TrainingState, epoch_logger,
+            seconds: float) -> dict[str, Any]:
+    """The best epoch's weights saved as `model.keras`, the checkpoints of a finished local run
+    removed, and the summary written (`train_config.json`, `history.json`) and returned."""
+    import keras
+
+    config = run.config
+    best_weights = run.checkpoint_dir / BEST_WEIGHTS
+    if run.dataset.count("validation") > 0 and best_weights.exists():
         import warnings
 
         with warnings.catch_warnings():  # its optimizer variables may be another phase's: not needed
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights)
     model.save(config.output / "model.keras")
-    if not config.checkpoint_dir or mirror is not None:
+    if not config.checkpoint_dir or run.mirror is not None:
         # Inside the model artifact they would triple its size; a finished run needs none.
-        shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
+        shutil.rmtree(run.checkpoint_dir.parent, ignore_errors=True)
 
     history = state.history
     best = max(history, key=lambda row: row.get("val_accuracy", -1.0))
     summary = {
         "config": json_config(config),
-        "learning_rate": learning_rate,
-        "precision": precision,
-        "classes": classes,
-        "image_size": dataset.image_size,
-        "resize": dataset.manifest.get("resize", "stretch"),
-        "train_images": train_images,
-        "passes_per_epoch": passes,
+        "learning_rate": config.resolved_learning_rate(),
+        "precision": run.precision,
+        "classes": run.classes,
+        "image_size": run.dataset.image_size,
+        "resize": run.dataset.manifest.get("resize", "stretch"),
+        "train_images": run.train_images,
+        "passes_per_epoch": run.passes,
         "step_batch": state.step_batch,
         "accumulation": state.accumulation,
         "effective_batch": state.step_batch * state.accumulation,
-        "gpu": gpu.name if gpu else None,
-        "gpu_memory_limit_mib": memory_limit,
-        "steps_per_execution": steps_per_execution,
+        "gpu": run.gpu.name if run.gpu else None,
+        "gpu_memory_limit_mib": run.memory_limit,
+        "steps_per_execution": run.steps_per_execution,
         "first_step_seconds": epoch_logger.first_step_seconds,
-        "compilation_cache": str(compile_cache) if compile_cache else None,
+        "compilation_cache": str(run.compile_cache) if run.compile_cache else None,
         "epochs_trained": state.epoch,
         "best_epoch": best["epoch"],
         "best_val_accuracy": best.get("val_accuracy"),
-        "train_seconds": round(time.monotonic() - started, 1),
+        "train_seconds": round(seconds, 1),
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
     }
