@@ -105,11 +105,11 @@ def test_staging_into_a_missing_bucket_says_so(s3_env, tmp_path):
 
 
 def test_docker_run_without_an_engine_is_a_clear_error(monkeypatch, tmp_path, caplog):
-    import pipeline
+    import commands
 
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-such.sock")
     with pytest.raises(SystemExit) as exited:
-        pipeline.main(["run-local", "--runner", "docker", "--workdir", str(tmp_path / "run"),
+        commands.main(["run-local", "--runner", "docker", "--workdir", str(tmp_path / "run"),
                        "--env-file", str(tmp_path / "none.env")])
     assert exited.value.code == 2
     assert "no Docker engine answers" in caplog.text

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import commands
 import pipeline
 from components.blessing import BlessingConfig
 from components.evaluate import EvaluateConfig
@@ -175,25 +176,25 @@ def test_every_pipeline_parameter_is_reachable_from_run_local_and_submit(spec, t
     pairs = [f"{name}={values[p['parameterType']]}" for name, p in params.items() if name != "source"]
     flags = [flag for pair in pairs for flag in ("--param", pair)]
     if command == "run-local":  # the source is --data there
-        args = pipeline.build_parser().parse_args(["run-local", *flags])
-        got = pipeline.local_params(args)
+        args = commands.build_parser().parse_args(["run-local", *flags])
+        got = commands.local_params(args)
     else:
         package = tmp_path / "pipeline.yaml"
         pipeline.compile_pipeline(package)
-        got = pipeline.pipeline_params([*pairs, "source=s3://b/p"], package)
+        got = commands.pipeline_params([*pairs, "source=s3://b/p"], package)
         assert got.pop("source") == "s3://b/p"
     assert got == {name: typed[p["parameterType"]] for name, p in params.items() if name != "source"}
 
 
 def test_run_local_types_and_checks_params_as_submit_does():
-    parser = pipeline.build_parser()
+    parser = commands.build_parser()
     with pytest.raises(SystemExit, match="is not a valid number_integer"):
-        pipeline.local_params(parser.parse_args(["run-local", "--param", "epochs=ten"]))
+        commands.local_params(parser.parse_args(["run-local", "--param", "epochs=ten"]))
     with pytest.raises(SystemExit, match="expected NAME=VALUE with NAME one of"):
-        pipeline.local_params(parser.parse_args(["run-local", "--param", "epoch=10"]))
+        commands.local_params(parser.parse_args(["run-local", "--param", "epoch=10"]))
     # Its named flags are the same parameters: the later --param wins.
     args = parser.parse_args(["run-local", "--epochs", "3", "--param", "epochs=4", "--weights", "none"])
-    assert pipeline.local_params(args) == {"epochs": 4, "weights": "none"}
+    assert commands.local_params(args) == {"epochs": 4, "weights": "none"}
 
 
 def test_step_modules_do_not_import_kfp():
@@ -341,3 +342,14 @@ def test_the_local_pipeline_carries_no_cluster_settings(tmp_path):
     spec = load_spec(out.read_text())
     assert "platforms" not in spec
     assert all("env" not in container for container in _containers(spec).values())
+
+
+def test_pipeline_py_is_the_pipeline_and_its_runners_live_beside_it():
+    """The DAG file holds no command line and no local runner (issue: files that show the design)."""
+    tree = ast.parse((REPO / "pipeline.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"argparse", "kfp.local", "local_run", "cluster"}
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+    assert {"build_pipeline", "compile_pipeline", "on_cluster", "on_rtx2070", "train"} <= defined
+    assert not defined & {"run_local", "main", "build_parser"}

@@ -178,7 +178,7 @@ def test_training_offline_fails_before_the_batch_fit_with_the_one_line(prepared_
 
 
 def test_run_local_checks_the_weights_before_any_step(tmp_path, monkeypatch, capsys):
-    import pipeline
+    import commands
     from tests.conftest import make_image_folder
 
     source = make_image_folder(tmp_path / "images")
@@ -186,7 +186,7 @@ def test_run_local_checks_the_weights_before_any_step(tmp_path, monkeypatch, cap
     monkeypatch.setattr(pretrained, "IMAGENET", Published(pretrained.IMAGENET_FILE, _closed_port_url(),
                                                           pretrained.IMAGENET_MD5))
     with pytest.raises(SystemExit) as exited:  # --data given: ImageNet weights by default
-        pipeline.main(["run-local", "--data", str(source), "--workdir", str(tmp_path / "run"),
+        commands.main(["run-local", "--data", str(source), "--workdir", str(tmp_path / "run"),
                        "--env-file", str(tmp_path / "none.env")])
     assert f"Put {pretrained.IMAGENET_FILE}" in str(exited.value)
     assert str(tmp_path / "keras" / "models" / pretrained.IMAGENET_FILE) in str(exited.value)

@@ -1,0 +1,185 @@
+"""Run the pipeline on this machine through `kfp.local`: each step a subprocess running exactly
+the component code a cluster runs, or with `--runner docker` each step in its container image,
+data and registry in the S3-compatible store (components/docker_local.py). Writes
+`<workdir>/run-summary.json`. Without data it generates the built-in "patterns" dataset
+(components/sample_data.py) and trains on it at 64 px, from scratch: no download, no GPU.
+
+    python pipeline.py run-local [--data SOURCE] [--param NAME=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components import docker_local
+from components.docker_local import DockerRunConfig
+from pipeline import build_pipeline
+
+log = logging.getLogger("pipeline")
+
+BUILTIN_MODEL_NAME = "patterns"
+# Built-in dataset: 64 px keeps the patterns clear and a 2-core CPU run within minutes.
+BUILTIN_IMAGE_SIZE = 64
+BUILTIN_EPOCHS = 15
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """One `run-local`: the data, the work folder and the pipeline parameters it sets; the rest
+    take `retrain`'s defaults (the step configs' own), or for the built-in dataset the demo's."""
+
+    data: str | None = None  # None: the built-in patterns dataset
+    workdir: Path = Path("local-run")
+    params: dict[str, Any] = field(default_factory=dict)  # retrain's parameters, by name (not source)
+    docker: DockerRunConfig | None = None  # every step in its image, data and registry in the bucket
+
+
+# The built-in demo: 64 px keeps the patterns clear and a 2-core CPU run within minutes; from
+# scratch because it must run offline.
+BUILTIN_PARAMS = {"image_size": BUILTIN_IMAGE_SIZE, "epochs": BUILTIN_EPOCHS, "weights": "none",
+                  "model_name": BUILTIN_MODEL_NAME}
+
+
+def pipeline_defaults() -> dict[str, Any]:
+    """`retrain`'s parameters that have a default, with it."""
+    parameters = inspect.signature(build_pipeline().pipeline_func).parameters
+    return {name: parameter.default for name, parameter in parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+def run_local(*, settings: LocalRun) -> dict:
+    """Run the whole pipeline through kfp.local and return the run summary.
+
+    ImageNet weights (the default with `data`) are fetched and verified before any step
+    starts, into Keras' cache folder, or with `docker` into the bucket where the train
+    container finds them. The model registry defaults to `<workdir>/registry`, so consecutive
+    runs in one workdir compare each new model with the one the previous blessed run put in
+    production. With `docker`, every step runs in its image (kfp.local's DockerRunner) and data
+    and registry go through the object store: see components/docker_local.py.
+    """
+    from kfp import local
+
+    from components import pretrained
+    from components.preprocess import MIN_IMAGE_SIZE
+
+    data, docker = settings.data, settings.docker
+    builtin = data is None
+    if "source" in settings.params:
+        raise SystemExit("error: run-local takes the source as --data, not --param source=...")
+    values = pipeline_defaults() | (BUILTIN_PARAMS if builtin else {}) | settings.params
+    image_size, epochs, weights = values["image_size"], values["epochs"], values["weights"]
+    # Checked here too so that a typo fails in a second, not after a kfp.local start-up.
+    if image_size < MIN_IMAGE_SIZE:
+        raise SystemExit(f"error: --image-size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
+    if epochs < 1:
+        raise SystemExit(f"error: --epochs must be at least 1, got {epochs}")
+    if values["min_updates"] < 0:
+        raise SystemExit(f"error: --min-updates must be 0 (off) or more, got {values['min_updates']}")
+    local_folder = not builtin and "://" not in data and not data.startswith("tfds:")
+    if local_folder and not Path(data).is_dir():
+        raise SystemExit(f"error: --data {data} is not a folder of class sub-folders")
+
+    registry, tfds_data_dir = values["registry"], values["tfds_data_dir"]
+    if docker:
+        engine = docker_local.client()
+        docker_local.check_images(engine, docker.images)
+        docker_local.check_store(docker.bucket)
+        if registry and "://" not in registry:
+            raise SystemExit(f"error: --registry {registry}: the containers cannot see a local folder; "
+                             "give s3://... or leave it out for s3://<bucket>/registry")
+        if tfds_data_dir and "://" not in tfds_data_dir:
+            raise SystemExit(f"error: --tfds-data-dir {tfds_data_dir}: the containers cannot see a local "
+                             "folder; give gs://... or prepare the dataset in the image's reach")
+    workdir = settings.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    summary_path = workdir / "run-summary.json"
+    summary_path.unlink(missing_ok=True)  # a failed run must not leave an older run's summary
+    if builtin:
+        from components.sample_data import SampleDataConfig, generate
+
+        data_dir = workdir / "builtin-patterns"
+        if not data_dir.exists():
+            # Generated aside and renamed, so an interrupted run never leaves half a dataset
+            # that the next run would take for the whole one.
+            partial = workdir / ".builtin-patterns.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            generate(SampleDataConfig(output=partial))
+            partial.rename(data_dir)
+        data = str(data_dir)
+        log.info("no --data given: using the built-in patterns dataset in %s", data_dir)
+    elif local_folder:
+        data = str(Path(data).resolve())
+
+    model_name = values["model_name"]
+    if docker and (builtin or local_folder):
+        data = docker_local.stage_folder(Path(data), docker.bucket,
+                                         BUILTIN_MODEL_NAME if builtin else Path(data).name)
+    if not registry:
+        registry = f"s3://{docker.bucket}/registry" if docker else str(workdir / "registry")
+    elif "://" not in registry:
+        registry = str(Path(registry).resolve())
+    values["registry"] = registry
+    if docker and not values["weights_cache"]:
+        values["weights_cache"] = f"s3://{docker.bucket}/weights"
+    if weights == "imagenet":
+        # Now, not minutes later in the train step: an offline machine gets the one line at once.
+        try:
+            pretrained.resolve(values["weights_cache"] or pretrained.default_cache(values["checkpoint_dir"]),
+                               workdir / "weights")
+        except pretrained.WeightsError as error:
+            raise SystemExit(f"error: {error}") from None
+
+    # The step subprocesses import `components` from this checkout, installed or not.
+    repo = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    pipeline_root = workdir / "pipeline-root"
+    if docker:
+        runner = local.DockerRunner(**docker_local.runner_args(engine, docker, pipeline_root))
+        retrain = build_pipeline(*docker.images)
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+        retrain = build_pipeline()
+    local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
+    started = time.monotonic()
+    task = retrain(source=data, **values)
+    from components import blessing
+    from components.evaluate import EVALUATION
+    from components.registry import Registry
+
+    production = Registry(registry, model_name).production()
+    production_version = production["version"] if production else None
+    evaluation = json.loads((Path(task.outputs["evaluation"].path) / EVALUATION).read_text())
+    summary = {
+        "test_accuracy": evaluation["candidate"]["accuracy"],
+        "blessed": bool(task.outputs["blessed"]),
+        "decision": blessing.summary_line(evaluation["decision"]),
+        "production_accuracy": ((evaluation.get("production") or {}).get("metrics") or {}).get("accuracy"),
+        "evaluation_report": task.outputs["evaluation_report"].path,
+        "registry": registry,
+        "model_name": model_name,
+        "production_version": production_version,
+        # The production version as stored in a local registry: what serves after this run.
+        "exported_model": (str(Path(registry) / model_name / str(production_version))
+                           if production_version and "://" not in registry else None),
+        "classes": evaluation["candidate"]["classes"],
+        "source": data,
+        "image_size": image_size,
+        "resize": values["resize"],
+        "epochs": epochs,
+        "weights": weights,
+        "min_updates": values["min_updates"],
+        "pipeline_root": str(pipeline_root),
+        "runner": "docker" if docker else "subprocess",
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["summary_path"] = str(summary_path)
+    return summary
