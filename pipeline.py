@@ -20,7 +20,6 @@ command line, also reached as `python pipeline.py COMMAND`):
 
 
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +103,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], registry: str, model_
              confusion: Output[ClassificationMetrics], report: Output[Markdown],
              evaluation: Output[Artifact]) -> bool:
     """Returns whether the candidate is blessed; accuracy and reasons are in `evaluation`."""
+    import shutil
     from pathlib import Path
 
     from components import evaluate as step
