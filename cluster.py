@@ -18,17 +18,29 @@ first use), so the KFP UI keeps the history and a schedule always runs the newes
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import re
 import subprocess
 import time
+import warnings
 import zoneinfo
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import kfp
+import kfp_server_api
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from components import storage
 
 log = logging.getLogger("cluster")
 
@@ -72,8 +84,6 @@ def connection(host: str, namespace: str, token_file: str = "", ssl_ca_cert: str
 def check_reachable(conn: Connection) -> None:
     """One quick request before the SDK's own (which retries a dead host for 25 s and then
     raises a generic error): a clear message for each way it fails."""
-    import urllib3
-
     headers = {}
     if conn.token:
         headers["Authorization"] = f"Bearer {conn.token}"
@@ -103,10 +113,6 @@ def check_reachable(conn: Connection) -> None:
 
 
 def client(conn: Connection):
-    import warnings
-
-    import kfp
-
     check_reachable(conn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP >= 2.0.0-beta.2"
@@ -139,8 +145,6 @@ def revision() -> str:
 
 def upload_version(kfp_client, package: Path, pipeline_name: str, namespace: str) -> tuple[str, str]:
     """(pipeline id, version id): the package as a new version of `pipeline_name`."""
-    import kfp_server_api
-
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     version_name = "-".join(filter(None, [pipeline_name, stamp, revision()]))
     try:
@@ -164,8 +168,6 @@ def upload_version(kfp_client, package: Path, pipeline_name: str, namespace: str
 
 
 def experiment_id(kfp_client, name: str, namespace: str) -> str:
-    import kfp_server_api
-
     try:
         return kfp_client.create_experiment(name, namespace=namespace).experiment_id
     except kfp_server_api.ApiException as error:
@@ -175,8 +177,6 @@ def experiment_id(kfp_client, name: str, namespace: str) -> str:
 
 def find_experiment(kfp_client, name: str, namespace: str) -> str | None:
     """The id of experiment `name`, or None: listing must not create one."""
-    import kfp_server_api
-
     try:
         return kfp_client.get_experiment(experiment_name=name, namespace=namespace).experiment_id
     except ValueError:
@@ -199,8 +199,6 @@ class SubmitConfig:
 
 def submit(conn: Connection, config: SubmitConfig) -> dict[str, Any]:
     """Upload, start a run; with `wait`, follow it to the end. Returns the run's id and state."""
-    import kfp_server_api
-
     kfp_client = client(conn)
     pipeline_id, version_id = upload_version(kfp_client, config.package, config.pipeline_name, conn.namespace)
     experiment = experiment_id(kfp_client, config.experiment, conn.namespace)
@@ -219,8 +217,6 @@ def submit(conn: Connection, config: SubmitConfig) -> dict[str, Any]:
 
 def follow(kfp_client, run_id: str, poll_seconds: float, timeout_seconds: float) -> str:
     """Poll the run, logging each change of state, until it ends; returns the final state."""
-    import kfp_server_api
-
     started, last = time.monotonic(), None
     while True:
         try:
@@ -327,8 +323,6 @@ class ScheduleConfig:
 
 
 def _recurring_runs(kfp_client, experiment: str, namespace: str) -> list:
-    import kfp_server_api
-
     found, token = [], ""
     try:
         while True:
@@ -344,8 +338,6 @@ def _recurring_runs(kfp_client, experiment: str, namespace: str) -> list:
 
 def apply_schedule(conn: Connection, config: ScheduleConfig) -> dict[str, Any]:
     """Create the recurring run `name`, replacing one of that name (never a second copy)."""
-    import kfp_server_api
-
     if bool(config.cron) == bool(config.every):
         raise ClusterError("give exactly one of --cron and --every")
     cron, note = to_utc_cron(config.cron, config.timezone) if config.cron else ("", "")
@@ -391,8 +383,6 @@ def list_schedules(conn: Connection, experiment: str) -> list[dict[str, Any]]:
 
 def change_schedule(conn: Connection, experiment: str, name: str, action: str) -> list[str]:
     """pause | resume | delete every recurring run called `name`; returns their ids."""
-    import kfp_server_api
-
     kfp_client = client(conn)
     found = find_experiment(kfp_client, experiment, conn.namespace)
     matches = [r for r in (_recurring_runs(kfp_client, found, conn.namespace) if found else [])
@@ -450,10 +440,6 @@ def doctor(conn: Connection, config: DoctorConfig, environ: dict[str, str] | Non
 
 
 def _kubernetes(context: str):
-    from kubernetes import client as k8s
-    from kubernetes import config as k8s_config
-    from kubernetes.config.config_exception import ConfigException
-
     try:
         k8s_config.load_kube_config(context=context or None)
     except (ConfigException, FileNotFoundError, TypeError) as error:
@@ -472,9 +458,6 @@ def _api_failure(error: Exception, what: str, fix: str) -> str:
 
 
 def _kubernetes_checks(core, namespace: str, config: DoctorConfig) -> list[Check]:
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
-
     errors = (ApiException, urllib3.exceptions.HTTPError)
     checks = []
     try:
@@ -530,10 +513,6 @@ def _kubernetes_checks(core, namespace: str, config: DoctorConfig) -> list[Check
 def _bucket_check(core, namespace: str, config: DoctorConfig, environ: dict[str, str]) -> Check:
     """The bucket, reached with the credentials the pods get (from the secret), or with
     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from this environment when they are set."""
-    import base64
-
-    from components import storage
-
     env = dict(environ)
     if config.s3_endpoint:
         env["AWS_ENDPOINT_URL"] = config.s3_endpoint

@@ -8,14 +8,20 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from components import docker_local
+import yaml
+
+import cluster as kube
+from components import docker_local, registry
 from components.blessing import BlessingConfig
+from components.cli import configure_logging, exit_on_user_error, load_env_file
 from components.docker_local import DockerRunConfig
 from components.preprocess import PreprocessConfig
+from components.storage import StorageError
 from components.train import PRECISIONS, TrainConfig
 from local_run import BUILTIN_EPOCHS, BUILTIN_IMAGE_SIZE, BUILTIN_MODEL_NAME, LocalRun, run_local
 from pipeline import (
@@ -77,8 +83,6 @@ def cluster_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def pipeline_params(pairs: list[str], package: Path, required: tuple[str, ...] | None = None) -> dict:
     """`NAME=VALUE` flags checked against the compiled pipeline's parameters, typed as declared.
     `required`: the parameters that must be given (default: those without a default)."""
-    import yaml
-
     declared = next(yaml.safe_load_all(package.read_text()))["root"]["inputDefinitions"]["parameters"]
     params = {}
     for pair in pairs:
@@ -111,8 +115,6 @@ LOCAL_FLAGS = ("image_size", "resize", "epochs", "batch_size", "learning_rate", 
 def local_params(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline parameters a run-local command line sets: its named flags, then `--param`
     pairs, typed and checked against the compiled pipeline exactly as `submit` does."""
-    import tempfile
-
     params = {name: getattr(args, name) for name in LOCAL_FLAGS if getattr(args, name) is not None}
     if args.param:
         with tempfile.TemporaryDirectory() as scratch:
@@ -122,10 +124,6 @@ def local_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_on_cluster(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    import tempfile
-
-    import cluster as kube
-
     if args.command == "schedule" and args.action != "list" and not args.name:
         parser.error(f"schedule {args.action} needs a NAME")
     conn = kube.connection(args.host, args.namespace, args.token_file, args.ca_bundle)
@@ -163,9 +161,6 @@ def run_on_cluster(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def run_doctor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    import cluster as kube
-    from components.cli import exit_on_user_error
-
     settings = cluster_from_args(parser, args)
     with exit_on_user_error(kube.ClusterError):
         conn = kube.connection(args.host, args.namespace, args.token_file, args.ca_bundle)
@@ -289,28 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from components.cli import configure_logging, exit_on_user_error
-
     configure_logging()
     if args.command == "compile":
         path = compile_pipeline(args.output, args.image, args.gpu_image, cluster_from_args(parser, args))
         print(f"wrote {path}")
         return 0
     if args.command in ("submit", "schedule"):
-        import cluster as kube
-
         with exit_on_user_error(kube.ClusterError):
             return run_on_cluster(parser, args)
     if args.command == "doctor":
         return run_doctor(parser, args)
     if args.command in ("promote", "rollback", "models"):
-        from components import registry
-
         args.command = "list" if args.command == "models" else args.command
         with exit_on_user_error(registry.RegistryError):
             return registry.run_command(args)
-    from components.cli import load_env_file
-    from components.storage import StorageError
 
     load_env_file(args.env_file)
     docker = None

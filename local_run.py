@@ -19,8 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components import docker_local
+from kfp import local
+
+from components import blessing, docker_local, pretrained
 from components.docker_local import DockerRunConfig
+from components.evaluate import EVALUATION
+from components.preprocess import MIN_IMAGE_SIZE
+from components.registry import Registry
+from components.sample_data import SampleDataConfig, generate
 from pipeline import build_pipeline
 
 log = logging.getLogger("pipeline")
@@ -65,11 +71,6 @@ def run_local(*, settings: LocalRun) -> dict:
     production. With `docker`, every step runs in its image (kfp.local's DockerRunner) and data
     and registry go through the object store: see components/docker_local.py.
     """
-    from kfp import local
-
-    from components import pretrained
-    from components.preprocess import MIN_IMAGE_SIZE
-
     data, docker = settings.data, settings.docker
     builtin = data is None
     if "source" in settings.params:
@@ -103,8 +104,6 @@ def run_local(*, settings: LocalRun) -> dict:
     summary_path = workdir / "run-summary.json"
     summary_path.unlink(missing_ok=True)  # a failed run must not leave an older run's summary
     if builtin:
-        from components.sample_data import SampleDataConfig, generate
-
         data_dir = workdir / "builtin-patterns"
         if not data_dir.exists():
             # Generated aside and renamed, so an interrupted run never leaves half a dataset
@@ -150,9 +149,6 @@ def run_local(*, settings: LocalRun) -> dict:
     local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.monotonic()
     task = retrain(source=data, **values)
-    from components import blessing
-    from components.evaluate import EVALUATION
-    from components.registry import Registry
 
     production = Registry(registry, model_name).production()
     production_version = production["version"] if production else None

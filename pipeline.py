@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.blessing import BlessingConfig
@@ -191,8 +191,6 @@ RESOURCES = {
 
 def on_cluster(task, step: str, cluster: Cluster):
     """Resources, timeout, non-root user and object-store access for one step's pod."""
-    from kfp import kubernetes
-
     limits = RESOURCES[step]
     (task.set_cpu_request(limits.cpu_request).set_cpu_limit(limits.cpu_limit)
          .set_memory_request(limits.memory_request).set_memory_limit(limits.memory_limit))
@@ -208,8 +206,6 @@ def on_cluster(task, step: str, cluster: Cluster):
 
 def on_rtx2070(task, cluster: Cluster):
     """The train step, and only it: one GPU on the RTX 2070 node, shared memory, retries."""
-    from kfp import kubernetes
-
     task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
     kubernetes.add_node_selector(task, cluster.gpu_label_key, cluster.gpu_label_value)
     # The NVIDIA GPU operator taints GPU nodes so that only pods asking for a GPU land there.

@@ -8,7 +8,7 @@ upscaled to 12 megapixels (3000x4000, JPEG q90). One process, TensorFlow on one 
   floor   the fastest decode available: libjpeg's reduced-size decode (tf.io.decode_jpeg with
           the largest `ratio` that keeps the short side >= 224) or Pillow's draft(), whichever
           is faster, nothing else
-  ours    components.preprocess.check_and_resize_many over chunks of CHUNK files, as preprocess
+  ours    components.verdict.check_and_resize_many over chunks of CHUNK files, as preprocess
           runs it (one TF call per chunk), + record serialisation + TFRecord write
   ours_one_per_call   the same with check_and_resize, one TF call per image
 each timed in `--rounds` interleaved passes over the same photos, the best pass kept.
@@ -76,12 +76,8 @@ def main() -> int:
     from PIL import Image
 
     from components import records
-    from components.preprocess import (
-        CHUNK,
-        PreprocessConfig,
-        check_and_resize,
-        check_and_resize_many,
-    )
+    from components.preprocess import CHUNK, PreprocessConfig
+    from components.verdict import check_and_resize, check_and_resize_many
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)

@@ -62,7 +62,8 @@ def main() -> int:
     from preprocess import photos
 
     from components import imaging
-    from components.preprocess import CHUNK, PreprocessConfig, check_and_resize_many
+    from components.preprocess import CHUNK, PreprocessConfig
+    from components.verdict import check_and_resize_many
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)

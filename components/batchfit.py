@@ -20,6 +20,7 @@ reached with gradient accumulation: `plan(requested, largest)`.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as metadata
 import json
 import logging
 import math
@@ -31,7 +32,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from components import backend
+from components.cli import configure_logging
+from components.model import Recipe, build_model, compile_for_training
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +267,6 @@ def _run_probe(spec: ProbeSpec, batch: int) -> int:
     apply_memory_limit(spec.memory_limit_mib, detect_gpu())
     try:
         import keras
-        import numpy as np
-
-        from components.model import Recipe, build_model, compile_for_training
 
         keras.mixed_precision.set_global_policy(spec.precision)
         model = build_model(spec.num_classes, spec.image_size)
@@ -291,8 +293,6 @@ def _run_probe(spec: ProbeSpec, batch: int) -> int:
 
 
 def cache_key(gpu: Gpu, spec: ProbeSpec) -> str:
-    import importlib.metadata as metadata
-
     keras_backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     versions = []
     for package in ("keras", keras_backend):
@@ -405,8 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.probe:
         return _run_probe(ProbeSpec(**json.loads(args.probe)), args.batch)
-
-    from components.cli import configure_logging
 
     configure_logging()
     gpu = detect_gpu()

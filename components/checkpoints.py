@@ -27,10 +27,14 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from components import storage
 from components.records import sha256_file
 
 log = logging.getLogger(__name__)
@@ -63,8 +67,6 @@ def _is_accumulator(variable) -> bool:
 
 
 def optimizer_arrays(optimizer) -> list:
-    import numpy as np
-
     return [np.asarray(v.numpy() if hasattr(v, "numpy") else v.value)
             for v in optimizer.variables if not _is_accumulator(v)]
 
@@ -88,8 +90,6 @@ def restore_optimizer(optimizer, arrays: list, saved_accumulation: int = 1, accu
 
 def save(directory: Path, model, state: TrainingState) -> Path:
     """Write a checkpoint for `state` atomically; drop all but the newest KEEP."""
-    import numpy as np
-
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{state.global_step:09d}"
     partial = directory / f".{final.name}.partial"
@@ -133,10 +133,6 @@ def _read_state(folder: Path) -> TrainingState:
 def restore(folder: Path, model, saved_accumulation: int = 1, accumulation: int = 1) -> None:
     """Load a checkpoint's weights and optimizer variables into `model` (compiled, optimizer
     built), whose optimizer accumulates `accumulation` steps (the checkpoint's: `saved_accumulation`)."""
-    import warnings
-
-    import numpy as np
-
     with warnings.catch_warnings():
         # The weights file also holds the optimizer's variables, which Keras skips (with a
         # warning) when accumulators were added or removed; they come from optimizer.npz.
@@ -178,8 +174,6 @@ class RemoteMirror:
     survive a retry; a bucket does)."""
 
     def __init__(self, uri: str):
-        from components import storage
-
         self.uri = uri.rstrip("/")
         self.folder = storage.ObjectStoreFolder(self.uri)
 
@@ -216,8 +210,6 @@ class RemoteMirror:
 
 def pull_folder(uri: str, directory: Path) -> int:
     """Copy the files under an S3-compatible prefix that `directory` lacks; how many."""
-    from components import storage
-
     remote = storage.ObjectStoreFolder(uri.rstrip("/"))
     directory.mkdir(parents=True, exist_ok=True)
     fetched = 0
@@ -235,8 +227,6 @@ def pull_folder(uri: str, directory: Path) -> int:
 def push_folder(directory: Path, uri: str) -> int:
     """Copy the files of `directory` that the prefix lacks (a name is never rewritten: JAX's
     cache entries are named by their content's key); how many."""
-    from components import storage
-
     remote = storage.ObjectStoreFolder(uri.rstrip("/"))
     present = set(remote.names())
     pushed = 0

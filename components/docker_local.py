@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
+from components.cli import configure_logging, exit_on_user_error
 from components.storage import LocalSource, ObjectStoreFolder, StorageError
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,6 @@ class DockerRunConfig:
 
 
 def client():
-    import docker
-
     try:
         engine = docker.from_env()
         engine.ping()
@@ -57,8 +57,6 @@ def client():
 
 def check_images(engine, images: tuple[str, ...]) -> None:
     """Every image present here; pull what is missing, with a useful message when that fails."""
-    import docker
-
     for image in dict.fromkeys(images):
         try:
             engine.images.get(image)
@@ -92,8 +90,6 @@ def container_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 def runner_args(engine, config: DockerRunConfig, pipeline_root: Path) -> dict:
     """docker-py `containers.run` arguments for every step (kfp.local has no per-task settings)."""
-    import docker
-
     args: dict = {"environment": container_env(), "network_mode": config.network,
                   "shm_size": config.shm_size}
     uid = os.getuid()
@@ -144,8 +140,6 @@ def check_store(bucket: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.cli import configure_logging, exit_on_user_error
-
     parser = argparse.ArgumentParser(prog="python -m components.docker_local",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("check",), help="check the engine, the images and the bucket")

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from components import blessing, records
-from components.cli import local_path
+from components import blessing, records, registry, report
+from components.cli import configure_logging, exit_on_user_error, local_path
+from components.model import ModelError, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,6 @@ class ProductionModel:
 def load_production(config: EvaluateConfig,
                     classes: list[str]) -> tuple[ProductionModel | None, str, Path | None]:
     """(production model or None, a note saying what was compared, its temporary folder)."""
-    from components import registry
-
     if not config.registry:
         return None, "no registry given: judged by the thresholds alone", None
     try:
@@ -228,8 +227,6 @@ def pair_examples(dataset: records.PreparedDataset, split: str, labels: np.ndarr
     """Up to `per_pair` misclassified images of each confused pair, most confident mistakes first."""
     import tensorflow as tf
 
-    from components import report
-
     classes = dataset.classes
     predicted = probabilities.argmax(axis=1)
     wanted: dict[int, tuple[str, str]] = {}
@@ -257,9 +254,6 @@ def pair_examples(dataset: records.PreparedDataset, split: str, labels: np.ndarr
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    from components import report
-    from components.model import ModelError, load_trained
-
     try:
         dataset = records.load(config.data, verify=False)
         model, summary = load_trained(config.model)
@@ -339,8 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.cli import configure_logging, exit_on_user_error
-
     args = build_parser().parse_args(argv)
     configure_logging()
     with exit_on_user_error(EvaluateError):

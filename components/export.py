@@ -33,19 +33,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from components import records
-from components.cli import local_path
+from components import imaging, records
+from components import registry as model_registry
+from components.cli import configure_logging, exit_on_user_error, local_path
+from components.model import ModelError, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +87,6 @@ def write_saved_model(model, classes: list[str], image_size: int, path: Path,
     import keras
     import tensorflow as tf
 
-    from components import imaging
-
     class_names = tf.constant(classes)
 
     def serve(image_bytes):
@@ -108,8 +110,6 @@ def write_saved_model(model, classes: list[str], image_size: int, path: Path,
 def test_examples(dataset: records.PreparedDataset, limit: int) -> tuple[list[bytes], np.ndarray]:
     """Up to `limit` encoded test images and their decoded pixels, as the trainer saw them."""
     import tensorflow as tf
-
-    from components import imaging
 
     split = "test" if dataset.count("test") else "validation"
     encoded, pixels = [], []
@@ -174,8 +174,6 @@ def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str,
     Runs in the fresh process (`verify` subcommand): nothing the export step built in memory
     is reachable from here, only the files.
     """
-    import os
-
     import tensorflow as tf
 
     data = np.load(examples, allow_pickle=False)
@@ -217,8 +215,6 @@ def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str,
                        for e in encoded]).astype(np.float32)
     litert = folder / "litert" / "model.tflite"
     if litert.is_file():
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice about ai_edge_litert
             interpreter = tf.lite.Interpreter(model_path=str(litert))
@@ -299,9 +295,6 @@ def _check_blessed(evaluation: dict[str, Any] | None) -> None:
 
 
 def export(config: ExportConfig) -> dict[str, Any]:
-    from components import registry as model_registry
-    from components.model import ModelError, load_trained
-
     unknown = sorted(set(config.formats) - set(FORMATS))
     if unknown:
         raise ExportError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
@@ -434,8 +427,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.cli import configure_logging, exit_on_user_error
-
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import storage
+from components.cli import configure_logging, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,6 @@ def resolve(cache: str, scratch: Path, published: Published | None = None) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.cli import configure_logging, exit_on_user_error
-
     parser = argparse.ArgumentParser(prog="python -m components.pretrained",
                                      description="Fetch and verify the ImageNet weights into a cache.")
     parser.add_argument("--cache", default=str(keras_cache()),

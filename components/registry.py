@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from components import storage
+from components.cli import configure_logging, exit_on_user_error
 from components.records import sha256_file
 
 log = logging.getLogger(__name__)
@@ -285,8 +286,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.cli import configure_logging, exit_on_user_error
-
     args = build_parser().parse_args(argv)
     configure_logging()
     with exit_on_user_error(RegistryError):

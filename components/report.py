@@ -11,14 +11,13 @@ import io
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 THUMBNAIL_PX = 96
 
 
 def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
     """Row-normalised heat map (rows: true class), counts in the cells while they fit."""
-    from PIL import Image, ImageDraw, ImageFont
-
     matrix = np.asarray(confusion, dtype=np.float64)
     n = len(classes)
     cell = max(12, min(48, 720 // max(n, 1)))
@@ -55,8 +54,6 @@ def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
 
 
 def thumbnail_jpeg(encoded: bytes) -> bytes:
-    from PIL import Image
-
     with Image.open(io.BytesIO(encoded)) as image:
         image = image.convert("RGB")
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))

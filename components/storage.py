@@ -27,6 +27,7 @@ if TFDS knows how and it is not there yet.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -37,6 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+
+import requests
+import urllib3
+from google.api_core import exceptions as gcs_errors
+from google.api_core.exceptions import GoogleAPIError
+from google.auth.exceptions import DefaultCredentialsError
+from google.cloud import storage as gcs
+from minio import Minio
+from minio.error import S3Error
 
 OBJECT_STORE_SCHEMES = ("s3", "minio")
 TFDS_PREFIX = "tfds:"
@@ -182,9 +192,6 @@ def endpoint_from_env(environ: dict[str, str] | None = None) -> Endpoint:
 
 
 def make_client(endpoint: Endpoint):
-    import urllib3
-    from minio import Minio
-
     # A few quick retries: the client's default (5 with long back-off) makes an unreachable
     # endpoint look like a hang for minutes before any message.
     http = urllib3.PoolManager(
@@ -242,8 +249,6 @@ class ObjectStoreSource(_BucketSource):
         return f"{scheme}://{self.endpoint.host}"
 
     def _explain(self, error: Exception) -> StorageError:
-        from minio.error import S3Error
-
         if isinstance(error, S3Error):
             if error.code == "NoSuchBucket":
                 return StorageError(f"bucket {self.bucket!r} does not exist at {self._where()}")
@@ -255,9 +260,6 @@ class ObjectStoreSource(_BucketSource):
                             f"{str(error)[:300]}")
 
     def list(self) -> list[SourceObject]:
-        import urllib3
-        from minio.error import S3Error
-
         prefix = self.list_prefix
         found = []
         try:
@@ -273,9 +275,6 @@ class ObjectStoreSource(_BucketSource):
         return self.listed(found, f" at {self._where()}")
 
     def read(self, key: str) -> bytes:
-        import urllib3
-        from minio.error import S3Error
-
         try:
             response = self.client.get_object(self.bucket, self.object_name(key))
             try:
@@ -291,9 +290,6 @@ class ObjectStoreFolder(ObjectStoreSource):
     """A prefix of an S3-compatible bucket used as a folder: put, get, list and remove files."""
 
     def _call(self, action, *args):
-        import urllib3
-        from minio.error import S3Error
-
         try:
             return action(*args)
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
@@ -320,15 +316,10 @@ class ObjectStoreFolder(ObjectStoreSource):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """One PUT: S3 replaces an object atomically, so a reader sees the old or the new bytes."""
-        import io
-
         self._call(self.client.put_object, self.bucket, self.object_name(key), io.BytesIO(data), len(data))
 
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, or None when there is no such object."""
-        import urllib3
-        from minio.error import S3Error
-
         try:
             response = self.client.get_object(self.bucket, self.object_name(key))
         except S3Error as error:
@@ -402,9 +393,6 @@ class LocalFolder:
 
 class GCSSource(_BucketSource):
     def __init__(self, uri: str):
-        from google.auth.exceptions import DefaultCredentialsError
-        from google.cloud import storage as gcs
-
         super().__init__(uri)
         try:
             self.client = gcs.Client()
@@ -413,20 +401,15 @@ class GCSSource(_BucketSource):
                                "with workload identity") from None
 
     def _explain(self, error: Exception) -> StorageError:
-        from google.api_core import exceptions
-
-        if isinstance(error, exceptions.NotFound):
+        if isinstance(error, gcs_errors.NotFound):
             return StorageError(f"bucket {self.bucket!r} (or an object in it) does not exist: {error}")
-        if isinstance(error, exceptions.Forbidden | exceptions.Unauthorized):
+        if isinstance(error, gcs_errors.Forbidden | gcs_errors.Unauthorized):
             return StorageError(f"Google Cloud Storage refused access to bucket {self.bucket!r}: "
                                 f"{error}")
         return StorageError(f"cannot read gs://{self.bucket}: {type(error).__name__}: "
                             f"{str(error)[:300]}")
 
     def _errors(self) -> tuple[type[BaseException], ...]:
-        import requests
-        from google.api_core.exceptions import GoogleAPIError
-
         return (GoogleAPIError, requests.RequestException, OSError)
 
     def list(self) -> list[SourceObject]:

@@ -29,6 +29,8 @@ same command again.
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import hashlib
 import importlib.util
 import json
@@ -38,13 +40,14 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from components import backend as backend_lib
 from components import batchfit, checkpoints, pretrained, records, storage
-from components.cli import json_config, local_path
+from components.cli import configure_logging, exit_on_user_error, json_config, local_path
 from components.model import (
     PRECISIONS,
     Recipe,
@@ -237,8 +240,6 @@ def fetch_weights(uri: str, folder: Path) -> str:
     """Download a weights file from an object store (for air-gapped clusters that keep
     `efficientnetb0_notop.h5` in a bucket) into `folder`; the local path. Keras needs the file
     name's extension, so it is kept."""
-    from components import storage
-
     parent, _, name = uri.rstrip("/").rpartition("/")
     if not name or parent.endswith(":/"):
         raise TrainError(f"--weights {uri} names no file; expected scheme://bucket/path/file.h5")
@@ -425,8 +426,6 @@ def pipelined_callbacks(callbacks: list, model, epochs: int, steps: int, ahead: 
     `steps_per_execution` batches there until it runs). It waits for the call it was given on
     an epoch's first and last call, so that the step times callbacks take there are the
     device's. Callbacks that read `logs` convert them themselves (which waits, if they do)."""
-    import collections
-
     import jax
     import keras
 
@@ -620,7 +619,6 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, ru
     if run.gpu is not None:
         batchfit.record_out_of_memory(run.cache_file, run.gpu, run.probe_spec, state.step_batch)
     del model
-    import gc
 
     gc.collect()
     try:
@@ -881,8 +879,6 @@ def _finish(run: _Run, model, state: checkpoints.TrainingState, epoch_logger,
     config = run.config
     best_weights = run.checkpoint_dir / BEST_WEIGHTS
     if run.dataset.count("validation") > 0 and best_weights.exists():
-        import warnings
-
         with warnings.catch_warnings():  # its optimizer variables may be another phase's: not needed
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights)
@@ -984,8 +980,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.cli import configure_logging, exit_on_user_error
-
     args = build_parser().parse_args(argv)
     configure_logging()
     with exit_on_user_error(TrainError):

@@ -82,3 +82,24 @@ def trained_model(prepared_dataset: Path, tmp_path_factory) -> Path:
     train(scratch_config(data=prepared_dataset, output=output, epochs=12, batch_size=32,
                       augment=False, warmup_epochs=0))
     return output
+
+
+def damaged_jpeg() -> bytes:
+    """A JPEG whose scan data has bytes flipped: TF and Pillow both decode it without an error,
+    only libjpeg's warning on stderr says the picture is partly garbage."""
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    pixels = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    data = bytearray(buffer.getvalue())
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    for i in range(middle, middle + 100):
+        if data[i] != 0xFF and data[i - 1] != 0xFF:
+            data[i] ^= 0x5A
+    assert tf.io.decode_jpeg(bytes(data)).shape == (96, 128, 3)  # the decoder tolerates it
+    return bytes(data)

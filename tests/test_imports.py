@@ -59,3 +59,43 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     source.write_text("def f():\n    from components.train import train\n"
                       "    from components import records\n")
     assert imports_of(source) == {"train", "records"}
+
+
+REPO = COMPONENTS.parent
+# components/__init__.py says why these, and only these, are imported inside functions.
+LAZY = {"tensorflow", "keras", "jax", "jaxlib", "tensorflow_datasets", "onnx", "tf2onnx", "onnxruntime"}
+# KFP ships only a step adapter's own source into the pod: everything it uses is imported inside.
+KFP_ADAPTERS = {"fingerprint", "preprocess", "train", "evaluate", "export"}
+
+
+def imports_inside_functions(path: Path) -> list[str]:
+    """`file:line module` for each import inside a function that is not of a LAZY package."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if path.name == "pipeline.py" and function.name in KFP_ADAPTERS:
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.ImportFrom):
+                modules = [node.module or "."]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {module}" for module in modules
+                      if module.split(".")[0] not in LAZY]
+    return found
+
+
+@pytest.mark.parametrize("path", sorted([*COMPONENTS.glob("*.py"), *(REPO / name for name in (
+    "pipeline.py", "local_run.py", "commands.py", "cluster.py"))]), ids=lambda path: path.name)
+def test_imports_are_at_the_top_but_for_the_heavy_frameworks(path):
+    assert imports_inside_functions(path) == []
+
+
+def test_the_import_rule_sees_a_project_import_inside_a_function(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    import tensorflow as tf\n    from components import records\n"
+                      "    import json\n")
+    assert imports_inside_functions(source) == ["probe.py:3 components", "probe.py:4 json"]

@@ -14,17 +14,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from components import imaging, records
+from components import imaging, pool, records
 from components import preprocess as preprocess_module
 from components.preprocess import (
     PreprocessConfig,
     PreprocessError,
-    Rejected,
-    check_and_resize,
-    check_and_resize_many,
     preprocess,
 )
-from tests.conftest import TINY_SIZE, make_image_folder
+from tests.conftest import TINY_SIZE, damaged_jpeg, make_image_folder
 
 
 def run(source: Path, output: Path, **overrides) -> dict:
@@ -77,21 +74,6 @@ def test_split_is_stratified_disjoint_and_deterministic(image_folder, tmp_path):
         assert all(count >= 1 for count in first["counts"][split].values()), split
 
 
-def damaged_jpeg() -> bytes:
-    """A JPEG whose scan data has bytes flipped: TF and Pillow both decode it without an error,
-    only libjpeg's warning on stderr says the picture is partly garbage."""
-    pixels = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    data = bytearray(buffer.getvalue())
-    middle = (data.index(b"\xff\xda") + len(data)) // 2
-    for i in range(middle, middle + 100):
-        if data[i] != 0xFF and data[i - 1] != 0xFF:
-            data[i] ^= 0x5A
-    assert tf.io.decode_jpeg(bytes(data)).shape == (96, 128, 3)  # the decoder tolerates it
-    return bytes(data)
-
-
 def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="JPEG")
@@ -128,18 +110,6 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
         "unsupported BMP variant: TensorFlow, which the served model decodes with, cannot read it")
     assert len(manifest["rejected"]) == 8
     assert sum(manifest["totals"].values()) == 33
-
-
-def test_a_broken_jpeg_that_pillow_tolerates_is_called_corrupt_not_unsupported(tmp_path):
-    source = make_image_folder(tmp_path / "images", images_per_class=30, broken=True)
-    data = (source / "horizontal-stripes" / "damaged-scan.jpg").read_bytes()
-    with pytest.raises(tf.errors.InvalidArgumentError):
-        tf.io.decode_jpeg(data)
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()  # garbled scan bytes that Pillow decodes anyway: still a broken JPEG
-    with pytest.raises(Rejected) as rejection:
-        check_and_resize(data, PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
-    assert rejection.value.reason.startswith("corrupt or truncated image data (JPEG)")
 
 
 def test_damaged_jpeg_is_kept_when_allowed(image_folder, tmp_path, capfd):
@@ -393,67 +363,6 @@ def test_png_storage_is_lossless_and_trains_from_the_same_reader(image_folder, t
     assert images[0].shape == (TINY_SIZE, TINY_SIZE, 3)
 
 
-def _mixed_files() -> list[bytes]:
-    rng = np.random.default_rng(3)
-
-    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format=fmt, **options)
-        return buffer.getvalue()
-
-    photo = Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    cut = encoded(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), "JPEG")
-    return [
-        encoded(photo, "JPEG", quality=90),
-        encoded(photo.resize((700, 500)), "JPEG"),  # decoded at a reduced scale
-        encoded(photo.convert("RGBA"), "PNG"),
-        encoded(photo.convert("L"), "PNG"),
-        encoded(photo, "JPEG", exif=exif.tobytes()),
-        b"",
-        b"<!DOCTYPE html><html>403</html>",
-        cut[: len(cut) // 2],
-        damaged_jpeg(),
-        encoded(photo, "TIFF"),
-        encoded(photo.resize((1, 40)), "PNG"),
-        encoded(photo.resize((64, 64)), "GIF"),
-    ]
-
-
-def _outcome(result):
-    return ("rejected", result.reason) if isinstance(result, Rejected) else result
-
-
-@pytest.mark.parametrize("encoding", ["jpeg", "png"])
-def test_many_at_once_gives_what_one_by_one_gives(tmp_path, encoding):
-    config = PreprocessConfig(source=tmp_path, output=tmp_path / "out", image_size=TINY_SIZE,
-                              encoding=encoding)
-    files = _mixed_files()
-    one_by_one = []
-    for data in files:
-        try:
-            one_by_one.append(check_and_resize(data, config))
-        except Rejected as rejection:
-            one_by_one.append(rejection)
-    assert [_outcome(r) for r in check_and_resize_many(files, config)] == [_outcome(r) for r in one_by_one]
-    assert sum(isinstance(r, Rejected) for r in one_by_one) == 6  # empty, HTML, cut, damaged, TIFF, 1 px
-
-
-def test_many_good_files_are_decoded_in_one_call(tmp_path, monkeypatch):
-    """The batched path is taken when every file decodes cleanly: nothing falls back to the
-    one-by-one path (made to fail here), and the results are still those of one by one."""
-    config = PreprocessConfig(source=tmp_path, output=tmp_path / "out", image_size=TINY_SIZE)
-    good = _mixed_files()[:5]
-    expected = [check_and_resize(data, config) for data in good]
-
-    def not_expected(*_):
-        raise AssertionError("fell back to one image at a time")
-
-    monkeypatch.setattr(preprocess_module, "check_and_resize", not_expected)
-    assert check_and_resize_many(good, config) == expected
-
-
 def _work_that_dies_on_boom(keys: list[str]):
     """A stand-in for a decoder bug that kills its process (module level: the workers import it)."""
     import os
@@ -466,10 +375,8 @@ def _work_that_dies_on_boom(keys: list[str]):
 
 
 def test_a_file_that_kills_its_worker_is_rejected_and_the_run_goes_on(tmp_path):
-    """multiprocessing.Pool would wait forever for a task whose process died. The files that
-    were in flight are redone one per task: only the culprit is rejected, in input order."""
-    from components.preprocess import _in_processes
-
+    """The step's own worker under the pool (tests/test_pool.py tests the pool alone): only the
+    file that killed its process is rejected, with that reason, in input order."""
     source = make_image_folder(tmp_path / "images", images_per_class=20)
     keys = sorted(str(path.relative_to(source)) for path in source.rglob("*.jpg"))
     (source / "dots" / "boom.jpg").write_bytes((source / keys[0]).read_bytes())
@@ -477,7 +384,8 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_run_goes_on(tmp_path):
     chunks = [keys[start:start + 4] for start in range(0, len(keys), 4)]
     config = PreprocessConfig(source=source, output=tmp_path / "out", image_size=TINY_SIZE)
     classes = sorted(path.name for path in source.iterdir())
-    results = list(_in_processes(chunks, 2, (str(source), config, classes), work=_work_that_dies_on_boom))
+    results = list(pool.map_chunks(_work_that_dies_on_boom, chunks, 2, preprocess_module._init_worker,
+                                   (str(source), config, classes), crashed=preprocess_module._crashed))
     assert [key for key, *_ in results] == keys
     rejected = {key: detail for key, record, detail, _ in results if record is None}
     assert rejected == {
@@ -543,51 +451,6 @@ def test_an_output_inside_the_source_is_refused_before_any_work(image_folder, in
     assert not (image_folder / inside).exists()
 
 
-def _jpeg_declaring(frame_marker: int | None = None, precision: int | None = None) -> bytes:
-    """A baseline JPEG whose frame header is rewritten to declare another JPEG process or sample
-    precision: the bytes by which such a file is recognised (Pillow cannot write the real ones)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    at = data.index(b"\xff\xc0")
-    if frame_marker is not None:
-        data[at + 1] = frame_marker
-    if precision is not None:
-        data[at + 4] = precision
-    return bytes(data)
-
-
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
-     "unsupported image format HEIF (HEIC, as iPhones save photos)"),
-    (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(64),
-     "not an image: a video or other ISO media file"),
-    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
-     "not an image: unrecognised file format (it looks like an SVG drawing: export it as PNG)"),
-    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n",
-     "not an image: unrecognised file format (it looks like a PDF document)"),
-    (b"PK\x03\x04\x14\x00\x00\x00", "not an image: unrecognised file format (it looks like a ZIP archive"),
-    (b"\xef\xbb\xbf  <!DOCTYPE html><html>404</html>",
-     "not an image: unrecognised file format (it looks like an HTML page)"),
-    (b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00;", "corrupt or truncated image header: a GIF file whose header"),
-    (b"just some text", "not an image: unrecognised file format"),
-    (_jpeg_declaring(precision=12), "unsupported JPEG variant (12-bit samples): TensorFlow"),
-    (_jpeg_declaring(frame_marker=0xC3), "unsupported JPEG variant (lossless): TensorFlow"),
-    (_jpeg_declaring(frame_marker=0xC7, precision=16), "unsupported JPEG variant (lossless, hierarchical, "
-                                                       "16-bit samples)"),
-], ids=["heic", "mov", "svg", "pdf", "zip", "html-with-bom", "gif-without-frames", "text", "jpeg-12-bit",
-        "jpeg-lossless", "jpeg-lossless-hierarchical-16-bit"])
-def test_a_file_that_is_not_a_usable_image_says_what_it_is(data, reason, tmp_path):
-    with pytest.raises(Rejected) as rejection:
-        check_and_resize(data, PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
-    assert rejection.value.reason.startswith(reason), rejection.value.reason
-
-
-def test_an_ordinary_jpeg_declares_no_unsupported_variant():
-    assert preprocess_module._jpeg_variant(_jpeg_declaring()) == ""
-    assert preprocess_module._jpeg_variant(_jpeg_declaring(frame_marker=0xC2)) == ""  # progressive
-
-
 def test_a_file_too_large_to_be_an_accepted_image_is_refused_unread(image_folder, tmp_path, monkeypatch):
     from components import storage
 
@@ -647,80 +510,3 @@ def test_class_folders_that_differ_only_in_case_spacing_or_unicode_form_are_warn
             "'Dots', 'cafe\\u0301', 'caf\\xe9', 'dots', 'dots '") in caplog.text
 
 
-def _encoded(image_format: str, **options) -> bytes:
-    noise = np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noise).save(buffer, format=image_format, **options)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize(("image_format", "options", "reason"), [
-    ("PNG", {}, "truncated image data (PNG): the file ends before the IEND chunk that closes every PNG"),
-    ("GIF", {}, "truncated image data (GIF): the file ends before the trailer byte that closes every GIF"),
-    ("WEBP", {"quality": 80}, "truncated image data (WEBP): the header declares {full:,} bytes and the file "
-                              "has {cut:,}"),
-    ("BMP", {}, "truncated image data (BMP): the header declares {full:,} bytes and the file has {cut:,}"),
-    ("JPEG", {"progressive": True},
-     "truncated image data (JPEG): the file ends before the end-of-image marker that closes every JPEG"),
-])
-def test_a_file_cut_short_is_called_truncated_with_the_evidence(image_format, options, reason, tmp_path):
-    data = _encoded(image_format, **options)
-    cut = int(len(data) * 0.6)
-    with pytest.raises(Rejected) as rejection:
-        check_and_resize(data[:cut], PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
-    assert rejection.value.reason == reason.format(full=len(data), cut=cut)
-
-
-def test_a_png_with_damaged_bytes_names_the_chunk_that_fails_its_crc(tmp_path):
-    data = bytearray(_encoded("PNG"))
-    data[len(data) // 2] ^= 0xFF
-    with pytest.raises(Rejected) as rejection:
-        check_and_resize(bytes(data), PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
-    assert rejection.value.reason == "corrupt image data (PNG): chunk 'IDAT' at byte 33 fails its CRC check"
-
-
-def test_an_animated_webp_gives_its_first_frame_alpha_on_white(tmp_path):
-    first = Image.new("RGBA", (64, 64), (200, 10, 10, 255))
-    first.paste((0, 0, 0, 0), (8, 8, 56, 56))  # a transparent hole: white once composited
-    second = Image.new("RGBA", (64, 64), (10, 10, 200, 255))
-    buffer = io.BytesIO()
-    first.save(buffer, format="WEBP", save_all=True, append_images=[second], lossless=True)
-    data = buffer.getvalue()
-    assert imaging.is_animated_webp(data) and data[20] & 0x10  # animated, with alpha
-    config = PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE, encoding="png")
-    encoded, _, size = check_and_resize(data, config)
-    pixels = tf.io.decode_png(encoded).numpy().astype(int)
-    assert size == (64, 64)
-    assert np.abs(pixels[6:-6, 6:-6] - [255, 255, 255]).max() == 0
-    assert np.abs(pixels[:2, :] - [200, 10, 10]).max() <= 1
-    # The batched path gives the same bytes, with still images in the same chunk.
-    still = tmp_path / "still.jpg"
-    Image.new("RGB", (40, 30), (0, 120, 0)).save(still)
-    assert check_and_resize_many([still.read_bytes(), data, still.read_bytes()], config)[1][0] == encoded
-
-
-def _gif(frames: int, size: int = 100, **options) -> bytes:
-    # Frames that differ, so that Pillow does not merge them into one.
-    images = [Image.new("RGB", (size, size), (index * 5 % 256, 80, 160)) for index in range(frames)]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], **options)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize("options", [{}, {"transparency": 3, "comment": b"x" * 600, "loop": 0}])
-@pytest.mark.parametrize("frames", [1, 2, 7, 40])
-def test_gif_frames_are_counted_from_the_blocks_as_pillow_counts_them(frames, options):
-    data = _gif(frames, **options)
-    with Image.open(io.BytesIO(data)) as image:
-        assert preprocess_module._gif_frames(data, stop_after=1000) == image.n_frames == frames
-    assert preprocess_module._gif_frames(data, stop_after=3) == min(frames, 3)
-
-
-def test_a_gif_whose_frames_add_up_to_too_many_pixels_is_refused_from_its_blocks(tmp_path):
-    config = PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE, max_pixels=100_000)
-    check_and_resize(_gif(10), config)  # 10 frames of 100x100: at the cap, kept
-    with pytest.raises(Rejected) as rejection:
-        check_and_resize(_gif(11), config)
-    assert rejection.value.reason == (
-        "too many pixels: more than 10 frames of 100x100, over the cap of 100000 in all (TensorFlow "
-        "decodes every frame of a GIF to take the first)")
