@@ -24,6 +24,7 @@ run: $(STAMP) ## run the whole pipeline locally on the built-in dataset (kfp.loc
 
 test: $(STAMP) ## lint, then every test but the jax, launcher and docker tiers: real training and kfp.local runs included
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -m "not jax and not launcher and not docker" $(PYTEST_ARGS)
 
 test-jax: $(STAMP) ## the GPU image's backend (Keras on JAX) trained on the CPU: resume, out of memory, export (CI runs it)
@@ -37,10 +38,12 @@ test-docker: $(STAMP) ## build the images on a local base and run every step and
 
 test-fast: $(STAMP) ## lint, then the tests not marked slow (seconds, no training)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -m "not slow and not jax and not launcher and not docker" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff: the lint rules and the one format (`ruff format .` applies it)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 run-docker: $(STAMP) ## run-local with every step in its image; data and registry in MinIO (make images, make local-up)
 	$(BIN)/python pipeline.py run-local --runner docker $(ARGS)

@@ -62,12 +62,19 @@ class Connection:
     ssl_ca_cert: str = ""  # a CA bundle for a private TLS certificate
 
 
-def connection(host: str, namespace: str, token_file: str = "", ssl_ca_cert: str = "",
-               environ: dict[str, str] | None = None) -> Connection:
+def connection(
+    host: str,
+    namespace: str,
+    token_file: str = "",
+    ssl_ca_cert: str = "",
+    environ: dict[str, str] | None = None,
+) -> Connection:
     env = os.environ if environ is None else environ
     if not host:
-        raise ClusterError("no KFP API address: pass --host (e.g. http://localhost:8080 after "
-                           "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`)")
+        raise ClusterError(
+            "no KFP API address: pass --host (e.g. http://localhost:8080 after "
+            "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`)"
+        )
     if not re.match(r"^https?://", host):
         raise ClusterError(f"--host {host!r} must start with http:// or https://")
     token = env.get("KFP_TOKEN", "")
@@ -77,8 +84,13 @@ def connection(host: str, namespace: str, token_file: str = "", ssl_ca_cert: str
             token = path.read_text().strip()
         except OSError as error:
             raise ClusterError(f"cannot read the token file {path}: {error.strerror}") from None
-    return Connection(host=host.rstrip("/"), namespace=namespace, token=token,
-                      cookie=env.get("KFP_COOKIE", ""), ssl_ca_cert=ssl_ca_cert)
+    return Connection(
+        host=host.rstrip("/"),
+        namespace=namespace,
+        token=token,
+        cookie=env.get("KFP_COOKIE", ""),
+        ssl_ca_cert=ssl_ca_cert,
+    )
 
 
 def check_reachable(conn: Connection) -> None:
@@ -92,32 +104,54 @@ def check_reachable(conn: Connection) -> None:
     http = urllib3.PoolManager(ca_certs=conn.ssl_ca_cert or None)
     url = f"{conn.host}/apis/v2beta1/healthz"
     try:
-        response = http.request("GET", url, headers=headers, timeout=urllib3.Timeout(connect=5, read=15),
-                                retries=False, redirect=False)
+        response = http.request(
+            "GET",
+            url,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=5, read=15),
+            retries=False,
+            redirect=False,
+        )
     except urllib3.exceptions.HTTPError as error:
         reason = getattr(error, "reason", None) or error
-        raise ClusterError(f"cannot reach the KFP API at {conn.host}: {reason}. Check --host; from a "
-                           "laptop: kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80") from None
-    if response.status in (401, 403) or (response.status in (302, 303) and "auth" in
-                                         response.headers.get("Location", "")):
-        raise ClusterError(f"{conn.host} refused the request (HTTP {response.status}): "
-                           + ("the token or cookie was not accepted or has expired"
-                              if conn.token or conn.cookie else
-                              "it needs credentials: set KFP_TOKEN, --token-file or KFP_COOKIE"))
+        raise ClusterError(
+            f"cannot reach the KFP API at {conn.host}: {reason}. Check --host; from a "
+            "laptop: kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80"
+        ) from None
+    if response.status in (401, 403) or (
+        response.status in (302, 303) and "auth" in response.headers.get("Location", "")
+    ):
+        raise ClusterError(
+            f"{conn.host} refused the request (HTTP {response.status}): "
+            + (
+                "the token or cookie was not accepted or has expired"
+                if conn.token or conn.cookie
+                else "it needs credentials: set KFP_TOKEN, --token-file or KFP_COOKIE"
+            )
+        )
     if response.status == 404:
-        raise ClusterError(f"{conn.host} has no KFP v2beta1 API (HTTP 404 for /apis/v2beta1/healthz): "
-                           "check --host (behind the central dashboard it ends in /pipeline)")
+        raise ClusterError(
+            f"{conn.host} has no KFP v2beta1 API (HTTP 404 for /apis/v2beta1/healthz): "
+            "check --host (behind the central dashboard it ends in /pipeline)"
+        )
     if response.status >= 400:
-        raise ClusterError(f"the KFP API at {conn.host} answered HTTP {response.status}: "
-                           f"{response.data[:300].decode(errors='replace')}")
+        raise ClusterError(
+            f"the KFP API at {conn.host} answered HTTP {response.status}: "
+            f"{response.data[:300].decode(errors='replace')}"
+        )
 
 
 def client(conn: Connection):
     check_reachable(conn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP >= 2.0.0-beta.2"
-        return kfp.Client(host=conn.host, namespace=conn.namespace, existing_token=conn.token or None,
-                          cookies=conn.cookie or None, ssl_ca_cert=conn.ssl_ca_cert or None)
+        return kfp.Client(
+            host=conn.host,
+            namespace=conn.namespace,
+            existing_token=conn.token or None,
+            cookies=conn.cookie or None,
+            ssl_ca_cert=conn.ssl_ca_cert or None,
+        )
 
 
 def explain(error: Exception, doing: str) -> ClusterError:
@@ -128,16 +162,23 @@ def explain(error: Exception, doing: str) -> ClusterError:
         message = json.loads(body).get("message") or json.loads(body).get("error") or body
     except (ValueError, AttributeError):
         message = body or str(error)
-    hint = {401: " (credentials refused)", 403: " (not allowed in this namespace)",
-            404: " (not found)"}.get(status, "")
+    hint = {401: " (credentials refused)", 403: " (not allowed in this namespace)", 404: " (not found)"}.get(
+        status, ""
+    )
     return ClusterError(f"{doing} failed: HTTP {status}{hint}: {str(message)[:300]}")
 
 
 def revision() -> str:
     """The git revision of this checkout, or "" outside one: goes into version names."""
     try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10, check=False)
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return result.stdout.strip() if result.returncode == 0 else ""
@@ -150,16 +191,20 @@ def upload_version(kfp_client, package: Path, pipeline_name: str, namespace: str
     try:
         pipeline_id = kfp_client.get_pipeline_id(pipeline_name)
         if pipeline_id is None:
-            pipeline = kfp_client.upload_pipeline(str(package), pipeline_name=pipeline_name,
-                                                  description="EfficientNet-B0 retraining",
-                                                  namespace=namespace)
+            pipeline = kfp_client.upload_pipeline(
+                str(package),
+                pipeline_name=pipeline_name,
+                description="EfficientNet-B0 retraining",
+                namespace=namespace,
+            )
             pipeline_id = pipeline.pipeline_id
             versions = kfp_client.list_pipeline_versions(pipeline_id, sort_by="created_at desc", page_size=1)
             version_id = versions.pipeline_versions[0].pipeline_version_id
             log.info("created pipeline %s (%s)", pipeline_name, pipeline_id)
         else:
-            version = kfp_client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
-                                                         pipeline_id=pipeline_id)
+            version = kfp_client.upload_pipeline_version(
+                str(package), pipeline_version_name=version_name, pipeline_id=pipeline_id
+            )
             version_id = version.pipeline_version_id
             log.info("uploaded %s as version %s of pipeline %s", package, version_name, pipeline_name)
     except kfp_server_api.ApiException as error:
@@ -171,8 +216,9 @@ def experiment_id(kfp_client, name: str, namespace: str) -> str:
     try:
         return kfp_client.create_experiment(name, namespace=namespace).experiment_id
     except kfp_server_api.ApiException as error:
-        raise explain(error, f"finding or creating the experiment {name!r} in namespace "
-                             f"{namespace!r}") from None
+        raise explain(
+            error, f"finding or creating the experiment {name!r} in namespace {namespace!r}"
+        ) from None
 
 
 def find_experiment(kfp_client, name: str, namespace: str) -> str | None:
@@ -203,13 +249,23 @@ def submit(conn: Connection, config: SubmitConfig) -> dict[str, Any]:
     pipeline_id, version_id = upload_version(kfp_client, config.package, config.pipeline_name, conn.namespace)
     experiment = experiment_id(kfp_client, config.experiment, conn.namespace)
     try:
-        run = kfp_client.run_pipeline(experiment_id=experiment, job_name=config.run_name,
-                                      params=config.params, pipeline_id=pipeline_id, version_id=version_id)
+        run = kfp_client.run_pipeline(
+            experiment_id=experiment,
+            job_name=config.run_name,
+            params=config.params,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+        )
     except kfp_server_api.ApiException as error:
         raise explain(error, "starting the run") from None
     log.info("started run %s (%s) in experiment %s", config.run_name, run.run_id, config.experiment)
-    result = {"run_id": run.run_id, "pipeline_id": pipeline_id, "version_id": version_id,
-              "experiment_id": experiment, "state": run.state}
+    result = {
+        "run_id": run.run_id,
+        "pipeline_id": pipeline_id,
+        "version_id": version_id,
+        "experiment_id": experiment,
+        "state": run.state,
+    }
     if config.wait:
         result["state"] = follow(kfp_client, run.run_id, config.poll_seconds, config.timeout_seconds)
     return result
@@ -229,8 +285,10 @@ def follow(kfp_client, run_id: str, poll_seconds: float, timeout_seconds: float)
         if state in TERMINAL_STATES:
             return state
         if timeout_seconds and time.monotonic() - started > timeout_seconds:
-            raise ClusterError(f"run {run_id} still {state} after {timeout_seconds:.0f} s (it goes on; "
-                               "--timeout only stops waiting)")
+            raise ClusterError(
+                f"run {run_id} still {state} after {timeout_seconds:.0f} s (it goes on; "
+                "--timeout only stops waiting)"
+            )
         time.sleep(poll_seconds)
 
 
@@ -239,9 +297,11 @@ def _numbers(field_text: str, name: str, names: dict[str, int] | None = None) ->
     for part in field_text.split(","):
         token = (names or {}).get(part.upper(), part)
         if not str(token).isdigit():
-            raise ClusterError(f"cannot convert the cron {name} field {field_text!r} to UTC (only plain "
-                               "numbers and lists like 0,30 can be shifted); write the expression in UTC "
-                               "and pass --timezone UTC")
+            raise ClusterError(
+                f"cannot convert the cron {name} field {field_text!r} to UTC (only plain "
+                "numbers and lists like 0,30 can be shifted); write the expression in UTC "
+                "and pass --timezone UTC"
+            )
         values.append(int(token))
     return values
 
@@ -257,8 +317,9 @@ def to_utc_cron(expression: str, tz_name: str, now: datetime | None = None) -> t
     if len(fields) == 5:
         fields = ["0", *fields]
     if len(fields) != 6:
-        raise ClusterError(f"cron {expression!r} must have 5 fields (minute hour day month weekday) or 6 "
-                           "(seconds first)")
+        raise ClusterError(
+            f"cron {expression!r} must have 5 fields (minute hour day month weekday) or 6 (seconds first)"
+        )
     if tz_name.upper() in ("UTC", "ETC/UTC", "Z"):
         return " ".join(fields), "UTC"
     try:
@@ -272,23 +333,30 @@ def to_utc_cron(expression: str, tz_name: str, now: datetime | None = None) -> t
     shifted = [(h * 60 + m - offset) for h, m in pairs]
     day_shifts = {total // 1440 for total in shifted}
     if len(day_shifts) != 1:
-        raise ClusterError(f"cron {expression!r} in {tz_name} falls on different UTC days for different "
-                           "hours; write it in UTC and pass --timezone UTC")
+        raise ClusterError(
+            f"cron {expression!r} in {tz_name} falls on different UTC days for different "
+            "hours; write it in UTC and pass --timezone UTC"
+        )
     (day_shift,) = day_shifts
     utc_pairs = {((total % 1440) // 60, total % 60) for total in shifted}
     utc_hours = sorted({h for h, _ in utc_pairs})
     utc_minutes = sorted({m for _, m in utc_pairs})
     if {(h, m) for h in utc_hours for m in utc_minutes} != utc_pairs:
-        raise ClusterError(f"cron {expression!r} in {tz_name} has no exact UTC equivalent (the offset is "
-                           f"{offset:+d} min); write it in UTC and pass --timezone UTC")
+        raise ClusterError(
+            f"cron {expression!r} in {tz_name} has no exact UTC equivalent (the offset is "
+            f"{offset:+d} min); write it in UTC and pass --timezone UTC"
+        )
     if day_shift:
         if day != "*":
-            raise ClusterError(f"cron {expression!r} in {tz_name} crosses midnight in UTC, which would move "
-                               "its day of month; write it in UTC and pass --timezone UTC")
+            raise ClusterError(
+                f"cron {expression!r} in {tz_name} crosses midnight in UTC, which would move "
+                "its day of month; write it in UTC and pass --timezone UTC"
+            )
         if weekday != "*":
             weekday = ",".join(str((d + day_shift) % 7) for d in _numbers(weekday, "weekday", DAYS))
-    utc = " ".join([seconds, ",".join(map(str, utc_minutes)), ",".join(map(str, utc_hours)), day, month,
-                    weekday])
+    utc = " ".join(
+        [seconds, ",".join(map(str, utc_minutes)), ",".join(map(str, utc_hours)), day, month, weekday]
+    )
     january = datetime(now.year, 1, 15, tzinfo=UTC).astimezone(zone).utcoffset()
     july = datetime(now.year, 7, 15, tzinfo=UTC).astimezone(zone).utcoffset()
     note = f"{tz_name} is UTC{offset / 60:+g} now"
@@ -296,14 +364,16 @@ def to_utc_cron(expression: str, tz_name: str, now: datetime | None = None) -> t
         offsets = {int(january.total_seconds() // 60), int(july.total_seconds() // 60)}
         (other,) = offsets - {offset}
         # local = UTC + offset: moving to a larger offset shows the same UTC time later.
-        note += (f"; the backend keeps this UTC time, so after the next daylight-saving change the run "
-                 f"starts {abs(other - offset)} min {'later' if other > offset else 'earlier'} in local "
-                 "time (re-apply the schedule then to keep the local time)")
+        note += (
+            f"; the backend keeps this UTC time, so after the next daylight-saving change the run "
+            f"starts {abs(other - offset)} min {'later' if other > offset else 'earlier'} in local "
+            "time (re-apply the schedule then to keep the local time)"
+        )
     return utc, note
 
 
 def interval_seconds(text: str) -> int:
-    """"30m", "6h", "1d", "3600" -> seconds."""
+    """ "30m", "6h", "1d", "3600" -> seconds."""
     match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
     if not match or int(match.group(1)) == 0:
         raise ClusterError(f"--every {text!r} must be a positive number with an optional unit s, m, h or d")
@@ -326,8 +396,9 @@ def _recurring_runs(kfp_client, experiment: str, namespace: str) -> list:
     found, token = [], ""
     try:
         while True:
-            page = kfp_client.list_recurring_runs(page_token=token, page_size=100, experiment_id=experiment,
-                                                  namespace=namespace)
+            page = kfp_client.list_recurring_runs(
+                page_token=token, page_size=100, experiment_id=experiment, namespace=namespace
+            )
             found.extend(page.recurring_runs or [])
             token = page.next_page_token or ""
             if not token:
@@ -345,8 +416,9 @@ def apply_schedule(conn: Connection, config: ScheduleConfig) -> dict[str, Any]:
     kfp_client = client(conn)
     pipeline_id, version_id = upload_version(kfp_client, config.package, config.pipeline_name, conn.namespace)
     experiment = experiment_id(kfp_client, config.experiment, conn.namespace)
-    replaced = [r for r in _recurring_runs(kfp_client, experiment, conn.namespace)
-                if r.display_name == config.name]
+    replaced = [
+        r for r in _recurring_runs(kfp_client, experiment, conn.namespace) if r.display_name == config.name
+    ]
     try:
         for old in replaced:
             kfp_client.delete_recurring_run(old.recurring_run_id)
@@ -354,15 +426,33 @@ def apply_schedule(conn: Connection, config: ScheduleConfig) -> dict[str, Any]:
         # max_concurrency 1: a slow run is never overlapped by the next; no_catchup: after a
         # pause, one run, not one per missed slot.
         created = kfp_client.create_recurring_run(
-            experiment_id=experiment, job_name=config.name, cron_expression=cron or None,
-            interval_second=seconds, max_concurrency=1, no_catchup=True, params=config.params,
-            pipeline_id=pipeline_id, version_id=version_id, enabled=True)
+            experiment_id=experiment,
+            job_name=config.name,
+            cron_expression=cron or None,
+            interval_second=seconds,
+            max_concurrency=1,
+            no_catchup=True,
+            params=config.params,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+            enabled=True,
+        )
     except kfp_server_api.ApiException as error:
         raise explain(error, f"creating the schedule {config.name!r}") from None
-    log.info("schedule %s (%s): %s", config.name, created.recurring_run_id,
-             f"cron {cron} UTC ({note})" if cron else f"every {seconds} s")
-    return {"recurring_run_id": created.recurring_run_id, "cron_utc": cron, "interval_second": seconds,
-            "note": note, "replaced": [r.recurring_run_id for r in replaced], "version_id": version_id}
+    log.info(
+        "schedule %s (%s): %s",
+        config.name,
+        created.recurring_run_id,
+        f"cron {cron} UTC ({note})" if cron else f"every {seconds} s",
+    )
+    return {
+        "recurring_run_id": created.recurring_run_id,
+        "cron_utc": cron,
+        "interval_second": seconds,
+        "note": note,
+        "replaced": [r.recurring_run_id for r in replaced],
+        "version_id": version_id,
+    }
 
 
 def list_schedules(conn: Connection, experiment: str) -> list[dict[str, Any]]:
@@ -374,10 +464,17 @@ def list_schedules(conn: Connection, experiment: str) -> list[dict[str, Any]]:
         cron = trigger.cron_schedule.cron if trigger and trigger.cron_schedule else ""
         periodic = trigger.periodic_schedule if trigger else None
         interval = periodic.interval_second if periodic else None
-        rows.append({"name": run.display_name, "id": run.recurring_run_id, "status": run.status,
-                     "trigger": f"cron {cron} (UTC)" if cron else f"every {interval} s",
-                     "version_id": run.pipeline_version_reference.pipeline_version_id
-                     if run.pipeline_version_reference else ""})
+        rows.append(
+            {
+                "name": run.display_name,
+                "id": run.recurring_run_id,
+                "status": run.status,
+                "trigger": f"cron {cron} (UTC)" if cron else f"every {interval} s",
+                "version_id": run.pipeline_version_reference.pipeline_version_id
+                if run.pipeline_version_reference
+                else "",
+            }
+        )
     return rows
 
 
@@ -385,13 +482,21 @@ def change_schedule(conn: Connection, experiment: str, name: str, action: str) -
     """pause | resume | delete every recurring run called `name`; returns their ids."""
     kfp_client = client(conn)
     found = find_experiment(kfp_client, experiment, conn.namespace)
-    matches = [r for r in (_recurring_runs(kfp_client, found, conn.namespace) if found else [])
-               if r.display_name == name]
+    matches = [
+        r
+        for r in (_recurring_runs(kfp_client, found, conn.namespace) if found else [])
+        if r.display_name == name
+    ]
     if not matches:
-        raise ClusterError(f"no schedule named {name!r} in experiment {experiment!r} "
-                           f"(namespace {conn.namespace}); `schedule list` shows them")
-    method = {"pause": kfp_client.disable_recurring_run, "resume": kfp_client.enable_recurring_run,
-              "delete": kfp_client.delete_recurring_run}[action]
+        raise ClusterError(
+            f"no schedule named {name!r} in experiment {experiment!r} "
+            f"(namespace {conn.namespace}); `schedule list` shows them"
+        )
+    method = {
+        "pause": kfp_client.disable_recurring_run,
+        "resume": kfp_client.enable_recurring_run,
+        "delete": kfp_client.delete_recurring_run,
+    }[action]
     try:
         for run in matches:
             method(run.recurring_run_id)
@@ -443,8 +548,9 @@ def _kubernetes(context: str):
     try:
         k8s_config.load_kube_config(context=context or None)
     except (ConfigException, FileNotFoundError, TypeError) as error:
-        raise ClusterError(f"no usable kubeconfig ({error}): set KUBECONFIG or run `kubectl config "
-                           "use-context`") from None
+        raise ClusterError(
+            f"no usable kubeconfig ({error}): set KUBECONFIG or run `kubectl config use-context`"
+        ) from None
     return k8s.CoreV1Api()
 
 
@@ -465,48 +571,102 @@ def _kubernetes_checks(core, namespace: str, config: DoctorConfig) -> list[Check
         checks.append(Check("namespace", True, f"namespace {namespace} exists"))
     except errors as error:
         if getattr(error, "status", None) == 404:
-            checks.append(Check("namespace", False, f"namespace {namespace} does not exist: create a "
-                                                    "Kubeflow profile for it, or pass the right --namespace"))
+            checks.append(
+                Check(
+                    "namespace",
+                    False,
+                    f"namespace {namespace} does not exist: create a "
+                    "Kubeflow profile for it, or pass the right --namespace",
+                )
+            )
         elif getattr(error, "status", None) == 403:
-            checks.append(Check("namespace", True, f"namespace {namespace}: not readable with these "
-                                                   "credentials (normal for a namespaced account)"))
+            checks.append(
+                Check(
+                    "namespace",
+                    True,
+                    f"namespace {namespace}: not readable with these "
+                    "credentials (normal for a namespaced account)",
+                )
+            )
         else:
-            checks.append(Check("namespace", False,
-                                _api_failure(error, "namespace", "check the kubeconfig user")))
+            checks.append(
+                Check("namespace", False, _api_failure(error, "namespace", "check the kubeconfig user"))
+            )
     try:
         secret = core.read_namespaced_secret(config.secret_name, namespace)
         missing = [key for key in config.secret_keys if key not in (secret.data or {})]
         found = f"secret {config.secret_name} has keys {', '.join(config.secret_keys)}"
-        lacking = (f"secret {config.secret_name} lacks the key(s) {', '.join(missing)}: see "
-                   "manifests/examples/s3-credentials.yaml")
+        lacking = (
+            f"secret {config.secret_name} lacks the key(s) {', '.join(missing)}: see "
+            "manifests/examples/s3-credentials.yaml"
+        )
         checks.append(Check("secret", not missing, lacking if missing else found))
     except errors as error:
         if getattr(error, "status", None) == 404:
-            checks.append(Check("secret", False, f"no secret {config.secret_name} in {namespace}: fill in "
-                                                 "manifests/examples/s3-credentials.yaml and apply it there"))
+            checks.append(
+                Check(
+                    "secret",
+                    False,
+                    f"no secret {config.secret_name} in {namespace}: fill in "
+                    "manifests/examples/s3-credentials.yaml and apply it there",
+                )
+            )
         else:
-            checks.append(Check("secret", False, _api_failure(
-                error, "secret", f"the account needs `get` on secret {config.secret_name} "
-                                 "(manifests/ci-access)")))
+            checks.append(
+                Check(
+                    "secret",
+                    False,
+                    _api_failure(
+                        error,
+                        "secret",
+                        f"the account needs `get` on secret {config.secret_name} (manifests/ci-access)",
+                    ),
+                )
+            )
     try:
         nodes = core.list_node(label_selector=f"{config.gpu_label_key}={config.gpu_label_value}").items
-        gpus = {node.metadata.name: int((node.status.allocatable or {}).get("nvidia.com/gpu", "0"))
-                for node in nodes}
+        gpus = {
+            node.metadata.name: int((node.status.allocatable or {}).get("nvidia.com/gpu", "0"))
+            for node in nodes
+        }
         usable = [name for name, count in gpus.items() if count > 0]
         if usable:
-            checks.append(Check("gpu-node", True, f"{', '.join(usable)}: {config.gpu_label_key}="
-                                                  f"{config.gpu_label_value}, allocatable nvidia.com/gpu"))
+            checks.append(
+                Check(
+                    "gpu-node",
+                    True,
+                    f"{', '.join(usable)}: {config.gpu_label_key}="
+                    f"{config.gpu_label_value}, allocatable nvidia.com/gpu",
+                )
+            )
         elif gpus:
-            checks.append(Check("gpu-node", False, f"{', '.join(gpus)} carry the label but no allocatable "
-                                                   "nvidia.com/gpu: install the NVIDIA device plugin or GPU "
-                                                   "operator (manifests/README.md)"))
+            checks.append(
+                Check(
+                    "gpu-node",
+                    False,
+                    f"{', '.join(gpus)} carry the label but no allocatable "
+                    "nvidia.com/gpu: install the NVIDIA device plugin or GPU "
+                    "operator (manifests/README.md)",
+                )
+            )
         else:
-            checks.append(Check("gpu-node", False, f"no node is labelled {config.gpu_label_key}="
-                                                   f"{config.gpu_label_value}: label the RTX 2070 node "
-                                                   "(manifests/README.md) or compile with --gpu-label"))
+            checks.append(
+                Check(
+                    "gpu-node",
+                    False,
+                    f"no node is labelled {config.gpu_label_key}="
+                    f"{config.gpu_label_value}: label the RTX 2070 node "
+                    "(manifests/README.md) or compile with --gpu-label",
+                )
+            )
     except errors as error:
-        checks.append(Check("gpu-node", False, _api_failure(
-            error, "nodes", "the account needs `list` on nodes (manifests/ci-access)")))
+        checks.append(
+            Check(
+                "gpu-node",
+                False,
+                _api_failure(error, "nodes", "the account needs `list` on nodes (manifests/ci-access)"),
+            )
+        )
     return checks
 
 
@@ -522,13 +682,23 @@ def _bucket_check(core, namespace: str, config: DoctorConfig, environ: dict[str,
             env["AWS_ACCESS_KEY_ID"] = base64.b64decode(data[config.secret_keys[0]]).decode()
             env["AWS_SECRET_ACCESS_KEY"] = base64.b64decode(data[config.secret_keys[1]]).decode()
         except Exception:  # reported by the secret check already
-            return Check("bucket", False, f"bucket {config.bucket}: no credentials to try it with (see the "
-                                          "secret check, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+            return Check(
+                "bucket",
+                False,
+                f"bucket {config.bucket}: no credentials to try it with (see the "
+                "secret check, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+            )
     try:
         folder = storage.ObjectStoreFolder(f"s3://{config.bucket}", environ=env)
         folder.check()
     except storage.StorageError as error:
-        hint = "" if config.s3_endpoint else (" (from outside the cluster: kubectl port-forward -n kubeflow "
-                                              "svc/minio-service 9000:9000 and --s3-endpoint http://localhost:9000)")
+        hint = (
+            ""
+            if config.s3_endpoint
+            else (
+                " (from outside the cluster: kubectl port-forward -n kubeflow "
+                "svc/minio-service 9000:9000 and --s3-endpoint http://localhost:9000)"
+            )
+        )
         return Check("bucket", False, f"{error}{hint}")
     return Check("bucket", True, f"bucket {config.bucket} is reachable with the pipeline's credentials")

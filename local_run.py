@@ -50,15 +50,22 @@ class LocalRun:
 
 # The built-in demo: 64 px keeps the patterns clear and a 2-core CPU run within minutes; from
 # scratch because it must run offline.
-BUILTIN_PARAMS = {"image_size": BUILTIN_IMAGE_SIZE, "epochs": BUILTIN_EPOCHS, "weights": "none",
-                  "model_name": BUILTIN_MODEL_NAME}
+BUILTIN_PARAMS = {
+    "image_size": BUILTIN_IMAGE_SIZE,
+    "epochs": BUILTIN_EPOCHS,
+    "weights": "none",
+    "model_name": BUILTIN_MODEL_NAME,
+}
 
 
 def pipeline_defaults() -> dict[str, Any]:
     """`retrain`'s parameters that have a default, with it."""
     parameters = inspect.signature(build_pipeline().pipeline_func).parameters
-    return {name: parameter.default for name, parameter in parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
+    return {
+        name: parameter.default
+        for name, parameter in parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
 
 
 def run_local(*, settings: LocalRun) -> dict:
@@ -94,11 +101,15 @@ def run_local(*, settings: LocalRun) -> dict:
         docker_local.check_images(engine, docker.images)
         docker_local.check_store(docker.bucket)
         if registry and "://" not in registry:
-            raise SystemExit(f"error: --registry {registry}: the containers cannot see a local folder; "
-                             "give s3://... or leave it out for s3://<bucket>/registry")
+            raise SystemExit(
+                f"error: --registry {registry}: the containers cannot see a local folder; "
+                "give s3://... or leave it out for s3://<bucket>/registry"
+            )
         if tfds_data_dir and "://" not in tfds_data_dir:
-            raise SystemExit(f"error: --tfds-data-dir {tfds_data_dir}: the containers cannot see a local "
-                             "folder; give gs://... or prepare the dataset in the image's reach")
+            raise SystemExit(
+                f"error: --tfds-data-dir {tfds_data_dir}: the containers cannot see a local "
+                "folder; give gs://... or prepare the dataset in the image's reach"
+            )
     workdir = settings.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     summary_path = workdir / "run-summary.json"
@@ -119,8 +130,9 @@ def run_local(*, settings: LocalRun) -> dict:
 
     model_name = values["model_name"]
     if docker and (builtin or local_folder):
-        data = docker_local.stage_folder(Path(data), docker.bucket,
-                                         BUILTIN_MODEL_NAME if builtin else Path(data).name)
+        data = docker_local.stage_folder(
+            Path(data), docker.bucket, BUILTIN_MODEL_NAME if builtin else Path(data).name
+        )
     if not registry:
         registry = f"s3://{docker.bucket}/registry" if docker else str(workdir / "registry")
     elif "://" not in registry:
@@ -131,8 +143,10 @@ def run_local(*, settings: LocalRun) -> dict:
     if weights == "imagenet":
         # Now, not minutes later in the train step: an offline machine gets the one line at once.
         try:
-            pretrained.resolve(values["weights_cache"] or pretrained.default_cache(values["checkpoint_dir"]),
-                               workdir / "weights")
+            pretrained.resolve(
+                values["weights_cache"] or pretrained.default_cache(values["checkpoint_dir"]),
+                workdir / "weights",
+            )
         except pretrained.WeightsError as error:
             raise SystemExit(f"error: {error}") from None
 
@@ -163,8 +177,11 @@ def run_local(*, settings: LocalRun) -> dict:
         "model_name": model_name,
         "production_version": production_version,
         # The production version as stored in a local registry: what serves after this run.
-        "exported_model": (str(Path(registry) / model_name / str(production_version))
-                           if production_version and "://" not in registry else None),
+        "exported_model": (
+            str(Path(registry) / model_name / str(production_version))
+            if production_version and "://" not in registry
+            else None
+        ),
         "classes": evaluation["candidate"]["classes"],
         "source": data,
         "image_size": image_size,

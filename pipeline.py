@@ -18,7 +18,6 @@ command line, also reached as `python pipeline.py COMMAND`):
     python pipeline.py rollback --registry URI --model-name NAME
 """
 
-
 import logging
 import sys
 from dataclasses import dataclass
@@ -51,8 +50,15 @@ def fingerprint(source: str, tfds_data_dir: str) -> str:
     return step.source_fingerprint(source, tfds_data_dir)
 
 
-def preprocess(source: str, source_fingerprint: str, image_size: int, resize: str, tfds_data_dir: str,
-               dataset: Output[Dataset], report: Output[Markdown]):
+def preprocess(
+    source: str,
+    source_fingerprint: str,
+    image_size: int,
+    resize: str,
+    tfds_data_dir: str,
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+):
     """`source_fingerprint` is not read: as an input it puts the data's identity into the
     cache key, so a changed bucket is preprocessed again and an unchanged one is not."""
     from pathlib import Path
@@ -61,47 +67,99 @@ def preprocess(source: str, source_fingerprint: str, image_size: int, resize: st
     from components.cli import configure_logging
 
     configure_logging()
-    manifest = step.preprocess(step.PreprocessConfig(source=source, output=Path(dataset.path),
-                                                     image_size=image_size, resize=resize,
-                                                     tfds_data_dir=tfds_data_dir))
-    dataset.metadata.update({"classes": manifest["classes"], "image_size": image_size,
-                             "fingerprint": manifest["fingerprint"],
-                             "duplicates": manifest["duplicates"],
-                             "label_conflicts": len(manifest["label_conflicts"]),
-                             "rejected": len(manifest["rejected"]), **manifest["totals"]})
+    manifest = step.preprocess(
+        step.PreprocessConfig(
+            source=source,
+            output=Path(dataset.path),
+            image_size=image_size,
+            resize=resize,
+            tfds_data_dir=tfds_data_dir,
+        )
+    )
+    dataset.metadata.update(
+        {
+            "classes": manifest["classes"],
+            "image_size": image_size,
+            "fingerprint": manifest["fingerprint"],
+            "duplicates": manifest["duplicates"],
+            "label_conflicts": len(manifest["label_conflicts"]),
+            "rejected": len(manifest["rejected"]),
+            **manifest["totals"],
+        }
+    )
     with open(report.path, "w") as handle:
         handle.write((Path(dataset.path) / step.REPORT).read_text())
 
 
-def train(dataset: Input[Dataset], epochs: int, batch_size: int, learning_rate: float,
-               weights: str, weights_cache: str, min_updates: int, precision: str, checkpoint_dir: str,
-               gpu_memory_limit_mib: int, backend: str, model: Output[Model], metrics: Output[Metrics]):
+def train(
+    dataset: Input[Dataset],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weights: str,
+    weights_cache: str,
+    min_updates: int,
+    precision: str,
+    checkpoint_dir: str,
+    gpu_memory_limit_mib: int,
+    backend: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
     from pathlib import Path
 
     from components import train as step
     from components.cli import configure_logging
 
     configure_logging()
-    summary = step.train(step.TrainConfig(data=Path(dataset.path), output=Path(model.path), epochs=epochs,
-                                batch_size=batch_size, learning_rate=learning_rate or None,
-                                weights=weights, weights_cache=weights_cache, min_updates=min_updates,
-                                precision=precision, checkpoint_dir=checkpoint_dir,
-                                gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend))
-    model.metadata.update({"framework": "keras", "classes": summary["classes"],
-                           "image_size": summary["image_size"], "precision": summary["precision"],
-                           "step_batch": summary["step_batch"], "accumulation": summary["accumulation"],
-                           "gpu": summary["gpu"], "backend": summary["backend"],
-                           "gpu_memory_limit_mib": summary["gpu_memory_limit_mib"]})
+    summary = step.train(
+        step.TrainConfig(
+            data=Path(dataset.path),
+            output=Path(model.path),
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate or None,
+            weights=weights,
+            weights_cache=weights_cache,
+            min_updates=min_updates,
+            precision=precision,
+            checkpoint_dir=checkpoint_dir,
+            gpu_memory_limit_mib=gpu_memory_limit_mib,
+            backend=backend,
+        )
+    )
+    model.metadata.update(
+        {
+            "framework": "keras",
+            "classes": summary["classes"],
+            "image_size": summary["image_size"],
+            "precision": summary["precision"],
+            "step_batch": summary["step_batch"],
+            "accumulation": summary["accumulation"],
+            "gpu": summary["gpu"],
+            "backend": summary["backend"],
+            "gpu_memory_limit_mib": summary["gpu_memory_limit_mib"],
+        }
+    )
     if summary["best_val_accuracy"] is not None:
         metrics.log_metric("best_val_accuracy", summary["best_val_accuracy"])
         metrics.log_metric("best_epoch", summary["best_epoch"])
     metrics.log_metric("train_seconds", summary["train_seconds"])
 
 
-def evaluate(dataset: Input[Dataset], model: Input[Model], registry: str, model_name: str,
-             min_accuracy: float, margin: float, max_class_drop: float, metrics: Output[Metrics],
-             confusion: Output[ClassificationMetrics], report: Output[Markdown],
-             evaluation: Output[Artifact]) -> bool:
+def evaluate(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    registry: str,
+    model_name: str,
+    min_accuracy: float,
+    margin: float,
+    max_class_drop: float,
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[Markdown],
+    evaluation: Output[Artifact],
+) -> bool:
     """Returns whether the candidate is blessed; accuracy and reasons are in `evaluation`."""
     import shutil
     from pathlib import Path
@@ -110,9 +168,18 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], registry: str, model_
     from components.cli import configure_logging
 
     configure_logging()
-    result = step.evaluate(step.EvaluateConfig(
-        model=Path(model.path), data=Path(dataset.path), output=Path(evaluation.path), registry=registry,
-        model_name=model_name, min_accuracy=min_accuracy, margin=margin, max_class_drop=max_class_drop))
+    result = step.evaluate(
+        step.EvaluateConfig(
+            model=Path(model.path),
+            data=Path(dataset.path),
+            output=Path(evaluation.path),
+            registry=registry,
+            model_name=model_name,
+            min_accuracy=min_accuracy,
+            margin=margin,
+            max_class_drop=max_class_drop,
+        )
+    )
     candidate = result["candidate"]
     for key, value in candidate.items():
         if isinstance(value, float):
@@ -125,22 +192,45 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], registry: str, model_
     return result["decision"]["blessed"]
 
 
-def export(model: Input[Model], dataset: Input[Dataset], evaluation: Input[Artifact], formats: str,
-           registry: str, model_name: str, run_id: str, servable: Output[Model], metrics: Output[Metrics]):
+def export(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    evaluation: Input[Artifact],
+    formats: str,
+    registry: str,
+    model_name: str,
+    run_id: str,
+    servable: Output[Model],
+    metrics: Output[Metrics],
+):
     from pathlib import Path
 
     from components import export as step
     from components.cli import configure_logging
 
     configure_logging()
-    info = step.export(step.ExportConfig(
-        model=Path(model.path), data=Path(dataset.path), output=Path(servable.path),
-        evaluation=Path(evaluation.path), formats=step.parse_formats(formats), registry=registry,
-        model_name=model_name, run_id=run_id))
+    info = step.export(
+        step.ExportConfig(
+            model=Path(model.path),
+            data=Path(dataset.path),
+            output=Path(servable.path),
+            evaluation=Path(evaluation.path),
+            formats=step.parse_formats(formats),
+            registry=registry,
+            model_name=model_name,
+            run_id=run_id,
+        )
+    )
     verification = info["verification"]
-    servable.metadata.update({"format": "tf_saved_model", "signature": "serving_default",
-                              "classes": info["classes"], "formats": ["saved_model", *info["formats"]],
-                              "registry": info.get("registry")})
+    servable.metadata.update(
+        {
+            "format": "tf_saved_model",
+            "signature": "serving_default",
+            "classes": info["classes"],
+            "formats": ["saved_model", *info["formats"]],
+            "registry": info.get("registry"),
+        }
+    )
     metrics.log_metric("max_abs_difference", verification["max_abs_difference"])
     for row in verification["latency"]["batches"]:
         metrics.log_metric(f"cpu_latency_batch{row['batch']}_p50_ms_per_image", row["p50_ms_per_image"])
@@ -192,14 +282,24 @@ RESOURCES = {
 def on_cluster(task, step: str, cluster: Cluster):
     """Resources, timeout, non-root user and object-store access for one step's pod."""
     limits = RESOURCES[step]
-    (task.set_cpu_request(limits.cpu_request).set_cpu_limit(limits.cpu_limit)
-         .set_memory_request(limits.memory_request).set_memory_limit(limits.memory_limit))
+    (
+        task.set_cpu_request(limits.cpu_request)
+        .set_cpu_limit(limits.cpu_limit)
+        .set_memory_request(limits.memory_request)
+        .set_memory_limit(limits.memory_limit)
+    )
     kubernetes.set_timeout(task, limits.timeout_seconds)
-    kubernetes.set_security_context(task, run_as_user=cluster.run_as_user, run_as_group=cluster.run_as_user,
-                                    run_as_non_root=True)
-    kubernetes.use_secret_as_env(task, cluster.secret_name,
-                                 {cluster.secret_access_key_key: "AWS_ACCESS_KEY_ID",
-                                  cluster.secret_secret_key_key: "AWS_SECRET_ACCESS_KEY"})
+    kubernetes.set_security_context(
+        task, run_as_user=cluster.run_as_user, run_as_group=cluster.run_as_user, run_as_non_root=True
+    )
+    kubernetes.use_secret_as_env(
+        task,
+        cluster.secret_name,
+        {
+            cluster.secret_access_key_key: "AWS_ACCESS_KEY_ID",
+            cluster.secret_secret_key_key: "AWS_SECRET_ACCESS_KEY",
+        },
+    )
     task.set_env_variable("AWS_ENDPOINT_URL", cluster.s3_endpoint)  # an address, not a secret
     return task
 
@@ -210,16 +310,22 @@ def on_rtx2070(task, cluster: Cluster):
     kubernetes.add_node_selector(task, cluster.gpu_label_key, cluster.gpu_label_value)
     # The NVIDIA GPU operator taints GPU nodes so that only pods asking for a GPU land there.
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                               size_limit=cluster.shm_size)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size
+    )
     # 1 min, 2 min, 4 min: long enough for a node to come back or the pod to be rescheduled.
-    task.set_retry(num_retries=cluster.train_retries, backoff_duration="60s", backoff_factor=2,
-                   backoff_max_duration="600s")
+    task.set_retry(
+        num_retries=cluster.train_retries,
+        backoff_duration="60s",
+        backoff_factor=2,
+        backoff_max_duration="600s",
+    )
     return task
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE,
-                   cluster: Cluster | None = None):
+def build_pipeline(
+    image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE, cluster: Cluster | None = None
+):
     """The pipeline function, with components bound to the given container images.
 
     `cluster` adds the Kubernetes settings (placement, resources, secrets); without it the
@@ -250,12 +356,14 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
         evaluation: Artifact  # evaluation.json: metrics, production comparison, decision
         evaluation_report: Markdown
 
+    # Every default is the step config's own (tests/test_pipeline.py holds them equal);
+    # learning_rate 0 stands for TrainConfig's None (pick by weights), as KFP has no null float.
+    # Kept dense by hand, unformatted: the whole DAG reads on one screen.
+    # fmt: off
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Retrain an EfficientNet-B0 image classifier: preprocess, train, "
                               "evaluate against production, export and push only a blessed model.",
                   pipeline_root=(cluster.pipeline_root if cluster else "") or None)
-    # Every default is the step config's own (tests/test_pipeline.py holds them equal);
-    # learning_rate 0 stands for TrainConfig's None (pick by weights), as KFP has no null float.
     def retrain(source: str, image_size: int = PreprocessConfig.image_size,
                 resize: str = PreprocessConfig.resize, epochs: int = TrainConfig.epochs,
                 batch_size: int = TrainConfig.batch_size, learning_rate: float = 0.0,
@@ -299,12 +407,17 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAG
                             run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "export")
         return Outputs(blessed=evaluated.outputs["Output"], evaluation=evaluated.outputs["evaluation"],
                        evaluation_report=evaluated.outputs["report"])
+    # fmt: on
 
     return retrain
 
 
-def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE,
-                     cluster: Cluster | None = None) -> Path:
+def compile_pipeline(
+    output: Path,
+    image: str = DEFAULT_IMAGE,
+    gpu_image: str = DEFAULT_GPU_IMAGE,
+    cluster: Cluster | None = None,
+) -> Path:
     """Write the IR YAML for a cluster (default `Cluster()` settings)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(image, gpu_image, cluster or Cluster()), str(output))

@@ -35,8 +35,7 @@ def run(data: Path, epochs: int, jit: bool, batch_size: int) -> dict:
     dataset = records.load(data, verify=False)
     config = TrainConfig(weights="none", data=data, output=Path("/nonexistent"), batch_size=batch_size)
     model = build_model(len(dataset.classes), dataset.image_size)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy",
-                  jit_compile=jit)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy", jit_compile=jit)
     train = training_dataset(dataset, config, len(dataset.classes))  # endless: full batches only
     steps = math.ceil(dataset.count("train") / batch_size)
     seconds = []
@@ -46,9 +45,13 @@ def run(data: Path, epochs: int, jit: bool, batch_size: int) -> dict:
         seconds.append(time.monotonic() - started)
     images = steps * batch_size
     steady = sum(seconds[1:]) / max(len(seconds) - 1, 1)
-    return {"jit_compile": jit, "first_epoch_s": round(seconds[0], 1),
-            "steady_epoch_s": round(steady, 2), "steady_img_per_s": round(images / steady, 1),
-            "total_s": round(sum(seconds), 1)}
+    return {
+        "jit_compile": jit,
+        "first_epoch_s": round(seconds[0], 1),
+        "steady_epoch_s": round(steady, 2),
+        "steady_img_per_s": round(images / steady, 1),
+        "total_s": round(sum(seconds), 1),
+    }
 
 
 def main() -> int:
@@ -59,11 +62,19 @@ def main() -> int:
     args = parser.parse_args()
     results = [run(args.data, args.epochs, jit, args.batch_size) for jit in (True, False)]
     on, off = results
-    print(json.dumps({"cpus": os.cpu_count(), "results": results,
-                      "steady_speed_ratio_xla_over_no_xla": round(
-                          on["steady_img_per_s"] / off["steady_img_per_s"], 2),
-                      "first_epoch_ratio_xla_over_no_xla": round(
-                          on["first_epoch_s"] / off["first_epoch_s"], 2)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "cpus": os.cpu_count(),
+                "results": results,
+                "steady_speed_ratio_xla_over_no_xla": round(
+                    on["steady_img_per_s"] / off["steady_img_per_s"], 2
+                ),
+                "first_epoch_ratio_xla_over_no_xla": round(on["first_epoch_s"] / off["first_epoch_s"], 2),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

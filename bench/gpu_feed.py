@@ -62,15 +62,28 @@ def main() -> int:
 
     dataset = records.load(args.data, verify=False)
     classes = len(dataset.classes)
-    config = TrainConfig(weights="none", data=dataset.folder, output=Path("/nonexistent"),
-                         batch_size=args.batch, precision=args.precision)
+    config = TrainConfig(
+        weights="none",
+        data=dataset.folder,
+        output=Path("/nonexistent"),
+        batch_size=args.batch,
+        precision=args.precision,
+    )
     precision = configure_precision(args.precision, gpu is not None)
     keras.utils.set_random_seed(0)
     model = build_model(classes, dataset.image_size, "none")
     compile_for_training(model, config.recipe(), steps_per_epoch=10 * args.steps, fixed_shapes=True)
-    report: dict = {"device": str(jax.devices()[0].device_kind), "cap_mib": cap, "batch": args.batch,
-                    "precision": precision, "image_size": dataset.image_size, "cpus": os.cpu_count(),
-                    "train_images": dataset.count("train"), "steps": args.steps, "rows": []}
+    report: dict = {
+        "device": str(jax.devices()[0].device_kind),
+        "cap_mib": cap,
+        "batch": args.batch,
+        "precision": precision,
+        "image_size": dataset.image_size,
+        "cpus": os.cpu_count(),
+        "train_images": dataset.count("train"),
+        "steps": args.steps,
+        "rows": [],
+    }
 
     def peak_mib() -> float | None:
         stats = jax.devices()[0].memory_stats() or {}
@@ -81,15 +94,17 @@ def main() -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    real = next(iter(training_dataset(dataset, config, classes, batch_size=args.batch, steps=1,
-                                      full_batches=True)))
+    real = next(
+        iter(training_dataset(dataset, config, classes, batch_size=args.batch, steps=1, full_batches=True))
+    )
     real = tuple(np.asarray(part) for part in real)
 
     def source(kind: str, steps: int):
         if kind == "memory":
             return tf.data.Dataset.from_tensors(real).repeat(steps)
-        return training_dataset(dataset, config, classes, epoch=steps, batch_size=args.batch, steps=steps,
-                                full_batches=True)
+        return training_dataset(
+            dataset, config, classes, epoch=steps, batch_size=args.batch, steps=steps, full_batches=True
+        )
 
     class Waits(keras.callbacks.Callback):
         """Overrides on_train_batch_end, so Keras converts the logs (waits) after every call."""
@@ -116,9 +131,13 @@ def main() -> int:
                 yield images, labels, None
 
         model.make_train_function()
-        state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
-                                     optimizer_variables=True, metrics_variables=True,
-                                     purge_model_variables=True)
+        state = model._get_jax_state(
+            trainable_variables=True,
+            non_trainable_variables=True,
+            optimizer_variables=True,
+            metrics_variables=True,
+            purge_model_variables=True,
+        )
         iterator = batches()
         for _ in range(2):
             _, state = model.train_function(state, iterator)
@@ -128,8 +147,18 @@ def main() -> int:
             _, state = model.train_function(state, iterator)
         jax.block_until_ready(state)
         rate = (args.steps // calls) * calls * args.batch / (time.perf_counter() - started)
-        model._jax_state = dict(zip(("trainable_variables", "non_trainable_variables", "optimizer_variables",
-                                     "metrics_variables"), state, strict=True))
+        model._jax_state = dict(
+            zip(
+                (
+                    "trainable_variables",
+                    "non_trainable_variables",
+                    "optimizer_variables",
+                    "metrics_variables",
+                ),
+                state,
+                strict=True,
+            )
+        )
         model._jax_state_synced = False
         model.jax_state_sync()
         return rate
@@ -140,8 +169,12 @@ def main() -> int:
         model.steps_per_execution = calls
         model.make_train_function(force=True)  # Keras reads steps_per_execution when it makes it
         steps = -(-args.steps // calls) * calls
-        row = {"steps_per_execution": calls, "variant": "device", "img_per_s": round(device_rate(calls), 1),
-               "peak_mib": peak_mib()}
+        row = {
+            "steps_per_execution": calls,
+            "variant": "device",
+            "img_per_s": round(device_rate(calls), 1),
+            "peak_mib": peak_mib(),
+        }
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
         for callbacks in args.callbacks.split(","):
@@ -149,14 +182,19 @@ def main() -> int:
                 # The fastest of two: a fit's set-up varies by tenths of a second.
                 short = min(fit_seconds(kind, callbacks, steps) for _ in range(2))
                 long = min(fit_seconds(kind, callbacks, 2 * steps) for _ in range(2))
-                row = {"steps_per_execution": calls, "variant": f"{kind}/{callbacks}",
-                       "img_per_s": round(steps * args.batch / (long - short), 1),
-                       "fit_seconds": [round(short, 3), round(long, 3)], "peak_mib": peak_mib()}
+                row = {
+                    "steps_per_execution": calls,
+                    "variant": f"{kind}/{callbacks}",
+                    "img_per_s": round(steps * args.batch / (long - short), 1),
+                    "fit_seconds": [round(short, 3), round(long, 3)],
+                    "peak_mib": peak_mib(),
+                }
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
-    device = {row["steps_per_execution"]: row["img_per_s"] for row in report["rows"]
-              if row["variant"] == "device"}
+    device = {
+        row["steps_per_execution"]: row["img_per_s"] for row in report["rows"] if row["variant"] == "device"
+    }
     best = max(device.values())
     for row in report["rows"]:
         row["vs_device"] = round(row["img_per_s"] / best, 3)

@@ -60,25 +60,40 @@ def save_conv_outputs_only(model) -> None:
     def policy(primitive, *_, **__) -> bool:
         return primitive.name == "conv_general_dilated"
 
-    def compute_loss_and_updates(trainable, non_trainable, metrics, x, y, sample_weight,
-                                 training=False, optimizer_variables=None):
+    def compute_loss_and_updates(
+        trainable, non_trainable, metrics, x, y, sample_weight, training=False, optimizer_variables=None
+    ):
         def forward(trainable, non_trainable, metrics, x, y, sample_weight, optimizer_variables):
-            return original(trainable, non_trainable, metrics, x, y, sample_weight, training=training,
-                            optimizer_variables=optimizer_variables)
+            return original(
+                trainable,
+                non_trainable,
+                metrics,
+                x,
+                y,
+                sample_weight,
+                training=training,
+                optimizer_variables=optimizer_variables,
+            )
 
-        return jax.checkpoint(forward, policy=policy)(trainable, non_trainable, metrics, x, y,
-                                                      sample_weight, optimizer_variables)
+        return jax.checkpoint(forward, policy=policy)(
+            trainable, non_trainable, metrics, x, y, sample_weight, optimizer_variables
+        )
 
     model.compute_loss_and_updates = compute_loss_and_updates
 
 
 def total_gpu_mib() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return int(out.split()[0])
 
 
 # ---------------------------------------------------------------- one probe, in its own process
+
 
 def _probe_keras(precision: str, remat: str, batch: int, steps: int, warmup: int) -> dict:
     import jax
@@ -106,9 +121,13 @@ def _probe_keras(precision: str, remat: str, batch: int, steps: int, warmup: int
     # step on the state, no host sync between steps. `train_on_batch` would add one per step.
     model._symbolic_build(data_batch=(images, labels, None))  # what fit() does first
     model.make_train_function()
-    state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
-                                 optimizer_variables=True, metrics_variables=True,
-                                 purge_model_variables=True)
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+        purge_model_variables=True,
+    )
     iterator = batches()
     for _ in range(warmup):
         logs, state = model.train_function(state, iterator)
@@ -119,8 +138,11 @@ def _probe_keras(precision: str, remat: str, batch: int, steps: int, warmup: int
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - started
     stats = jax.devices()[0].memory_stats() or {}
-    return {"img_per_s": batch * steps / elapsed, "peak_mib": stats.get("peak_bytes_in_use", 0) / 2**20,
-            "loss": float(np.asarray(logs["loss"]))}
+    return {
+        "img_per_s": batch * steps / elapsed,
+        "peak_mib": stats.get("peak_bytes_in_use", 0) / 2**20,
+        "loss": float(np.asarray(logs["loss"])),
+    }
 
 
 def _probe_torch(precision: str, batch: int, steps: int, warmup: int, fraction: float) -> dict:
@@ -155,8 +177,11 @@ def _probe_torch(precision: str, batch: int, steps: int, warmup: int, fraction: 
         loss = step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    return {"img_per_s": batch * steps / elapsed, "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
-            "loss": float(loss)}
+    return {
+        "img_per_s": batch * steps / elapsed,
+        "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+        "loss": float(loss),
+    }
 
 
 def probe_main(args) -> int:
@@ -177,20 +202,39 @@ def probe_main(args) -> int:
 
 # ---------------------------------------------------------------- the search, in the parent
 
-def run_probe(setting: str, batch: int, cap_mib: int, total_mib: int, steps: int, warmup: int,
-              timeout: float, log: list) -> dict:
+
+def run_probe(
+    setting: str, batch: int, cap_mib: int, total_mib: int, steps: int, warmup: int, timeout: float, log: list
+) -> dict:
     fraction = cap_mib / total_mib
-    env = dict(os.environ, KERAS_BACKEND="jax", XLA_PYTHON_CLIENT_MEM_FRACTION=f"{fraction:.4f}",
-               XLA_PYTHON_CLIENT_PREALLOCATE="true", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, __file__, "--probe", setting, "--batch", str(batch), "--steps", str(steps),
-               "--warmup", str(warmup), "--fraction", f"{fraction:.4f}"]
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        XLA_PYTHON_CLIENT_MEM_FRACTION=f"{fraction:.4f}",
+        XLA_PYTHON_CLIENT_PREALLOCATE="true",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    command = [
+        sys.executable,
+        __file__,
+        "--probe",
+        setting,
+        "--batch",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--fraction",
+        f"{fraction:.4f}",
+    ]
     started = time.monotonic()
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if lines:
-            result = json.loads(lines[-1][len("RESULT "):])
+            result = json.loads(lines[-1][len("RESULT ") :])
         else:  # killed by the OOM path of a native library, or crashed
             tail = (done.stderr or "")[-600:]
             oom = any(s in tail for s in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory"))
@@ -199,13 +243,19 @@ def run_probe(setting: str, batch: int, cap_mib: int, total_mib: int, steps: int
         result = {"ok": False, "oom": False, "error": f"timeout after {timeout} s"}
     result.update(setting=setting, batch=batch, seconds=round(time.monotonic() - started, 1))
     log.append(result)
-    print(json.dumps({k: v for k, v in result.items() if k != "error"} |
-                     ({"error": result["error"][-200:]} if "error" in result else {})), flush=True)
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if k != "error"}
+            | ({"error": result["error"][-200:]} if "error" in result else {})
+        ),
+        flush=True,
+    )
     return result
 
 
-def largest_batch(setting: str, cap_mib: int, total_mib: int, log: list,
-                  limit: int = 384, granularity: int = 16) -> int:
+def largest_batch(
+    setting: str, cap_mib: int, total_mib: int, log: list, limit: int = 384, granularity: int = 16
+) -> int:
     """The product's own search (`components.batchfit.search`: `limit` first, then halving,
     then bisecting to `granularity`); 0 when not even a batch of 1 fits. (The 2026-11-25 run
     in RESULTS.md used the earlier search, doubling from 64.)"""
@@ -214,8 +264,9 @@ def largest_batch(setting: str, cap_mib: int, total_mib: int, log: list,
     def fits(batch: int) -> bool:
         result = run_probe(setting, batch, cap_mib, total_mib, steps=2, warmup=1, timeout=420, log=log)
         if not result["ok"] and not result.get("oom"):
-            raise RuntimeError(f"{setting} at batch {batch} failed for a reason other than memory: "
-                               f"{result['error']}")
+            raise RuntimeError(
+                f"{setting} at batch {batch} failed for a reason other than memory: {result['error']}"
+            )
         return result["ok"]
 
     try:
@@ -230,8 +281,12 @@ def main() -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--out", type=Path, default=Path("gpu_memory.json"))
     parser.add_argument("--parallel", type=int, default=7)
-    parser.add_argument("--times-only", type=Path, default=None,
-                        help="skip the search: time the largest batches in this earlier report")
+    parser.add_argument(
+        "--times-only",
+        type=Path,
+        default=None,
+        help="skip the search: time the largest batches in this earlier report",
+    )
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=15, help=argparse.SUPPRESS)
@@ -244,8 +299,13 @@ def main() -> int:
 
     total = total_gpu_mib()
     settings = args.settings.split(",")
-    report = {"cap_mib": args.cap_mib, "gpu_total_mib": total, "image_size": SIZE, "settings": {},
-              "probes": []}
+    report = {
+        "cap_mib": args.cap_mib,
+        "gpu_total_mib": total,
+        "image_size": SIZE,
+        "settings": {},
+        "probes": [],
+    }
     lock = threading.Lock()
 
     def save() -> None:
@@ -266,10 +326,12 @@ def main() -> int:
     for setting in settings:  # timed alone: nothing else on the GPU
         best = report["settings"].get(setting, {}).get("largest_batch")
         if best:
-            timed = run_probe(setting, best, args.cap_mib, total, steps=15, warmup=5, timeout=420,
-                              log=report["probes"])
+            timed = run_probe(
+                setting, best, args.cap_mib, total, steps=15, warmup=5, timeout=420, log=report["probes"]
+            )
             report["settings"][setting].update(
-                {k: timed.get(k) for k in ("ok", "img_per_s", "peak_mib", "loss", "error") if k in timed})
+                {k: timed.get(k) for k in ("ok", "img_per_s", "peak_mib", "loss", "error") if k in timed}
+            )
             save()
     save()
     print(json.dumps(report["settings"], indent=2))

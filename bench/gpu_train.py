@@ -60,9 +60,13 @@ class Bench:
             shutil.copy(self.report_path, self.args.out / "gpu_train.json")
 
     def env(self, **extra) -> dict:
-        return dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
-                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                    **extra)
+        return dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **extra,
+        )
 
     def log_path(self, name: str) -> Path:
         return (self.args.out or self.work) / f"{name}.log"
@@ -70,21 +74,51 @@ class Bench:
     def run(self, name: str, command: list[str], env: dict | None = None, timeout: float = 3000) -> float:
         started = time.monotonic()
         with self.log_path(name).open("a") as log:
-            done = subprocess.run(command, cwd=ROOT, env=env or self.env(), stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=timeout)
+            done = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=env or self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
         seconds = time.monotonic() - started
         if done.returncode:
             raise SystemExit(f"{name} failed (exit {done.returncode}): see {self.log_path(name)}")
         return seconds
 
-    def train_command(self, output: Path, seed: int, cap: int, extra: list[str] = (),
-                      every: int = 5) -> list[str]:
+    def train_command(
+        self, output: Path, seed: int, cap: int, extra: list[str] = (), every: int = 5
+    ) -> list[str]:
         a = self.args
-        return [sys.executable, "-m", "components.train", "--data", str(self.work / "dataset"),
-                "--output", str(output), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
-                "--precision", a.precision, "--gpu-memory-limit", str(cap), "--backend", a.backend,
-                "--checkpoint-dir", str(self.work / "checkpoints"), "--checkpoint-every", str(every),
-                "--seed", str(seed), "--weights", "none", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "components.train",
+            "--data",
+            str(self.work / "dataset"),
+            "--output",
+            str(output),
+            "--epochs",
+            str(a.epochs),
+            "--batch-size",
+            str(a.batch_size),
+            "--precision",
+            a.precision,
+            "--gpu-memory-limit",
+            str(cap),
+            "--backend",
+            a.backend,
+            "--checkpoint-dir",
+            str(self.work / "checkpoints"),
+            "--checkpoint-every",
+            str(every),
+            "--seed",
+            str(seed),
+            "--weights",
+            "none",
+            *extra,
+        ]
 
     # ---------------------------------------------------------------------------------- phases
 
@@ -95,12 +129,29 @@ class Bench:
         shutil.rmtree(images, ignore_errors=True)
         parts = 16
         per_part = -(-a.images_per_class // parts)
-        procs = [subprocess.Popen([sys.executable, "-m", "components.sample_data", "--output",
-                                   str(self.work / f"part{i}"), "--images-per-class", str(per_part),
-                                   "--image-size", str(a.image_size), "--seed", str(1000 + i),
-                                   "--no-broken-files"], cwd=ROOT, env=self.env(),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for i in range(parts)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "components.sample_data",
+                    "--output",
+                    str(self.work / f"part{i}"),
+                    "--images-per-class",
+                    str(per_part),
+                    "--image-size",
+                    str(a.image_size),
+                    "--seed",
+                    str(1000 + i),
+                    "--no-broken-files",
+                ],
+                cwd=ROOT,
+                env=self.env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(parts)
+        ]
         if any(p.wait() for p in procs):
             raise SystemExit("sample_data failed")
         for i in range(parts):
@@ -110,33 +161,56 @@ class Bench:
                 file.rename(target)
             shutil.rmtree(self.work / f"part{i}")
         generated = time.monotonic() - started
-        seconds = self.run("preprocess", [sys.executable, "-m", "components.preprocess", "--source",
-                                          str(images), "--output", str(self.work / "dataset"),
-                                          "--image-size", str(a.image_size)])
+        seconds = self.run(
+            "preprocess",
+            [
+                sys.executable,
+                "-m",
+                "components.preprocess",
+                "--source",
+                str(images),
+                "--output",
+                str(self.work / "dataset"),
+                "--image-size",
+                str(a.image_size),
+            ],
+        )
         manifest = json.loads((self.work / "dataset" / "manifest.json").read_text())
-        self.report["data"] = {"images": sum(1 for _ in images.rglob("*.*")), "image_size": a.image_size,
-                               "splits": manifest["totals"], "generate_seconds": round(generated, 1),
-                               "preprocess_seconds": round(seconds, 1), "cpus": os.cpu_count()}
+        self.report["data"] = {
+            "images": sum(1 for _ in images.rglob("*.*")),
+            "image_size": a.image_size,
+            "splits": manifest["totals"],
+            "generate_seconds": round(generated, 1),
+            "preprocess_seconds": round(seconds, 1),
+            "cpus": os.cpu_count(),
+        }
 
     def input(self) -> None:
-        code = ("import json, sys, time\n"
-                "from pathlib import Path\n"
-                "from components import records\n"
-                "from components.train import TrainConfig, training_dataset\n"
-                "d = records.load(Path(sys.argv[1]), verify=False); b = int(sys.argv[2])\n"
-                "c = TrainConfig(weights='none', data=d.folder, output=Path('/nonexistent'), batch_size=b)\n"
-                "it = training_dataset(d, c, len(d.classes)).as_numpy_iterator()\n"
-                "for _ in range(5): next(it)\n"
-                "t = time.perf_counter(); n = 60\n"
-                "for _ in range(n): next(it)\n"
-                "print('INPUT', json.dumps({'img_per_s': n * b / (time.perf_counter() - t), 'batch': b}))\n")
-        out = subprocess.run([sys.executable, "-c", code, str(self.work / "dataset"),
-                              str(self.args.batch_size)], cwd=ROOT, env=self.env(KERAS_BACKEND="tensorflow"),
-                             capture_output=True, text=True, timeout=600)
+        code = (
+            "import json, sys, time\n"
+            "from pathlib import Path\n"
+            "from components import records\n"
+            "from components.train import TrainConfig, training_dataset\n"
+            "d = records.load(Path(sys.argv[1]), verify=False); b = int(sys.argv[2])\n"
+            "c = TrainConfig(weights='none', data=d.folder, output=Path('/nonexistent'), batch_size=b)\n"
+            "it = training_dataset(d, c, len(d.classes)).as_numpy_iterator()\n"
+            "for _ in range(5): next(it)\n"
+            "t = time.perf_counter(); n = 60\n"
+            "for _ in range(n): next(it)\n"
+            "print('INPUT', json.dumps({'img_per_s': n * b / (time.perf_counter() - t), 'batch': b}))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(self.work / "dataset"), str(self.args.batch_size)],
+            cwd=ROOT,
+            env=self.env(KERAS_BACKEND="tensorflow"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         lines = [line for line in out.stdout.splitlines() if line.startswith("INPUT ")]
         if not lines:
             raise SystemExit(f"input rate failed: {out.stderr[-2000:]}")
-        self.report["input"] = json.loads(lines[-1][len("INPUT "):])
+        self.report["input"] = json.loads(lines[-1][len("INPUT ") :])
 
     def cold(self) -> None:
         shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
@@ -151,8 +225,10 @@ class Bench:
         sampler.join()
         self.report["cold"] = _summarise(output, seconds) | {
             "nvidia_smi_max_process_mib": max(samples) if samples else None,
-            "batch_fit_log": _grep(self.log_path("cold"), ("batch fit", "fits (probe", "runs out of memory",
-                                                           "GPU memory cap"))}
+            "batch_fit_log": _grep(
+                self.log_path("cold"), ("batch fit", "fits (probe", "runs out of memory", "GPU memory cap")
+            ),
+        }
 
     def warm(self) -> None:
         output = self.work / "warm"
@@ -164,23 +240,39 @@ class Bench:
             log_path = self.log_path(f"warm-{attempt}")
             with log_path.open("w") as log:
                 started = time.monotonic()
-                proc = subprocess.Popen(command, cwd=ROOT, env=self.env(), stdout=log,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+                )
                 _wait_for(log_path, "first training step after", proc)
                 proc.send_signal(signal.SIGTERM)
                 code = proc.wait(timeout=600)
             text = log_path.read_text()
-            stops.append({"exit": code, "seconds": round(time.monotonic() - started, 1),
-                          "lines": _grep(log_path, ("resuming from", "stopped by SIGTERM",
-                                                    "first training step", "batch fit from cache",
-                                                    "compilation cache"))})
+            stops.append(
+                {
+                    "exit": code,
+                    "seconds": round(time.monotonic() - started, 1),
+                    "lines": _grep(
+                        log_path,
+                        (
+                            "resuming from",
+                            "stopped by SIGTERM",
+                            "first training step",
+                            "batch fit from cache",
+                            "compilation cache",
+                        ),
+                    ),
+                }
+            )
             if code != 128 + signal.SIGTERM or "stopped by SIGTERM" not in text:
                 raise SystemExit(f"warm run {attempt} did not stop on SIGTERM as expected (exit {code})")
         seconds = self.run("warm-oom", self.train_command(output, 2, self.args.oom_cap_mib, extra))
         self.report["warm"] = _summarise(output, seconds) | {
             "stops": stops,
-            "oom_run_lines": _grep(self.log_path("warm-oom"), ("resuming from", "out of memory",
-                                                               "per-step batch", "GPU memory cap"))}
+            "oom_run_lines": _grep(
+                self.log_path("warm-oom"),
+                ("resuming from", "out of memory", "per-step batch", "GPU memory cap"),
+            ),
+        }
 
     def steady(self) -> None:
         """The cold run's batch again with checkpoints only at epoch ends (--checkpoint-every
@@ -190,8 +282,12 @@ class Bench:
         self.report["steady"] = {}
         for seed, calls in ((3, "4"), (4, "1")):  # two seeds: two runs (the run key has no steps per call)
             output = self.work / f"steady-{calls}"
-            command = self.train_command(output, seed, self.args.cap_mib, [
-                "--steps-per-execution", calls, "--batch-fit", "off", "--batch-size", batch])
+            command = self.train_command(
+                output,
+                seed,
+                self.args.cap_mib,
+                ["--steps-per-execution", calls, "--batch-fit", "off", "--batch-size", batch],
+            )
             command[command.index("--checkpoint-every") + 1] = "100000"
             seconds = self.run(f"steady-{calls}", command)
             self.report["steady"][f"steps_per_execution_{calls}"] = _summarise(output, seconds)
@@ -203,27 +299,51 @@ class Bench:
         setting = "keras-mixed" if self.args.precision != "float32" else "keras-float32"
         total = gpu_memory.total_gpu_mib()
         probes: list = []
-        result = gpu_memory.run_probe(setting, batch, self.args.cap_mib, total, steps=30, warmup=5,
-                                      timeout=900, log=probes)
-        self.report["bench"] = {k: result.get(k) for k in ("ok", "img_per_s", "peak_mib", "batch", "seconds",
-                                                           "error") if k in result}
+        result = gpu_memory.run_probe(
+            setting, batch, self.args.cap_mib, total, steps=30, warmup=5, timeout=900, log=probes
+        )
+        self.report["bench"] = {
+            k: result.get(k)
+            for k in ("ok", "img_per_s", "peak_mib", "batch", "seconds", "error")
+            if k in result
+        }
 
     def export(self) -> None:
         model = self.work / "warm"
         exported = self.work / "exported"
         env = self.env(KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
-        seconds = self.run("export", [sys.executable, "-m", "components.export", "--model", str(model),
-                                      "--data", str(self.work / "dataset"), "--output", str(exported)],
-                           env=env)
+        seconds = self.run(
+            "export",
+            [
+                sys.executable,
+                "-m",
+                "components.export",
+                "--model",
+                str(model),
+                "--data",
+                str(self.work / "dataset"),
+                "--output",
+                str(exported),
+            ],
+            env=env,
+        )
         info = json.loads((exported / "saved_model" / "export_info.json").read_text())
-        served = subprocess.run([sys.executable, "-c", _SERVE, str(exported / "saved_model"),
-                                 str(self.work / "images")], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=600)
+        served = subprocess.run(
+            [sys.executable, "-c", _SERVE, str(exported / "saved_model"), str(self.work / "images")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         lines = [line for line in served.stdout.splitlines() if line.startswith("SERVED ")]
         if not lines:
             raise SystemExit(f"serving failed: {served.stderr[-2000:]}")
-        self.report["export"] = {"seconds": round(seconds, 1), "verification": info["verification"],
-                                 "served": json.loads(lines[-1][len("SERVED "):])}
+        self.report["export"] = {
+            "seconds": round(seconds, 1),
+            "verification": info["verification"],
+            "served": json.loads(lines[-1][len("SERVED ") :]),
+        }
 
 
 _SERVE = """
@@ -250,9 +370,12 @@ def _sample_gpu_memory(samples: list[int], stop: threading.Event) -> None:
     """The largest GPU memory any process holds, by nvidia-smi (the pool plus what lies outside)."""
     while not stop.wait(1.0):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-compute-apps=used_memory",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                                 timeout=10).stdout
+            out = subprocess.run(
+                ["nvidia-smi", "--query-compute-apps=used_memory", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             return
         values = [int(v) for v in out.split() if v.isdigit()]
@@ -284,14 +407,35 @@ def _summarise(output: Path, seconds: float) -> dict:
         elapsed += row["seconds"]
         if to_95 is None and row.get("val_accuracy", 0) >= 0.95:
             to_95 = round(elapsed, 1)
-    keys = ("backend", "precision", "step_batch", "accumulation", "gpu", "gpu_memory_limit_mib",
-            "steps_per_execution", "first_step_seconds", "best_val_accuracy", "train_seconds")
-    fields = ("epoch", "seconds", "images_per_sec", "train_images_per_sec", "first_call_seconds",
-              "validation_seconds", "checkpoint_seconds", "val_accuracy", "peak_gpu_memory_mib",
-              "resumed_from_step")
+    keys = (
+        "backend",
+        "precision",
+        "step_batch",
+        "accumulation",
+        "gpu",
+        "gpu_memory_limit_mib",
+        "steps_per_execution",
+        "first_step_seconds",
+        "best_val_accuracy",
+        "train_seconds",
+    )
+    fields = (
+        "epoch",
+        "seconds",
+        "images_per_sec",
+        "train_images_per_sec",
+        "first_call_seconds",
+        "validation_seconds",
+        "checkpoint_seconds",
+        "val_accuracy",
+        "peak_gpu_memory_mib",
+        "resumed_from_step",
+    )
     return {key: summary.get(key) for key in keys} | {
-        "process_seconds": round(seconds, 1), "seconds_to_95_val_accuracy": to_95,
-        "epochs": [{k: row.get(k) for k in fields} for row in history]}
+        "process_seconds": round(seconds, 1),
+        "seconds_to_95_val_accuracy": to_95,
+        "epochs": [{k: row.get(k) for k in fields} for row in history],
+    }
 
 
 PHASES = ("data", "input", "cold", "bench", "warm", "export")

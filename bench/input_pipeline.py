@@ -74,8 +74,9 @@ def baseline_dataset(dataset, num_classes: int, seed: int = 42):
     def _finish(image, label):
         return tf.cast(image, tf.float32), tf.one_hot(label, num_classes)
 
-    data = (tf.data.TFRecordDataset(dataset.files("train"), num_parallel_reads=tf.data.AUTOTUNE)
-            .map(_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+    data = tf.data.TFRecordDataset(dataset.files("train"), num_parallel_reads=tf.data.AUTOTUNE).map(
+        _decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     data = data.shuffle(min(dataset.count("train"), 10_000), seed=seed, reshuffle_each_iteration=True)
     data = data.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
     return data.map(_finish, num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
@@ -110,10 +111,16 @@ def main() -> int:
     dataset = records.load(scratch / "prepared")
     stored = sum(shard["bytes"] for shard in dataset.manifest["shards"]["train"]) / dataset.count("train")
 
-    config = TrainConfig(weights="none", data=scratch / "prepared", output=scratch / "model",
-                         batch_size=BATCH)
-    results = {"cpus": os.cpu_count(), "image_size": SIZE, "batch": BATCH,
-               "train_images": dataset.count("train"), "mean_record_kb": round(stored / 1024, 1)}
+    config = TrainConfig(
+        weights="none", data=scratch / "prepared", output=scratch / "model", batch_size=BATCH
+    )
+    results = {
+        "cpus": os.cpu_count(),
+        "image_size": SIZE,
+        "batch": BATCH,
+        "train_images": dataset.count("train"),
+        "mean_record_kb": round(stored / 1024, 1),
+    }
     results["baseline_img_per_s"] = round(rate(baseline_dataset(dataset, 2), args.batches), 1)
     results["ours_img_per_s"] = round(rate(training_dataset(dataset, config, 2), args.batches), 1)
     results["ours_over_baseline"] = round(results["ours_img_per_s"] / results["baseline_img_per_s"], 2)

@@ -111,13 +111,22 @@ def main() -> int:
         for encoded, _, _ in check_and_resize_many(chunk, config):
             writer.write(records.make_example(encoded, 0, "x", SIZE, SIZE, "bench.jpg"))
 
-    report: dict = {"cpus": os.cpu_count(), "image_size": SIZE, "copies": args.copies,
-                    "rounds": args.rounds, "per_core": {}}
+    report: dict = {
+        "cpus": os.cpu_count(),
+        "image_size": SIZE,
+        "copies": args.copies,
+        "rounds": args.rounds,
+        "per_core": {},
+    }
     for name, items in inputs.items():
-        chunks = [items[start:start + CHUNK] for start in range(0, len(items), CHUNK)]
-        contenders = {"naive": (naive, items), "floor_tf_reduced": (tf_reduced, items),
-                      "floor_pillow_draft": (pillow_draft, items),
-                      "ours_one_per_call": (ours_one_per_call, items), "ours": (ours, chunks)}
+        chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
+        contenders = {
+            "naive": (naive, items),
+            "floor_tf_reduced": (tf_reduced, items),
+            "floor_pillow_draft": (pillow_draft, items),
+            "ours_one_per_call": (ours_one_per_call, items),
+            "ours": (ours, chunks),
+        }
         # Rounds of every contender in turn, the best round of each kept: on a shared machine
         # one pass of 40 small photos (~50 ms) is at the mercy of a neighbour's burst. (Pillow's
         # rate also differs from one process to the next, 760-870 or 1,000-1,050 img/s on
@@ -147,10 +156,26 @@ def main() -> int:
         # (TensorFlow's import, the graph's trace), where in this process, already warm, one
         # worker would pay none and more workers all of theirs.
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "components.preprocess", "--source", str(folder),
-                               "--output", str(scratch / f"out-{workers}"), "--image-size", str(SIZE),
-                               "--workers", str(workers), "--min-images-per-class", "1"],
-                              cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "components.preprocess",
+                "--source",
+                str(folder),
+                "--output",
+                str(scratch / f"out-{workers}"),
+                "--image-size",
+                str(SIZE),
+                "--workers",
+                str(workers),
+                "--min-images-per-class",
+                "1",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             sys.exit(f"preprocess with {workers} worker(s) failed:\n{done.stderr[-3000:]}")
         timings[workers] = files / (time.perf_counter() - started)

@@ -75,19 +75,22 @@ def main() -> int:
         cv2 = None
     items = photos(args.copies)["427x640"]
     config = PreprocessConfig(source="", output=Path(), image_size=SIZE)
-    chunks = [items[start:start + CHUNK] for start in range(0, len(items), CHUNK)]
+    chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
 
     def graph(function, dtype, shape=None):
-        return tf.function(function, input_signature=[tf.TensorSpec(shape, dtype)],
-                           autograph=False).get_concrete_function()
+        return tf.function(
+            function, input_signature=[tf.TensorSpec(shape, dtype)], autograph=False
+        ).get_concrete_function()
 
     tf_decode = graph(lambda data: tf.io.decode_jpeg(data, channels=3), tf.string)
     tf_decode_accurate = graph(
-        lambda data: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"), tf.string)
+        lambda data: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"), tf.string
+    )
     tf_area = graph(lambda image: tf.image.resize(image, [SIZE, SIZE], method="area"), tf.uint8, IMAGE)
     tf_bilinear = graph(lambda image: tf.image.resize(image, [SIZE, SIZE], antialias=True), tf.uint8, IMAGE)
-    tf_encode = graph(lambda image: tf.io.encode_jpeg(image, quality=95, chroma_downsampling=False),
-                      tf.uint8, IMAGE)
+    tf_encode = graph(
+        lambda image: tf.io.encode_jpeg(image, quality=95, chroma_downsampling=False), tf.uint8, IMAGE
+    )
 
     tf_identity = graph(tf.identity, tf.uint8, IMAGE)
 
@@ -109,19 +112,27 @@ def main() -> int:
 
     def mapped(function, output):
         """`function` mapped over a chunk of photos in one call, as ours runs: no per-photo call cost."""
-        return graph(lambda datas: tf.map_fn(function, datas, parallel_iterations=1,
-                                             fn_output_signature=output), tf.string, [None])
+        return graph(
+            lambda datas: tf.map_fn(function, datas, parallel_iterations=1, fn_output_signature=output),
+            tf.string,
+            [None],
+        )
 
     one_pixel = tf.TensorSpec([3], tf.uint8)  # a cheap output, so that only the named steps are timed
     in_graph = {
         "decode": mapped(lambda data: tf.io.decode_jpeg(data, channels=3)[0, 0], one_pixel),
-        "+ exif, format switch (imaging.decode)": mapped(lambda data: imaging.decode(data, SIZE)[0, 0],
-                                                         one_pixel),
-        "+ area resize (imaging.resize)": mapped(lambda data: imaging.decode_and_resize(data, SIZE)[0, 0],
-                                                 one_pixel),
-        "+ encode (ours' graph)": mapped(lambda data: tf.io.encode_jpeg(
-            imaging.decode_and_resize(data, SIZE), quality=95, chroma_downsampling=False),
-            tf.TensorSpec([], tf.string)),
+        "+ exif, format switch (imaging.decode)": mapped(
+            lambda data: imaging.decode(data, SIZE)[0, 0], one_pixel
+        ),
+        "+ area resize (imaging.resize)": mapped(
+            lambda data: imaging.decode_and_resize(data, SIZE)[0, 0], one_pixel
+        ),
+        "+ encode (ours' graph)": mapped(
+            lambda data: tf.io.encode_jpeg(
+                imaging.decode_and_resize(data, SIZE), quality=95, chroma_downsampling=False
+            ),
+            tf.TensorSpec([], tf.string),
+        ),
     }
     chunk_tensors = [tf.constant(chunk) for chunk in chunks]
     tensors = [tf.constant(data) for data in items]
@@ -142,8 +153,10 @@ def main() -> int:
             "tf_bilinear_antialias": (lambda image: tf_bilinear(image).numpy(), decoded),
             "pillow_box": (lambda image: image.resize((SIZE, SIZE), Image.BOX), pillows),
             "pillow_bilinear": (lambda image: image.resize((SIZE, SIZE), Image.BILINEAR), pillows),
-            "pillow_reduce_2x1_box": (lambda image: image.reduce((2, 1)).resize((SIZE, SIZE), Image.BOX),
-                                      pillows),
+            "pillow_reduce_2x1_box": (
+                lambda image: image.reduce((2, 1)).resize((SIZE, SIZE), Image.BOX),
+                pillows,
+            ),
         },
         "encode": {
             "tf (ours)": (lambda image: tf_encode(image).numpy(), small),
@@ -159,9 +172,13 @@ def main() -> int:
     }
     if cv2 is not None:
         contenders["resize"]["opencv_area"] = (
-            lambda image: cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA), arrays)
+            lambda image: cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA),
+            arrays,
+        )
         contenders["resize"]["opencv_linear_aliased"] = (
-            lambda image: cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR), arrays)
+            lambda image: cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR),
+            arrays,
+        )
 
     results: dict[str, dict[str, float]] = {group: {} for group in contenders}
     for _ in range(args.rounds):  # interleaved: a neighbour's burst hits every contender alike
@@ -173,10 +190,11 @@ def main() -> int:
     floor_ms = min(*results["decode"].values(), results["in_graph"]["decode"])
     goal_ms = floor_ms / 0.6
     antialiased = {name: ms for name, ms in results["resize"].items() if "aliased" not in name}
-    cheapest = (min(results["decode"].values()) + min(antialiased.values())
-                + min(results["encode"].values()))
+    cheapest = min(results["decode"].values()) + min(antialiased.values()) + min(results["encode"].values())
     report = {
-        "cpus": os.cpu_count(), "photos": len(items), "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "photos": len(items),
+        "rounds": args.rounds,
         "opencv": getattr(cv2, "__version__", "not installed"),
         "ms_per_image": results,
         "budget": {

@@ -45,8 +45,11 @@ sys.path.insert(0, str(ROOT))
 
 from small_data import make_colours  # noqa: E402 (bench/ is the script's folder)
 
-RUST_BOOK = (Path.home() / ".rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html"
-             / "embedded-book/assets")
+RUST_BOOK = (
+    Path.home()
+    / ".rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html"
+    / "embedded-book/assets"
+)
 DEFAULT_PHOTOS = (RUST_BOOK / "verify.jpeg", RUST_BOOK / "f3.jpg")
 FRESH_PER_CLASS = 30
 
@@ -59,12 +62,15 @@ class Case:
     variants: tuple[str, ...] = ("before", "after")
 
 
-CASES = {case.name: case for case in (
-    Case("colours", 64, 8),
-    Case("shapes", 64, 10),
-    Case("photos", 224, 10),
-    Case("patterns", 64, 15, variants=("after",)),
-)}
+CASES = {
+    case.name: case
+    for case in (
+        Case("colours", 64, 8),
+        Case("shapes", 64, 10),
+        Case("photos", 224, 10),
+        Case("patterns", 64, 15, variants=("after",)),
+    )
+}
 
 
 def make_shapes(folder: Path, per_class: int, seed: int) -> None:
@@ -125,9 +131,13 @@ def make_dataset(case: Case, work: Path, photos: tuple[Path, Path]) -> None:
 def step(module: str, *args: str) -> float:
     """Run one product step as its own process; its wall time in seconds."""
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", f"components.{module}", *args], cwd=ROOT,
-                            capture_output=True, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    result = subprocess.run(
+        [sys.executable, "-m", f"components.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])
         raise SystemExit(f"components.{module} failed")
@@ -143,7 +153,7 @@ def fresh_accuracy(saved_model: Path, fresh: Path) -> tuple[float, int]:
     for folder in sorted(path for path in fresh.iterdir() if path.is_dir()):
         files = sorted(folder.iterdir())
         for start in range(0, len(files), 16):
-            batch = [file.read_bytes() for file in files[start:start + 16]]
+            batch = [file.read_bytes() for file in files[start : start + 16]]
             labels = serve(image_bytes=tf.constant(batch))["labels"].numpy()
             right += sum(label.decode() == folder.name for label in labels)
             total += len(batch)
@@ -154,32 +164,68 @@ def run_case(case: Case, work: Path, photos: tuple[Path, Path]) -> list[dict]:
     prepared = work / "prepared"
     if not prepared.exists():
         make_dataset(case, work, photos)
-        step("preprocess", "--source", str(work / "images"), "--output", str(prepared),
-             "--image-size", str(case.image_size))
+        step(
+            "preprocess",
+            "--source",
+            str(work / "images"),
+            "--output",
+            str(prepared),
+            "--image-size",
+            str(case.image_size),
+        )
     manifest = json.loads((prepared / "manifest.json").read_text())
     counts = manifest["totals"]
     rows = []
     for variant in case.variants:
         run = work / variant
         floor = ["--min-updates", "0"] if variant == "before" else []
-        train_seconds = step("train", "--data", str(prepared), "--output", str(run / "model"), "--weights",
-                             "none", "--epochs", str(case.epochs), "--batch-size", "32", *floor)
-        step("evaluate", "--model", str(run / "model"), "--data", str(prepared), "--output",
-             str(run / "evaluation"))
-        step("export", "--model", str(run / "model"), "--data", str(prepared), "--output",
-             str(run / "export"))
+        train_seconds = step(
+            "train",
+            "--data",
+            str(prepared),
+            "--output",
+            str(run / "model"),
+            "--weights",
+            "none",
+            "--epochs",
+            str(case.epochs),
+            "--batch-size",
+            "32",
+            *floor,
+        )
+        step(
+            "evaluate",
+            "--model",
+            str(run / "model"),
+            "--data",
+            str(prepared),
+            "--output",
+            str(run / "evaluation"),
+        )
+        step(
+            "export", "--model", str(run / "model"), "--data", str(prepared), "--output", str(run / "export")
+        )
         summary = json.loads((run / "model" / "train_config.json").read_text())
         evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
         saved = next(path.parent for path in (run / "export").rglob("saved_model.pb"))
         fresh, fresh_count = fresh_accuracy(saved, work / "fresh")
-        row = {"dataset": case.name, "variant": variant, "image_size": case.image_size, "epochs": case.epochs,
-               "classes": len(summary["classes"]), "split": counts,
-               "train_images": summary["train_images"], "passes_per_epoch": summary["passes_per_epoch"],
-               "updates": -(-summary["train_images"] * summary["passes_per_epoch"] // 32) * case.epochs,
-               "train_seconds": train_seconds, "best_val_accuracy": summary["best_val_accuracy"],
-               "test_accuracy": round(evaluation["candidate"]["accuracy"], 3),
-               "test_images": counts["test"],
-               "fresh_accuracy": fresh, "fresh_images": fresh_count}
+        row = {
+            "dataset": case.name,
+            "variant": variant,
+            "image_size": case.image_size,
+            "epochs": case.epochs,
+            "classes": len(summary["classes"]),
+            "split": counts,
+            "train_images": summary["train_images"],
+            "passes_per_epoch": summary["passes_per_epoch"],
+            "updates": -(-summary["train_images"] * summary["passes_per_epoch"] // 32) * case.epochs,
+            "train_seconds": train_seconds,
+            "best_val_accuracy": summary["best_val_accuracy"],
+            "test_accuracy": round(evaluation["candidate"]["accuracy"], 3),
+            "test_images": counts["test"],
+            "fresh_accuracy": fresh,
+            "fresh_images": fresh_count,
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -189,8 +235,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/quality"))
     parser.add_argument("--datasets", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--photos", nargs=2, type=Path, default=DEFAULT_PHOTOS,
-                        help="two photographs to crop for the photos dataset")
+    parser.add_argument(
+        "--photos",
+        nargs=2,
+        type=Path,
+        default=DEFAULT_PHOTOS,
+        help="two photographs to crop for the photos dataset",
+    )
     args = parser.parse_args()
     if "photos" in args.datasets and not all(path.is_file() for path in args.photos):
         raise SystemExit(f"photos: {args.photos[0]} or {args.photos[1]} is missing; give two with --photos")
@@ -201,11 +252,13 @@ def main() -> int:
     print("| dataset | size | epochs | run | updates | train s | val | test | fresh (exported, raw files) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['dataset']} ({row['train_images']} train) | {row['image_size']} px | "
-              f"{row['epochs']} | {row['variant']} ({row['passes_per_epoch']} pass/epoch) | "
-              f"{row['updates']} | {row['train_seconds']} | {row['best_val_accuracy']} | "
-              f"{row['test_accuracy']} ({row['test_images']}) | "
-              f"{row['fresh_accuracy']} ({row['fresh_images']}) |")
+        print(
+            f"| {row['dataset']} ({row['train_images']} train) | {row['image_size']} px | "
+            f"{row['epochs']} | {row['variant']} ({row['passes_per_epoch']} pass/epoch) | "
+            f"{row['updates']} | {row['train_seconds']} | {row['best_val_accuracy']} | "
+            f"{row['test_accuracy']} ({row['test_images']}) | "
+            f"{row['fresh_accuracy']} ({row['fresh_images']}) |"
+        )
     return 0
 
 

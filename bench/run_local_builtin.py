@@ -38,21 +38,30 @@ def main() -> int:
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as workdir:
             started = time.monotonic()
-            result = subprocess.run([sys.executable, "pipeline.py", "run-local", "--workdir", workdir],
-                                    cwd=REPO, capture_output=True, text=True)
+            result = subprocess.run(
+                [sys.executable, "pipeline.py", "run-local", "--workdir", workdir],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
             wall = time.monotonic() - started
             if result.returncode != 0:
                 sys.stderr.write(result.stdout[-3000:] + result.stderr[-3000:])
                 return 1
             summary = json.loads((Path(workdir) / "run-summary.json").read_text())
-        print(json.dumps({
-            "wall_seconds": round(wall, 1),
-            "test_accuracy": summary["test_accuracy"],
-            "epochs": summary["epochs"],
-            "image_size": summary["image_size"],
-            "cpus": os.cpu_count(),
-            "cpu": cpu_model(),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "wall_seconds": round(wall, 1),
+                    "test_accuracy": summary["test_accuracy"],
+                    "epochs": summary["epochs"],
+                    "image_size": summary["image_size"],
+                    "cpus": os.cpu_count(),
+                    "cpu": cpu_model(),
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 

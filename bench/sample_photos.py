@@ -26,8 +26,10 @@ def load() -> list:
 
     if not all((CACHE / name).is_file() for name in NAMES):
         CACHE.mkdir(exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                        "--dest", str(CACHE), WHEEL], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(CACHE), WHEEL],
+            check=True,
+        )
         (wheel,) = CACHE.glob("scikit_learn-*.whl")
         with zipfile.ZipFile(wheel) as archive:
             for name in NAMES:

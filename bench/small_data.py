@@ -35,8 +35,9 @@ def make_colours(folder: Path, per_class: int, seed: int) -> None:
         for index in range(per_class):
             size = int(rng.integers(48, 160))
             pixels = np.array(rgb) + rng.normal(0, 25, (size, size, 3)) + rng.normal(0, 30, 3)
-            Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(folder / name / f"{index}.jpg",
-                                                                           quality=90)
+            Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(
+                folder / name / f"{index}.jpg", quality=90
+            )
 
 
 def main() -> int:
@@ -53,13 +54,22 @@ def main() -> int:
     if not (work / "prepared").exists():
         make_colours(work / "images", 40, seed=1)
         make_colours(work / "fresh", 30, seed=99)
-        preprocess.preprocess(preprocess.PreprocessConfig(source=str(work / "images"),
-                                                          output=work / "prepared", image_size=64))
+        preprocess.preprocess(
+            preprocess.PreprocessConfig(source=str(work / "images"), output=work / "prepared", image_size=64)
+        )
     model_dir = work / f"model-{args.epochs}x{args.batch_size}"
     shutil.rmtree(model_dir, ignore_errors=True)
     started = time.monotonic()
-    train.train(train.TrainConfig(weights="none", min_updates=0, data=work / "prepared", output=model_dir,
-                                  epochs=args.epochs, batch_size=args.batch_size))
+    train.train(
+        train.TrainConfig(
+            weights="none",
+            min_updates=0,
+            data=work / "prepared",
+            output=model_dir,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+        )
+    )
     seconds = time.monotonic() - started
 
     import keras
@@ -91,8 +101,11 @@ def main() -> int:
         return {split: split_accuracy(split) for split in records.SPLITS} | {"fresh": fresh_accuracy()}
 
     before = scores()
-    layers = [layer for layer in model_lib._all_layers(model)
-              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    layers = [
+        layer
+        for layer in model_lib._all_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
     momenta = [layer.momentum for layer in layers]
     batches, _ = train.eval_dataset(dataset, "train", 32, len(classes), pad=False)
     for index, (images, _, _) in enumerate(batches):
@@ -102,10 +115,17 @@ def main() -> int:
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     summary = json.loads((model_dir / "train_config.json").read_text())
-    report = {"images": 120, "image_size": 64, "epochs": args.epochs, "batch_size": args.batch_size,
-              "updates": args.epochs * -(-dataset.count("train") // args.batch_size),
-              "train_seconds": round(seconds, 1), "best_val_accuracy": summary.get("best_val_accuracy"),
-              "accuracy": before, "accuracy_batchnorm_recomputed": scores()}
+    report = {
+        "images": 120,
+        "image_size": 64,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "updates": args.epochs * -(-dataset.count("train") // args.batch_size),
+        "train_seconds": round(seconds, 1),
+        "best_val_accuracy": summary.get("best_val_accuracy"),
+        "accuracy": before,
+        "accuracy_batchnorm_recomputed": scores(),
+    }
     print(json.dumps(report), flush=True)
     return 0
 

@@ -40,8 +40,9 @@ def jax_gpu_installed() -> bool:
     """JAX with an NVIDIA plugin (jax-cuda12-plugin, jax-cuda13-plugin) is installed."""
     if importlib.util.find_spec("jax") is None:
         return False
-    names = {(dist.metadata["Name"] or "").lower().replace("_", "-")
-             for dist in importlib.metadata.distributions()}
+    names = {
+        (dist.metadata["Name"] or "").lower().replace("_", "-") for dist in importlib.metadata.distributions()
+    }
     return any(name.startswith("jax-cuda") and name.endswith("plugin") for name in names)
 
 
@@ -58,12 +59,16 @@ def activate(backend: str) -> None:
     """Make `backend` Keras' backend in this process (and in the processes it starts: batch-fit
     probes). Refused if keras was already imported with another one."""
     if backend == "jax" and importlib.util.find_spec("jax") is None:
-        raise BackendError("--backend jax: JAX is not installed here (pip install 'jax[cuda12]' on a "
-                           "GPU machine, 'jax' on a CPU)")
+        raise BackendError(
+            "--backend jax: JAX is not installed here (pip install 'jax[cuda12]' on a "
+            "GPU machine, 'jax' on a CPU)"
+        )
     keras = sys.modules.get("keras")
     if keras is not None and keras.backend.backend() != backend:
-        raise BackendError(f"keras was already imported with the {keras.backend.backend()} backend in "
-                           f"this process; run the step in a new process to train with {backend}")
+        raise BackendError(
+            f"keras was already imported with the {keras.backend.backend()} backend in "
+            f"this process; run the step in a new process to train with {backend}"
+        )
     os.environ["KERAS_BACKEND"] = backend
     if backend == "jax":
         keep_tensorflow_off_the_gpu()

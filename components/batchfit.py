@@ -145,8 +145,12 @@ def apply_memory_limit(limit_mib: int, gpu: Gpu | None) -> int | None:
         fraction = min(limit / gpu.total_mib, 1.0)
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
-        log.info("GPU memory cap: %d of %d MiB (XLA_PYTHON_CLIENT_MEM_FRACTION=%.4f, preallocated)",
-                 limit, gpu.total_mib, fraction)
+        log.info(
+            "GPU memory cap: %d of %d MiB (XLA_PYTHON_CLIENT_MEM_FRACTION=%.4f, preallocated)",
+            limit,
+            gpu.total_mib,
+            fraction,
+        )
         return limit
     import tensorflow as tf
 
@@ -226,8 +230,13 @@ def probe(spec: ProbeSpec, batch: int, timeout: float = 900, speeds: dict[int, f
         speed, peak = result.get("img_per_s"), result.get("peak_mib")
         if speeds is not None and speed:
             speeds[batch] = speed
-        log.info("batch %d fits (probe %.0f s%s%s)", batch, seconds, f", {speed:.0f} img/s" if speed else "",
-                 f", peak {peak:.0f} MiB" if peak else "")
+        log.info(
+            "batch %d fits (probe %.0f s%s%s)",
+            batch,
+            seconds,
+            f", {speed:.0f} img/s" if speed else "",
+            f", peak {peak:.0f} MiB" if peak else "",
+        )
         return True
     if done.returncode == OOM_EXIT:
         log.info("batch %d runs out of memory (probe %.0f s)", batch, seconds)
@@ -271,8 +280,14 @@ def _run_probe(spec: ProbeSpec, batch: int) -> int:
         keras.mixed_precision.set_global_policy(spec.precision)
         model = build_model(spec.num_classes, spec.image_size)
         # The rates do not change the memory a step takes; XLA "auto" as in training.
-        recipe = Recipe(learning_rate=1e-3, epochs=1, weight_decay=1e-4, warmup_epochs=0.0,
-                        label_smoothing=0.1, xla="auto")
+        recipe = Recipe(
+            learning_rate=1e-3,
+            epochs=1,
+            weight_decay=1e-4,
+            warmup_epochs=0.0,
+            label_smoothing=0.1,
+            xla="auto",
+        )
         compile_for_training(model, recipe, steps_per_epoch=spec.steps)
         rng = np.random.default_rng(0)
         # uint8, as train feeds them (the model casts on the device)
@@ -301,8 +316,10 @@ def cache_key(gpu: Gpu, spec: ProbeSpec) -> str:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} ?")
     budget = spec.memory_limit_mib or gpu.total_mib
-    return (f"{gpu.name} | {budget} MiB | {spec.image_size} px | {spec.precision} | {keras_backend} | "
-            + ", ".join(versions))
+    return (
+        f"{gpu.name} | {budget} MiB | {spec.image_size} px | {spec.precision} | {keras_backend} | "
+        + ", ".join(versions)
+    )
 
 
 def largest_batch(
@@ -396,10 +413,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--precision", default="mixed_float16", choices=("float32", "mixed_float16"))
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--gpu-memory-limit", type=int, default=0,
-                        help="MiB the framework may use (0 = the card's memory less a headroom)")
-    parser.add_argument("--backend", choices=backend.BACKENDS, default="auto",
-                        help="Keras backend of the probes (auto: jax on a GPU when installed)")
+    parser.add_argument(
+        "--gpu-memory-limit",
+        type=int,
+        default=0,
+        help="MiB the framework may use (0 = the card's memory less a headroom)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=backend.BACKENDS,
+        default="auto",
+        help="Keras backend of the probes (auto: jax on a GPU when installed)",
+    )
     parser.add_argument("--cache", type=Path, default=default_cache_file())
     parser.add_argument("--granularity", type=int, default=8, help="bisect to a multiple of this")
     args = parser.parse_args(argv)
@@ -423,9 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.num_classes,
         memory_limit_mib=int(budget * (1 - MARGIN)),
     )
-    largest = largest_batch(
-        args.requested, spec, gpu, args.cache, granularity=args.granularity
-    )
+    largest = largest_batch(args.requested, spec, gpu, args.cache, granularity=args.granularity)
     result = plan(args.requested, largest)
     print(
         json.dumps(

@@ -35,8 +35,12 @@ def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
     return {"check": name, "passed": bool(passed), "detail": detail}
 
 
-def decide(candidate: dict[str, Any], production: dict[str, Any] | None,
-           config: BlessingConfig, production_note: str = "") -> dict[str, Any]:
+def decide(
+    candidate: dict[str, Any],
+    production: dict[str, Any] | None,
+    config: BlessingConfig,
+    production_note: str = "",
+) -> dict[str, Any]:
     """{"blessed": bool, "reasons": [...], "checks": [...]} for `candidate` metrics.
 
     `production`: the production model's metrics on the same test images (same class order),
@@ -46,38 +50,57 @@ def decide(candidate: dict[str, Any], production: dict[str, Any] | None,
     supports = [c["support"] for c in candidate["per_class"].values()]
     majority = max(supports) / sum(supports) if sum(supports) else 0.0
     checks = [
-        _check("min_accuracy", accuracy >= config.min_accuracy,
-               f"accuracy {accuracy:.4f} {'>=' if accuracy >= config.min_accuracy else '<'} "
-               f"minimum {config.min_accuracy:.4f}"),
-        _check("beats_majority", accuracy > majority,
-               f"accuracy {accuracy:.4f} {'>' if accuracy > majority else '<='} {majority:.4f}, the share "
-               "of the most common test class (what always answering it would score)"),
+        _check(
+            "min_accuracy",
+            accuracy >= config.min_accuracy,
+            f"accuracy {accuracy:.4f} {'>=' if accuracy >= config.min_accuracy else '<'} "
+            f"minimum {config.min_accuracy:.4f}",
+        ),
+        _check(
+            "beats_majority",
+            accuracy > majority,
+            f"accuracy {accuracy:.4f} {'>' if accuracy > majority else '<='} {majority:.4f}, the share "
+            "of the most common test class (what always answering it would score)",
+        ),
     ]
     if production is not None:
         floor = production["accuracy"] - config.margin
-        checks.append(_check(
-            "margin", accuracy >= floor - 1e-12,
-            f"accuracy {accuracy:.4f} vs production {production['accuracy']:.4f}: "
-            f"{'within' if accuracy >= floor - 1e-12 else 'worse than'} the margin of {config.margin:.4f}"))
+        checks.append(
+            _check(
+                "margin",
+                accuracy >= floor - 1e-12,
+                f"accuracy {accuracy:.4f} vs production {production['accuracy']:.4f}: "
+                f"{'within' if accuracy >= floor - 1e-12 else 'worse than'} "
+                f"the margin of {config.margin:.4f}",
+            )
+        )
         drops = []
         for name, stats in candidate["per_class"].items():
             before = production["per_class"].get(name)
             if before is not None and stats["support"]:
                 drops.append((before["recall"] - stats["recall"], name, before["recall"], stats["recall"]))
         worst = max(drops, default=(0.0, "", 0.0, 0.0))
-        checks.append(_check(
-            "max_class_drop", worst[0] <= config.max_class_drop + 1e-12,
-            f"largest per-class recall drop {max(worst[0], 0.0):.4f}"
-            + (f" (class {worst[1]!r}: {worst[2]:.4f} -> {worst[3]:.4f})" if worst[0] > 0 else "")
-            + f", allowed {config.max_class_drop:.4f}"))
+        checks.append(
+            _check(
+                "max_class_drop",
+                worst[0] <= config.max_class_drop + 1e-12,
+                f"largest per-class recall drop {max(worst[0], 0.0):.4f}"
+                + (f" (class {worst[1]!r}: {worst[2]:.4f} -> {worst[3]:.4f})" if worst[0] > 0 else "")
+                + f", allowed {config.max_class_drop:.4f}",
+            )
+        )
     blessed = all(check["passed"] for check in checks)
     reasons = [check["detail"] for check in checks if not check["passed"]]
     if production is None:
         basis = production_note or "no production model yet: judged by the thresholds alone"
     else:
         basis = "compared with production on the same test images"
-    return {"blessed": blessed, "basis": basis,
-            "reasons": reasons or [f"every check passed ({basis})"], "checks": checks}
+    return {
+        "blessed": blessed,
+        "basis": basis,
+        "reasons": reasons or [f"every check passed ({basis})"],
+        "checks": checks,
+    }
 
 
 def summary_line(decision: dict[str, Any]) -> str:

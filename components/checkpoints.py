@@ -67,8 +67,11 @@ def _is_accumulator(variable) -> bool:
 
 
 def optimizer_arrays(optimizer) -> list:
-    return [np.asarray(v.numpy() if hasattr(v, "numpy") else v.value)
-            for v in optimizer.variables if not _is_accumulator(v)]
+    return [
+        np.asarray(v.numpy() if hasattr(v, "numpy") else v.value)
+        for v in optimizer.variables
+        if not _is_accumulator(v)
+    ]
 
 
 def restore_optimizer(optimizer, arrays: list, saved_accumulation: int = 1, accumulation: int = 1) -> None:
@@ -77,12 +80,16 @@ def restore_optimizer(optimizer, arrays: list, saved_accumulation: int = 1, accu
     accumulation changed they are rescaled: the schedule goes on from the same update."""
     targets = [v for v in optimizer.variables if not _is_accumulator(v)]
     if len(targets) != len(arrays):
-        raise CheckpointError(f"the checkpoint holds {len(arrays)} optimizer variables, the optimizer "
-                              f"has {len(targets)}: not the same model or optimizer")
+        raise CheckpointError(
+            f"the checkpoint holds {len(arrays)} optimizer variables, the optimizer "
+            f"has {len(targets)}: not the same model or optimizer"
+        )
     for variable, value in zip(targets, arrays, strict=True):
         if tuple(variable.shape) != tuple(value.shape):
-            raise CheckpointError(f"optimizer variable {variable.path} has shape {tuple(variable.shape)}, "
-                                  f"the checkpoint {tuple(value.shape)}")
+            raise CheckpointError(
+                f"optimizer variable {variable.path} has shape {tuple(variable.shape)}, "
+                f"the checkpoint {tuple(value.shape)}"
+            )
         if variable.path.endswith("/iteration") and saved_accumulation != accumulation:
             value = value // saved_accumulation * accumulation
         variable.assign(value)
@@ -139,8 +146,12 @@ def restore(folder: Path, model, saved_accumulation: int = 1, accumulation: int 
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(folder / WEIGHTS)
     with np.load(folder / OPTIMIZER) as arrays:
-        restore_optimizer(model.optimizer, [arrays[f"arr_{i}"] for i in range(len(arrays.files))],
-                          saved_accumulation, accumulation)
+        restore_optimizer(
+            model.optimizer,
+            [arrays[f"arr_{i}"] for i in range(len(arrays.files))],
+            saved_accumulation,
+            accumulation,
+        )
 
 
 def load_latest(directory: Path, build, accumulation: int | None = None) -> tuple[Any, TrainingState | None]:
@@ -161,8 +172,13 @@ def load_latest(directory: Path, build, accumulation: int | None = None) -> tupl
             problems.append(f"{folder.name}: {error}")
             log.warning("checkpoint %s is not usable, trying the previous one: %s", folder.name, error)
             continue
-        log.info("resuming from %s: epoch %d, step %d (%d steps done in all)", folder.name,
-                 state.epoch + 1, state.step, state.global_step)
+        log.info(
+            "resuming from %s: epoch %d, step %d (%d steps done in all)",
+            folder.name,
+            state.epoch + 1,
+            state.step,
+            state.global_step,
+        )
         return model, state
     if folders:
         raise CheckpointError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
@@ -202,8 +218,11 @@ class RemoteMirror:
         if best is not None and best.exists():
             self.folder.put_file(best.name, best)
         keep = {p.name for p in complete(checkpoint.parent)}
-        stale = [name for name in self.folder.names()
-                 if name.startswith("step-") and name.split("/")[0] not in keep]
+        stale = [
+            name
+            for name in self.folder.names()
+            if name.startswith("step-") and name.split("/")[0] not in keep
+        ]
         for name in sorted(stale, key=lambda n: not n.endswith(STATE)):  # unmark complete first
             self.folder.remove(name)
 

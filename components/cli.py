@@ -46,7 +46,8 @@ def local_path(value: str) -> Path:
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
         raise argparse.ArgumentTypeError(
             f"{value} is a URL, and this takes a path on this machine (in a pipeline, KFP moves "
-            "each step's folders to and from the artifact store)")
+            "each step's folders to and from the artifact store)"
+        )
     return Path(value)
 
 
@@ -79,5 +80,7 @@ def load_env_file(path: Path) -> int:
 
 def json_config(config: Any) -> dict[str, Any]:
     """A step's resolved dataclass config as JSON-ready values, to save beside its output."""
-    return {key: (str(value) if isinstance(value, Path) else value)
-            for key, value in dataclasses.asdict(config).items()}
+    return {
+        key: (str(value) if isinstance(value, Path) else value)
+        for key, value in dataclasses.asdict(config).items()
+    }

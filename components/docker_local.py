@@ -9,6 +9,7 @@ local MinIO stack) and are handed to every container.
 
     python -m components.docker_local check --image efficientnet-retrain:cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ from components.storage import LocalSource, ObjectStoreFolder, StorageError
 log = logging.getLogger(__name__)
 
 # The variables the steps read; nothing else from this machine's environment enters a container.
-PASSED_ENV = ("AWS_ENDPOINT_URL", "MINIO_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+PASSED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "MINIO_ENDPOINT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 IMAGE_UID = 1000  # USER in docker/Dockerfile
 
 
@@ -50,8 +59,10 @@ def client():
         engine = docker.from_env()
         engine.ping()
     except docker.errors.DockerException as error:
-        raise DockerError("no Docker engine answers (is dockerd or Docker Desktop running, and may this "
-                          f"user use it?): {error}") from None
+        raise DockerError(
+            "no Docker engine answers (is dockerd or Docker Desktop running, and may this "
+            f"user use it?): {error}"
+        ) from None
     return engine
 
 
@@ -67,8 +78,10 @@ def check_images(engine, images: tuple[str, ...]) -> None:
         try:
             engine.images.pull(image)
         except docker.errors.DockerException as error:
-            raise DockerError(f"image {image} is neither built here nor pullable ({error}); build it with "
-                              "`make images` or name another with --image / --gpu-image") from None
+            raise DockerError(
+                f"image {image} is neither built here nor pullable ({error}); build it with "
+                "`make images` or name another with --image / --gpu-image"
+            ) from None
 
 
 def gpu_available(engine) -> bool:
@@ -90,8 +103,7 @@ def container_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 def runner_args(engine, config: DockerRunConfig, pipeline_root: Path) -> dict:
     """docker-py `containers.run` arguments for every step (kfp.local has no per-task settings)."""
-    args: dict = {"environment": container_env(), "network_mode": config.network,
-                  "shm_size": config.shm_size}
+    args: dict = {"environment": container_env(), "network_mode": config.network, "shm_size": config.shm_size}
     uid = os.getuid()
     if uid == 0:
         # The image's own non-root user writes the outputs: give it the pipeline root.
@@ -106,9 +118,12 @@ def runner_args(engine, config: DockerRunConfig, pipeline_root: Path) -> dict:
     use_gpu = config.gpus == "all" or (config.gpus == "auto" and gpu_available(engine))
     if use_gpu:
         args["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
-    log.info("docker runner: network %s, %s, %s", config.network,
-             "GPU passed to the steps" if use_gpu else "no GPU",
-             f"as uid {args.get('user', IMAGE_UID)}")
+    log.info(
+        "docker runner: network %s, %s, %s",
+        config.network,
+        "GPU passed to the steps" if use_gpu else "no GPU",
+        f"as uid {args.get('user', IMAGE_UID)}",
+    )
     return args
 
 
@@ -140,8 +155,9 @@ def check_store(bucket: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.docker_local",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m components.docker_local", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("action", choices=("check",), help="check the engine, the images and the bucket")
     parser.add_argument("--image", action="append", default=[], help="an image the run needs (repeatable)")
     parser.add_argument("--bucket", default=os.environ.get("RETRAIN_BUCKET", "retrain"))
@@ -151,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         engine = client()
         check_images(engine, tuple(args.image))
         check_store(args.bucket)
-        print(f"engine {engine.version()['Version']}, images {', '.join(args.image) or '-'}, "
-              f"bucket {args.bucket}: ready")
+        print(
+            f"engine {engine.version()['Version']}, images {', '.join(args.image) or '-'}, "
+            f"bucket {args.bucket}: ready"
+        )
     return 0
 
 

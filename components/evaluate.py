@@ -62,12 +62,14 @@ class EvaluateConfig:
     examples_per_pair: int = 3
 
     def blessing(self) -> blessing.BlessingConfig:
-        return blessing.BlessingConfig(min_accuracy=self.min_accuracy, margin=self.margin,
-                                       max_class_drop=self.max_class_drop)
+        return blessing.BlessingConfig(
+            min_accuracy=self.min_accuracy, margin=self.margin, max_class_drop=self.max_class_drop
+        )
 
 
-def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                           top_k: int) -> dict[str, Any]:
+def classification_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], top_k: int
+) -> dict[str, Any]:
     """Plain-numpy metrics so they can be checked by hand on a 3-example case."""
     predicted = probabilities.argmax(axis=1)
     n = len(classes)
@@ -83,8 +85,12 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
         precision = true_positive / predicted_as if predicted_as else 0.0
         recall = true_positive / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": float(precision), "recall": float(recall),
-                           "f1": float(f1), "support": int(actual)}
+        per_class[name] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(actual),
+        }
     return {
         "examples": int(len(labels)),
         "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
@@ -112,9 +118,15 @@ def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> dic
         if count:
             gap = abs(float(correct[members].mean()) - float(confidence[members].mean()))
             error += gap * count / len(labels)
-            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
-                          "accuracy": float(correct[members].mean()),
-                          "confidence": float(confidence[members].mean())})
+            table.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "count": count,
+                    "accuracy": float(correct[members].mean()),
+                    "confidence": float(confidence[members].mean()),
+                }
+            )
     return {"expected_calibration_error": float(error), "bins": bins, "table": table}
 
 
@@ -130,21 +142,30 @@ def confused_pairs(confusion: np.ndarray, classes: list[str], limit: int) -> lis
         if count == 0:
             break
         support = int(confusion[true].sum())
-        pairs.append({"true": classes[true], "predicted": classes[predicted], "count": count,
-                      "support": support, "share": count / support})
+        pairs.append(
+            {
+                "true": classes[true],
+                "predicted": classes[predicted],
+                "count": count,
+                "support": support,
+                "share": count / support,
+            }
+        )
     return pairs
 
 
-def full_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                 config: EvaluateConfig) -> dict[str, Any]:
+def full_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], config: EvaluateConfig
+) -> dict[str, Any]:
     metrics = classification_metrics(labels, probabilities, classes, config.top_k)
     metrics["top_k"] = min(config.top_k, len(classes))
     metrics["split"] = config.split
     ece = calibration(labels, probabilities, config.calibration_bins)
     metrics["expected_calibration_error"] = ece.pop("expected_calibration_error")
     metrics["calibration"] = ece
-    metrics["confused_pairs"] = confused_pairs(np.asarray(metrics["confusion_matrix"]), classes,
-                                               config.confused_pairs)
+    metrics["confused_pairs"] = confused_pairs(
+        np.asarray(metrics["confusion_matrix"]), classes, config.confused_pairs
+    )
     return metrics
 
 
@@ -170,8 +191,9 @@ class ProductionModel:
         return probabilities[:, self.columns]
 
 
-def load_production(config: EvaluateConfig,
-                    classes: list[str]) -> tuple[ProductionModel | None, str, Path | None]:
+def load_production(
+    config: EvaluateConfig, classes: list[str]
+) -> tuple[ProductionModel | None, str, Path | None]:
     """(production model or None, a note saying what was compared, its temporary folder)."""
     if not config.registry:
         return None, "no registry given: judged by the thresholds alone", None
@@ -180,20 +202,29 @@ def load_production(config: EvaluateConfig,
     except registry.RegistryError as error:
         raise EvaluateError(f"cannot read the production model from the registry: {error}") from None
     if fetched is None:
-        return None, (f"{config.model_name} has no production version in {config.registry} yet (first run): "
-                      "judged by the thresholds alone"), None
+        return (
+            None,
+            (
+                f"{config.model_name} has no production version in {config.registry} yet (first run): "
+                "judged by the thresholds alone"
+            ),
+            None,
+        )
     folder, manifest = fetched
     production = ProductionModel(folder, manifest, classes)
     if not production.comparable:
-        note = (f"production version {production.version} was trained on classes {production.classes}, "
-                f"the test data has {classes}: it cannot be scored on these labels, so the candidate is "
-                "judged by the thresholds alone")
+        note = (
+            f"production version {production.version} was trained on classes {production.classes}, "
+            f"the test data has {classes}: it cannot be scored on these labels, so the candidate is "
+            "judged by the thresholds alone"
+        )
         return None, note, folder
     return production, f"production version {production.version}, scored on the same test images", folder
 
 
-def predict(model, production: ProductionModel | None, dataset: records.PreparedDataset, split: str,
-            batch_size: int):
+def predict(
+    model, production: ProductionModel | None, dataset: records.PreparedDataset, split: str, batch_size: int
+):
     """(labels, candidate probabilities, production probabilities or None, sources), file order.
 
     The candidate gets the decoded pixels it was trained on; production gets the encoded bytes,
@@ -217,13 +248,23 @@ def predict(model, production: ProductionModel | None, dataset: records.Prepared
             baseline.append(production.predict(encoded))
         labels.append(batch_labels.numpy())
         sources.extend(s.decode() for s in batch_sources.numpy())
-    return (np.concatenate(labels).astype(np.int64), np.concatenate(candidate),
-            np.concatenate(baseline) if production is not None else None, sources)
+    return (
+        np.concatenate(labels).astype(np.int64),
+        np.concatenate(candidate),
+        np.concatenate(baseline) if production is not None else None,
+        sources,
+    )
 
 
-def pair_examples(dataset: records.PreparedDataset, split: str, labels: np.ndarray,
-                  probabilities: np.ndarray, sources: list[str], pairs: list[dict[str, Any]],
-                  per_pair: int) -> dict[tuple[str, str], list]:
+def pair_examples(
+    dataset: records.PreparedDataset,
+    split: str,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    sources: list[str],
+    pairs: list[dict[str, Any]],
+    per_pair: int,
+) -> dict[tuple[str, str], list]:
     """Up to `per_pair` misclassified images of each confused pair, most confident mistakes first."""
     import tensorflow as tf
 
@@ -242,10 +283,14 @@ def pair_examples(dataset: records.PreparedDataset, split: str, labels: np.ndarr
     for index, serialized in enumerate(tf.data.TFRecordDataset(dataset.files(split))):
         if index in wanted:
             encoded = records.parse_example(serialized)["image/encoded"].numpy()
-            examples.setdefault(wanted[index], []).append({
-                "index": index, "source": sources[index],
-                "confidence": float(probabilities[index, predicted[index]]),
-                "thumbnail": report.thumbnail_jpeg(encoded)})
+            examples.setdefault(wanted[index], []).append(
+                {
+                    "index": index,
+                    "source": sources[index],
+                    "confidence": float(probabilities[index, predicted[index]]),
+                    "thumbnail": report.thumbnail_jpeg(encoded),
+                }
+            )
         if index >= max(wanted):
             break
     for items in examples.values():
@@ -260,75 +305,122 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     except (records.DatasetError, ModelError) as error:
         raise EvaluateError(str(error)) from None
     if summary["classes"] != dataset.classes:
-        raise EvaluateError(f"the model was trained on classes {summary['classes']}, "
-                            f"the data has {dataset.classes}")
+        raise EvaluateError(
+            f"the model was trained on classes {summary['classes']}, the data has {dataset.classes}"
+        )
     if dataset.count(config.split) == 0:
         raise EvaluateError(f"split {config.split!r} of {config.data} is empty: nothing to evaluate")
 
     production, note, scratch = load_production(config, dataset.classes)
     try:
-        labels, probabilities, baseline, sources = predict(model, production, dataset, config.split,
-                                                           config.batch_size)
+        labels, probabilities, baseline, sources = predict(
+            model, production, dataset, config.split, config.batch_size
+        )
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     candidate = full_metrics(labels, probabilities, dataset.classes, config)
     production_result: dict[str, Any] | None = None
     if production is not None:
-        production_result = {"version": production.version, "note": note,
-                              "image_size": production.image_size,
-                              "metrics": full_metrics(labels, baseline, dataset.classes, config)}
+        production_result = {
+            "version": production.version,
+            "note": note,
+            "image_size": production.image_size,
+            "metrics": full_metrics(labels, baseline, dataset.classes, config),
+        }
         if production.image_size != dataset.image_size:
-            production_result["note"] += (f" (it resizes the {dataset.image_size} px test images to its own "
-                                          f"{production.image_size} px)")
+            production_result["note"] += (
+                f" (it resizes the {dataset.image_size} px test images to its own {production.image_size} px)"
+            )
     elif config.registry:
         production_result = {"version": None, "note": note, "metrics": None}
-    decision = blessing.decide(candidate, production_result["metrics"] if production_result else None,
-                               config.blessing(), production_note=note)
-    evaluation = {"candidate": candidate, "production": production_result, "decision": decision,
-                  "thresholds": asdict(config.blessing()), "model_name": config.model_name,
-                  "registry": config.registry, "data_fingerprint": dataset.manifest.get("fingerprint")}
+    decision = blessing.decide(
+        candidate,
+        production_result["metrics"] if production_result else None,
+        config.blessing(),
+        production_note=note,
+    )
+    evaluation = {
+        "candidate": candidate,
+        "production": production_result,
+        "decision": decision,
+        "thresholds": asdict(config.blessing()),
+        "model_name": config.model_name,
+        "registry": config.registry,
+        "data_fingerprint": dataset.manifest.get("fingerprint"),
+    }
 
     config.output.mkdir(parents=True, exist_ok=True)
     png = report.confusion_png(candidate["confusion_matrix"], dataset.classes)
     (config.output / CONFUSION_PNG).write_bytes(png)
-    examples = pair_examples(dataset, config.split, labels, probabilities, sources,
-                             candidate["confused_pairs"], config.examples_per_pair)
+    examples = pair_examples(
+        dataset,
+        config.split,
+        labels,
+        probabilities,
+        sources,
+        candidate["confused_pairs"],
+        config.examples_per_pair,
+    )
     (config.output / REPORT).write_text(report.markdown(evaluation, png, examples))
     (config.output / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
 
     k = candidate["top_k"]
-    log.info("%s accuracy %.4f (top-%d %.4f, macro F1 %.4f, ECE %.4f) on %d images", config.split,
-             candidate["accuracy"], k, candidate[f"top_{k}_accuracy"], candidate["macro_f1"],
-             candidate["expected_calibration_error"], candidate["examples"])
+    log.info(
+        "%s accuracy %.4f (top-%d %.4f, macro F1 %.4f, ECE %.4f) on %d images",
+        config.split,
+        candidate["accuracy"],
+        k,
+        candidate[f"top_{k}_accuracy"],
+        candidate["macro_f1"],
+        candidate["expected_calibration_error"],
+        candidate["examples"],
+    )
     if production is not None:
-        log.info("production version %s on the same images: accuracy %.4f", production.version,
-                 production_result["metrics"]["accuracy"])
+        log.info(
+            "production version %s on the same images: accuracy %.4f",
+            production.version,
+            production_result["metrics"]["accuracy"],
+        )
     log.info("%s", blessing.summary_line(decision))
     return evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = EvaluateConfig(model=Path(), data=Path(), output=Path())
-    parser = argparse.ArgumentParser(prog="python -m components.evaluate",
-                                     description="Evaluate a trained model on held-out shards and decide "
-                                                 "whether it may replace production.")
+    parser = argparse.ArgumentParser(
+        prog="python -m components.evaluate",
+        description="Evaluate a trained model on held-out shards and decide "
+        "whether it may replace production.",
+    )
     parser.add_argument("--model", type=local_path, required=True, help="output folder of train")
     parser.add_argument("--data", type=local_path, required=True, help="output folder of preprocess")
-    parser.add_argument("--output", type=local_path, required=True,
-                        help="folder for evaluation.json and report.md")
+    parser.add_argument(
+        "--output", type=local_path, required=True, help="folder for evaluation.json and report.md"
+    )
     parser.add_argument("--split", choices=records.SPLITS, default=defaults.split)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--registry", default="",
-                        help="model registry holding the production model to compare with "
-                             "(s3://bucket[/prefix], minio://... or a folder)")
+    parser.add_argument(
+        "--registry",
+        default="",
+        help="model registry holding the production model to compare with "
+        "(s3://bucket[/prefix], minio://... or a folder)",
+    )
     parser.add_argument("--model-name", default=defaults.model_name, help="model name in the registry")
     parser.add_argument("--min-accuracy", type=float, default=defaults.min_accuracy)
-    parser.add_argument("--margin", type=float, default=defaults.margin,
-                        help="bless only if accuracy >= production accuracy - margin")
-    parser.add_argument("--max-class-drop", type=float, default=defaults.max_class_drop,
-                        help="largest allowed fall of one class's recall against production")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=defaults.margin,
+        help="bless only if accuracy >= production accuracy - margin",
+    )
+    parser.add_argument(
+        "--max-class-drop",
+        type=float,
+        default=defaults.max_class_drop,
+        help="largest allowed fall of one class's recall against production",
+    )
     return parser
 
 

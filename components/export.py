@@ -82,8 +82,9 @@ class ExportConfig:
     latency_runs: int = 20  # timed calls per batch size, after one warm-up call
 
 
-def write_saved_model(model, classes: list[str], image_size: int, path: Path,
-                      resize_policy: str = "stretch") -> None:
+def write_saved_model(
+    model, classes: list[str], image_size: int, path: Path, resize_policy: str = "stretch"
+) -> None:
     import keras
     import tensorflow as tf
 
@@ -91,19 +92,23 @@ def write_saved_model(model, classes: list[str], image_size: int, path: Path,
 
     def serve(image_bytes):
         images = tf.map_fn(
-            lambda encoded: tf.cast(imaging.decode_and_resize(encoded, image_size, resize_policy),
-                                    tf.float32),
+            lambda encoded: tf.cast(
+                imaging.decode_and_resize(encoded, image_size, resize_policy), tf.float32
+            ),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
         probabilities = tf.cast(model(images, training=False), tf.float32)
-        return {"probabilities": probabilities,
-                "labels": tf.gather(class_names, tf.argmax(probabilities, axis=1))}
+        return {
+            "probabilities": probabilities,
+            "labels": tf.gather(class_names, tf.argmax(probabilities, axis=1)),
+        }
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", serve,
-                         input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
+    archive.add_endpoint(
+        "serving_default", serve, input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)]
+    )
     archive.write_out(str(path), verbose=False)
 
 
@@ -144,13 +149,17 @@ def write_onnx(model, image_size: int, path: Path) -> None:
 
     spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="pixels")]
     function = tf.function(lambda pixels: model(pixels, training=False), input_signature=spec)
-    captured = {inner.name: outer for outer, inner in function.get_concrete_function().graph.captures
-                if outer.dtype != tf.resource}
+    captured = {
+        inner.name: outer
+        for outer, inner in function.get_concrete_function().graph.captures
+        if outer.dtype != tf.resource
+    }
     proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=17)
     for graph_input in list(proto.graph.input):
         if graph_input.name in captured:
             proto.graph.initializer.append(
-                numpy_helper.from_array(captured[graph_input.name].numpy(), graph_input.name))
+                numpy_helper.from_array(captured[graph_input.name].numpy(), graph_input.name)
+            )
             proto.graph.input.remove(graph_input)
     extra = [i.name for i in proto.graph.input][1:]
     if extra:
@@ -161,11 +170,14 @@ def write_onnx(model, image_size: int, path: Path) -> None:
 
 def _percentiles(seconds: list[float], batch: int) -> dict[str, float]:
     values = np.asarray(seconds) * 1000.0
-    return {"batch": batch, "runs": len(values),
-            "p50_ms": round(float(np.percentile(values, 50)), 3),
-            "p95_ms": round(float(np.percentile(values, 95)), 3),
-            "p50_ms_per_image": round(float(np.percentile(values, 50)) / batch, 3),
-            "p95_ms_per_image": round(float(np.percentile(values, 95)) / batch, 3)}
+    return {
+        "batch": batch,
+        "runs": len(values),
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p95_ms": round(float(np.percentile(values, 95)), 3),
+        "p50_ms_per_image": round(float(np.percentile(values, 50)) / batch, 3),
+        "p95_ms_per_image": round(float(np.percentile(values, 95)) / batch, 3),
+    }
 
 
 def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str, Any]:
@@ -179,7 +191,7 @@ def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str,
     data = np.load(examples, allow_pickle=False)
     ends = np.cumsum(data["lengths"])
     blob = data["blob"].tobytes()
-    encoded = [blob[end - length:end] for end, length in zip(ends, data["lengths"], strict=True)]
+    encoded = [blob[end - length : end] for end, length in zip(ends, data["lengths"], strict=True)]
     expected = data["probabilities"]
     expected_labels = [str(label) for label in data["labels"]]
 
@@ -211,8 +223,9 @@ def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str,
     result["latency"] = {"cpu_cores": os.cpu_count(), "input": "encoded test records", "batches": latency}
 
     # LiteRT and ONNX take pixels: the records' images decoded as the trainer read them.
-    pixels = np.stack([tf.io.decode_image(e, channels=3, expand_animations=False).numpy()
-                       for e in encoded]).astype(np.float32)
+    pixels = np.stack(
+        [tf.io.decode_image(e, channels=3, expand_animations=False).numpy() for e in encoded]
+    ).astype(np.float32)
     litert = folder / "litert" / "model.tflite"
     if litert.is_file():
         with warnings.catch_warnings():
@@ -224,74 +237,122 @@ def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str,
         interpreter.set_tensor(source["index"], pixels)
         interpreter.invoke()
         got = interpreter.get_tensor(target["index"])
-        result["litert"] = {"max_abs_difference": float(np.abs(got - expected).max()),
-                            "labels_match": bool((got.argmax(1) == expected.argmax(1)).all())}
+        result["litert"] = {
+            "max_abs_difference": float(np.abs(got - expected).max()),
+            "labels_match": bool((got.argmax(1) == expected.argmax(1)).all()),
+        }
     onnx_file = folder / "onnx" / "model.onnx"
     if onnx_file.is_file():
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: pixels})[0]
-        result["onnx"] = {"max_abs_difference": float(np.abs(got - expected).max()),
-                          "labels_match": bool((got.argmax(1) == expected.argmax(1)).all()),
-                          "onnxruntime": onnxruntime.__version__}
+        result["onnx"] = {
+            "max_abs_difference": float(np.abs(got - expected).max()),
+            "labels_match": bool((got.argmax(1) == expected.argmax(1)).all()),
+            "onnxruntime": onnxruntime.__version__,
+        }
     return result
 
 
-def model_card(info: dict[str, Any], train_summary: dict[str, Any], dataset: records.PreparedDataset,
-               evaluation: dict[str, Any] | None, run_id: str, model_name: str) -> str:
+def model_card(
+    info: dict[str, Any],
+    train_summary: dict[str, Any],
+    dataset: records.PreparedDataset,
+    evaluation: dict[str, Any] | None,
+    run_id: str,
+    model_name: str,
+) -> str:
     """The Markdown card stored with every version: what it is, what it was trained on, how good."""
     created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     manifest = dataset.manifest
-    lines = [f"# {model_name}", "",
-             "EfficientNet-B0 image classifier, exported as a TensorFlow SavedModel "
-             f"(`serving_default`: `{INPUT_NAME}` -> `probabilities`, `labels`).", "",
-             f"- created: {created}",
-             f"- pipeline run: {run_id or '(not run by a pipeline)'}",
-             f"- data: `{manifest.get('source', '?')}`, fingerprint `{manifest.get('fingerprint', '?')}`",
-             f"- images: {', '.join(f'{split} {dataset.count(split)}' for split in records.SPLITS)}",
-             f"- image size: {info['image_size']} px, resize policy `{info['resize']}`",
-             f"- classes ({len(info['classes'])}, output column order): "
-             + ", ".join(f"`{name}`" for name in info["classes"]),
-             f"- formats: saved_model{''.join(', ' + f for f in info['formats'])}", ""]
+    lines = [
+        f"# {model_name}",
+        "",
+        "EfficientNet-B0 image classifier, exported as a TensorFlow SavedModel "
+        f"(`serving_default`: `{INPUT_NAME}` -> `probabilities`, `labels`).",
+        "",
+        f"- created: {created}",
+        f"- pipeline run: {run_id or '(not run by a pipeline)'}",
+        f"- data: `{manifest.get('source', '?')}`, fingerprint `{manifest.get('fingerprint', '?')}`",
+        f"- images: {', '.join(f'{split} {dataset.count(split)}' for split in records.SPLITS)}",
+        f"- image size: {info['image_size']} px, resize policy `{info['resize']}`",
+        f"- classes ({len(info['classes'])}, output column order): "
+        + ", ".join(f"`{name}`" for name in info["classes"]),
+        f"- formats: saved_model{''.join(', ' + f for f in info['formats'])}",
+        "",
+    ]
     if evaluation:
         candidate, decision = evaluation["candidate"], evaluation["decision"]
         k = candidate["top_k"]
-        lines += ["## Test metrics", "",
-                  f"- accuracy {candidate['accuracy']:.4f}, top-{k} {candidate[f'top_{k}_accuracy']:.4f}, "
-                  f"macro F1 {candidate['macro_f1']:.4f}, expected calibration error "
-                  f"{candidate['expected_calibration_error']:.4f} on {candidate['examples']} images",
-                  f"- blessing: {'blessed' if decision['blessed'] else 'NOT blessed'}: "
-                  + "; ".join(decision["reasons"]), "",
-                  "Full report: `evaluation/report.md`.", ""]
+        lines += [
+            "## Test metrics",
+            "",
+            f"- accuracy {candidate['accuracy']:.4f}, top-{k} {candidate[f'top_{k}_accuracy']:.4f}, "
+            f"macro F1 {candidate['macro_f1']:.4f}, expected calibration error "
+            f"{candidate['expected_calibration_error']:.4f} on {candidate['examples']} images",
+            f"- blessing: {'blessed' if decision['blessed'] else 'NOT blessed'}: "
+            + "; ".join(decision["reasons"]),
+            "",
+            "Full report: `evaluation/report.md`.",
+            "",
+        ]
     verification = info["verification"]
-    lines += ["## Verification", "",
-              f"- reloaded in a fresh process: max |difference| {verification['max_abs_difference']:.2e} "
-              f"on {verification['examples']} test images (tolerance {verification['tolerance']})"]
+    lines += [
+        "## Verification",
+        "",
+        f"- reloaded in a fresh process: max |difference| {verification['max_abs_difference']:.2e} "
+        f"on {verification['examples']} test images (tolerance {verification['tolerance']})",
+    ]
     for row in verification["latency"]["batches"]:
-        lines.append(f"- CPU latency, batch {row['batch']}: p50 {row['p50_ms']:.1f} ms, "
-                     f"p95 {row['p95_ms']:.1f} ms "
-                     f"({verification['latency']['cpu_cores']} cores)")
+        lines.append(
+            f"- CPU latency, batch {row['batch']}: p50 {row['p50_ms']:.1f} ms, "
+            f"p95 {row['p95_ms']:.1f} ms "
+            f"({verification['latency']['cpu_cores']} cores)"
+        )
     config = train_summary.get("config", {})
-    lines += ["", "## Training", "", "```json",
-              json.dumps({key: train_summary.get(key) for key in (
-                  "precision", "step_batch", "accumulation", "effective_batch", "epochs_trained",
-                  "best_epoch",
-                  "best_val_accuracy", "learning_rate", "gpu", "keras_version", "backend")}
-                  | {"weights": config.get("weights"), "epochs": config.get("epochs"),
-                     "seed": config.get("seed")}, indent=2),
-              "```", ""]
+    lines += [
+        "",
+        "## Training",
+        "",
+        "```json",
+        json.dumps(
+            {
+                key: train_summary.get(key)
+                for key in (
+                    "precision",
+                    "step_batch",
+                    "accumulation",
+                    "effective_batch",
+                    "epochs_trained",
+                    "best_epoch",
+                    "best_val_accuracy",
+                    "learning_rate",
+                    "gpu",
+                    "keras_version",
+                    "backend",
+                )
+            }
+            | {"weights": config.get("weights"), "epochs": config.get("epochs"), "seed": config.get("seed")},
+            indent=2,
+        ),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _check_blessed(evaluation: dict[str, Any] | None) -> None:
     if evaluation is None:
-        raise ExportError("pushing to the registry needs --evaluation (the output of evaluate): only a "
-                          "blessed model may become a version")
+        raise ExportError(
+            "pushing to the registry needs --evaluation (the output of evaluate): only a "
+            "blessed model may become a version"
+        )
     decision = evaluation["decision"]
     if not decision["blessed"]:
-        raise ExportError("evaluate did not bless this model, so it is not pushed: "
-                          + "; ".join(decision["reasons"]))
+        raise ExportError(
+            "evaluate did not bless this model, so it is not pushed: " + "; ".join(decision["reasons"])
+        )
 
 
 def export(config: ExportConfig) -> dict[str, Any]:
@@ -336,54 +397,94 @@ def export(config: ExportConfig) -> dict[str, Any]:
         examples = Path(scratch) / "examples.npz"
         # Images as one byte blob plus lengths: numpy's fixed-width bytes type would strip
         # trailing zero bytes, and pickled arrays are refused on load.
-        np.savez(examples, blob=np.frombuffer(b"".join(encoded), dtype=np.uint8),
-                 lengths=np.array([len(e) for e in encoded], dtype=np.int64),
-                 probabilities=expected, labels=np.array([classes[i] for i in expected.argmax(axis=1)]))
+        np.savez(
+            examples,
+            blob=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+            lengths=np.array([len(e) for e in encoded], dtype=np.int64),
+            probabilities=expected,
+            labels=np.array([classes[i] for i in expected.argmax(axis=1)]),
+        )
         result = subprocess.run(
-            [sys.executable, "-m", "components.export", "verify", "--folder", str(config.output),
-             "--examples", str(examples), "--latency-runs", str(config.latency_runs)],
-            capture_output=True, text=True, check=False)
+            [
+                sys.executable,
+                "-m",
+                "components.export",
+                "verify",
+                "--folder",
+                str(config.output),
+                "--examples",
+                str(examples),
+                "--latency-runs",
+                str(config.latency_runs),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if result.returncode != 0:
         raise ExportError(f"reloading the exported model in a fresh process failed:\n{result.stderr[-3000:]}")
     verification = json.loads(result.stdout.strip().splitlines()[-1])
     verification["tolerance"] = config.tolerance
     failures = []
     if not verification["labels_match"] or verification["max_abs_difference"] > config.tolerance:
-        failures.append(f"saved_model: max |difference| {verification['max_abs_difference']:.2e}, "
-                        f"labels match: {verification['labels_match']}")
+        failures.append(
+            f"saved_model: max |difference| {verification['max_abs_difference']:.2e}, "
+            f"labels match: {verification['labels_match']}"
+        )
     for fmt in config.formats:
         check = verification[fmt]
         if not check["labels_match"] or check["max_abs_difference"] > config.tolerance:
-            failures.append(f"{fmt}: max |difference| {check['max_abs_difference']:.2e}, "
-                            f"labels match: {check['labels_match']}")
+            failures.append(
+                f"{fmt}: max |difference| {check['max_abs_difference']:.2e}, "
+                f"labels match: {check['labels_match']}"
+            )
     verification["passed"] = not failures
-    info = {"classes": classes, "image_size": image_size, "resize": resize_policy, "input": INPUT_NAME,
-            "outputs": ["probabilities", "labels"], "formats": list(config.formats),
-            "verification": verification}
+    info = {
+        "classes": classes,
+        "image_size": image_size,
+        "resize": resize_policy,
+        "input": INPUT_NAME,
+        "outputs": ["probabilities", "labels"],
+        "formats": list(config.formats),
+        "verification": verification,
+    }
     (config.output / SAVED_MODEL / INFO).write_text(json.dumps(info, indent=2) + "\n")
     if failures:
         raise ExportError("the reloaded export disagrees with the Keras model: " + "; ".join(failures))
     batch1 = verification["latency"]["batches"][0]
-    log.info("verified in a fresh process: %d examples, max |difference| %.2e, labels match%s; "
-             "CPU latency at batch 1: p50 %.1f ms, p95 %.1f ms", verification["examples"],
-             verification["max_abs_difference"],
-             "".join(f"; {f} max |difference| {verification[f]['max_abs_difference']:.2e}"
-                     for f in config.formats),
-             batch1["p50_ms"], batch1["p95_ms"])
+    log.info(
+        "verified in a fresh process: %d examples, max |difference| %.2e, labels match%s; "
+        "CPU latency at batch 1: p50 %.1f ms, p95 %.1f ms",
+        verification["examples"],
+        verification["max_abs_difference"],
+        "".join(
+            f"; {f} max |difference| {verification[f]['max_abs_difference']:.2e}" for f in config.formats
+        ),
+        batch1["p50_ms"],
+        batch1["p95_ms"],
+    )
 
     if config.evaluation is not None:
         shutil.copytree(config.evaluation, config.output / "evaluation")
     (config.output / "model_card.md").write_text(
-        model_card(info, summary, dataset, evaluation, config.run_id, config.model_name))
+        model_card(info, summary, dataset, evaluation, config.run_id, config.model_name)
+    )
 
     if config.registry:
         registry = model_registry.Registry(config.registry, config.model_name)
         candidate = evaluation["candidate"]
-        metadata = {"run_id": config.run_id, "classes": classes, "image_size": image_size,
-                    "data_fingerprint": dataset.manifest.get("fingerprint"), "formats": list(config.formats),
-                    "metrics": {key: candidate[key] for key in ("accuracy", "macro_f1",
-                                                                "expected_calibration_error", "examples")},
-                    "blessing": evaluation["decision"]}
+        metadata = {
+            "run_id": config.run_id,
+            "classes": classes,
+            "image_size": image_size,
+            "data_fingerprint": dataset.manifest.get("fingerprint"),
+            "formats": list(config.formats),
+            "metrics": {
+                key: candidate[key]
+                for key in ("accuracy", "macro_f1", "expected_calibration_error", "examples")
+            },
+            "blessing": evaluation["decision"],
+        }
         try:
             version = registry.push(config.output, metadata)
             reason = "blessed: " + "; ".join(evaluation["decision"]["reasons"])
@@ -396,19 +497,30 @@ def export(config: ExportConfig) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = ExportConfig(model=Path(), data=Path(), output=Path())
-    parser = argparse.ArgumentParser(prog="python -m components.export",
-                                     description="Export a trained model, verify it after reload, and push "
-                                                 "it to the model registry.")
+    parser = argparse.ArgumentParser(
+        prog="python -m components.export",
+        description="Export a trained model, verify it after reload, and push it to the model registry.",
+    )
     parser.add_argument("--model", type=local_path, help="output folder of train")
     parser.add_argument("--data", type=local_path, help="output folder of preprocess (for verification)")
     parser.add_argument("--output", type=local_path, help="folder for the exported model (replaced)")
-    parser.add_argument("--evaluation", type=local_path, default=None,
-                        help="output folder of evaluate: its report goes with the model; needed to push")
-    parser.add_argument("--formats", default="",
-                        help=f"comma-separated extra formats: {', '.join(FORMATS)} (SavedModel always)")
-    parser.add_argument("--registry", default="",
-                        help="push to this registry (s3://bucket[/prefix], minio://... or a folder) and, "
-                             "if blessed, make it production")
+    parser.add_argument(
+        "--evaluation",
+        type=local_path,
+        default=None,
+        help="output folder of evaluate: its report goes with the model; needed to push",
+    )
+    parser.add_argument(
+        "--formats",
+        default="",
+        help=f"comma-separated extra formats: {', '.join(FORMATS)} (SavedModel always)",
+    )
+    parser.add_argument(
+        "--registry",
+        default="",
+        help="push to this registry (s3://bucket[/prefix], minio://... or a folder) and, "
+        "if blessed, make it production",
+    )
     parser.add_argument("--model-name", default=defaults.model_name)
     parser.add_argument("--run-id", default="")
     parser.add_argument("--verify-examples", type=int, default=defaults.verify_examples)
@@ -437,11 +549,21 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
     with exit_on_user_error(ExportError):
-        info = export(ExportConfig(model=args.model, data=args.data, output=args.output,
-                                   evaluation=args.evaluation, formats=parse_formats(args.formats),
-                                   registry=args.registry, model_name=args.model_name, run_id=args.run_id,
-                                   verify_examples=args.verify_examples, tolerance=args.tolerance,
-                                   latency_runs=args.latency_runs))
+        info = export(
+            ExportConfig(
+                model=args.model,
+                data=args.data,
+                output=args.output,
+                evaluation=args.evaluation,
+                formats=parse_formats(args.formats),
+                registry=args.registry,
+                model_name=args.model_name,
+                run_id=args.run_id,
+                verify_examples=args.verify_examples,
+                tolerance=args.tolerance,
+                latency_runs=args.latency_runs,
+            )
+        )
     if "registry" in info:
         print(f"{args.model_name} version {info['registry']['version']} is in production")
     return 0

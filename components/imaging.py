@@ -44,9 +44,13 @@ def decode(encoded, target_size: int | None = None):
             short_side = tf.reduce_min(tf.io.extract_jpeg_shape(encoded)[:2])
             fits = tf.stack([short_side // ratio >= target_size for ratio in JPEG_RATIOS])
             choice = tf.reduce_max(tf.where(fits, tf.range(len(JPEG_RATIOS)), 0))
-            image = tf.switch_case(choice, [
-                lambda ratio=ratio: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
-                for ratio in JPEG_RATIOS])
+            image = tf.switch_case(
+                choice,
+                [
+                    lambda ratio=ratio: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
+                    for ratio in JPEG_RATIOS
+                ],
+            )
         return _apply_orientation(image, exif_orientation(encoded))
 
     def _other():
@@ -79,9 +83,12 @@ def _is_animated_webp(encoded):
 
     def flagged():
         flags = tf.io.decode_raw(tf.strings.substr(head, 20, 1), tf.uint8)[0]
-        return tf.logical_and(tf.logical_and(tf.strings.substr(head, 0, 4) == b"RIFF",
-                                             tf.strings.substr(head, 8, 8) == b"WEBPVP8X"),
-                              tf.bitwise.bitwise_and(flags, 2) > 0)
+        return tf.logical_and(
+            tf.logical_and(
+                tf.strings.substr(head, 0, 4) == b"RIFF", tf.strings.substr(head, 8, 8) == b"WEBPVP8X"
+            ),
+            tf.bitwise.bitwise_and(flags, 2) > 0,
+        )
 
     return tf.cond(tf.strings.length(head) == 21, flagged, lambda: tf.constant(False))
 
@@ -91,8 +98,7 @@ def _to_rgb(image):
     import tensorflow as tf
 
     channels = tf.shape(image)[-1]
-    gray_or_rgb = tf.cond(channels <= 2, lambda: tf.tile(image[..., :1], [1, 1, 3]),
-                          lambda: image[..., :3])
+    gray_or_rgb = tf.cond(channels <= 2, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
     has_alpha = tf.logical_or(tf.equal(channels, 2), tf.equal(channels, 4))
 
     def _composite():
@@ -140,8 +146,9 @@ def exif_orientation(encoded):
             starts = ifd + 2 + 12 * tf.range(entries)
             tags = u16(starts)
             hits = tf.where(tags == 0x0112)[:, 0]
-            value = tf.cond(tf.size(hits) > 0, lambda: u16(tf.gather(starts, hits[0]) + 8),
-                            lambda: tf.constant(1))
+            value = tf.cond(
+                tf.size(hits) > 0, lambda: u16(tf.gather(starts, hits[0]) + 8), lambda: tf.constant(1)
+            )
             return tf.where(tf.logical_and(value >= 1, value <= 8), value, 1)
 
         return tf.cond(tf.size(found) > 0, parse, lambda: tf.constant(1))
@@ -157,14 +164,14 @@ def _apply_orientation(image, orientation):
         return tf.transpose(x, [1, 0, 2])
 
     branches = [
-        lambda: image,                                          # 1: upright
-        lambda: tf.reverse(image, [1]),                         # 2: mirrored
-        lambda: tf.reverse(image, [0, 1]),                      # 3: upside down
-        lambda: tf.reverse(image, [0]),                         # 4: mirrored upside down
-        lambda: transpose(image),                               # 5: mirrored, 90 degrees
-        lambda: tf.reverse(transpose(image), [1]),              # 6: rotated 90 degrees clockwise
-        lambda: tf.reverse(transpose(image), [0, 1]),           # 7: mirrored, 270 degrees
-        lambda: tf.reverse(transpose(image), [0]),              # 8: rotated 90 counter-clockwise
+        lambda: image,  # 1: upright
+        lambda: tf.reverse(image, [1]),  # 2: mirrored
+        lambda: tf.reverse(image, [0, 1]),  # 3: upside down
+        lambda: tf.reverse(image, [0]),  # 4: mirrored upside down
+        lambda: transpose(image),  # 5: mirrored, 90 degrees
+        lambda: tf.reverse(transpose(image), [1]),  # 6: rotated 90 degrees clockwise
+        lambda: tf.reverse(transpose(image), [0, 1]),  # 7: mirrored, 270 degrees
+        lambda: tf.reverse(transpose(image), [0]),  # 8: rotated 90 counter-clockwise
     ]
     return tf.switch_case(orientation - 1, branches)
 
@@ -198,17 +205,22 @@ def resize(image, size: int, policy: str = "stretch"):
     # antialiased bilinear takes 2.1 ms (one core, bench/preprocess.py). Enlarging (or one
     # axis each way): antialiased bilinear, where area averaging would give blocky pixels.
     shrinking = tf.reduce_all(target <= tf.shape(image)[:2])
-    resized = tf.cond(shrinking, lambda: tf.image.resize(image, target, method="area"),
-                      lambda: tf.image.resize(image, target, method="bilinear", antialias=True))
+    resized = tf.cond(
+        shrinking,
+        lambda: tf.image.resize(image, target, method="area"),
+        lambda: tf.image.resize(image, target, method="bilinear", antialias=True),
+    )
     resized = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
     if policy == "pad":
         offset = (size - target) // 2
-        resized = tf.pad(resized, [[offset[0], size - target[0] - offset[0]],
-                                   [offset[1], size - target[1] - offset[1]], [0, 0]],
-                         constant_values=PAD_VALUE)
+        resized = tf.pad(
+            resized,
+            [[offset[0], size - target[0] - offset[0]], [offset[1], size - target[1] - offset[1]], [0, 0]],
+            constant_values=PAD_VALUE,
+        )
     elif policy == "crop":
         offset = (target - size) // 2
-        resized = resized[offset[0]:offset[0] + size, offset[1]:offset[1] + size]
+        resized = resized[offset[0] : offset[0] + size, offset[1] : offset[1] + size]
     return tf.ensure_shape(resized, [size, size, 3])
 
 

@@ -72,9 +72,10 @@ def set_phase(model, phase: int, unfreeze_blocks: int) -> None:
     if phase == 1:
         backbone.trainable = False
         return
-    blocks = list(dict.fromkeys(layer.name.split("_")[0] for layer in backbone.layers
-                                if layer.name.startswith("block")))
-    top = set(blocks[len(blocks) - unfreeze_blocks:]) if unfreeze_blocks else set()
+    blocks = list(
+        dict.fromkeys(layer.name.split("_")[0] for layer in backbone.layers if layer.name.startswith("block"))
+    )
+    top = set(blocks[len(blocks) - unfreeze_blocks :]) if unfreeze_blocks else set()
     backbone.trainable = True
     for layer in backbone.layers:
         in_top = layer.name.split("_")[0] in top or layer.name.startswith("top_")
@@ -84,8 +85,9 @@ def set_phase(model, phase: int, unfreeze_blocks: int) -> None:
 REMAT_MODES = ("none", "activations", "larger_than", "full")
 
 
-def build_model(num_classes: int, image_size: int, weights: str = "none", dropout: float = 0.2,
-                remat: str = "none"):
+def build_model(
+    num_classes: int, image_size: int, weights: str = "none", dropout: float = 0.2, remat: str = "none"
+):
     """EfficientNet-B0 backbone + a new softmax head. Input: float RGB in 0..255.
 
     `remat` (Keras `RematScope` mode, applied to the backbone's layers) trades recomputation in
@@ -116,13 +118,20 @@ def build_model(num_classes: int, image_size: int, weights: str = "none", dropou
     features = backbone(inputs)
     features = keras.layers.Dropout(dropout, name="head_dropout")(features)
     # Softmax in float32: under mixed_float16 the logits can overflow and NaN the loss.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
-                                 name="probabilities")(features)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(
+        features
+    )
     return keras.Model(inputs, outputs, name="efficientnet_b0_classifier")
 
 
-def compile_for_training(model, recipe: Recipe, steps_per_epoch: int, accumulation: int = 1,
-                         steps_per_execution: int = 1, fixed_shapes: bool = False) -> None:
+def compile_for_training(
+    model,
+    recipe: Recipe,
+    steps_per_epoch: int,
+    accumulation: int = 1,
+    steps_per_execution: int = 1,
+    fixed_shapes: bool = False,
+) -> None:
     """The optimizer, schedule and loss of every training run (and of bench/gpu_memory.py):
     AdamW, linear warm-up then cosine decay to 0 at the last step, label-smoothed
     cross-entropy. Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
@@ -135,8 +144,9 @@ def compile_for_training(model, recipe: Recipe, steps_per_epoch: int, accumulati
     import keras
 
     total_updates = max(math.ceil(steps_per_epoch / accumulation) * recipe.epochs, 1)
-    warmup_updates = max(min(int(recipe.warmup_epochs * steps_per_epoch / accumulation),
-                             total_updates - 1), 0)
+    warmup_updates = max(
+        min(int(recipe.warmup_epochs * steps_per_epoch / accumulation), total_updates - 1), 0
+    )
     learning_rate = recipe.learning_rate
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup_updates else learning_rate,
@@ -144,8 +154,11 @@ def compile_for_training(model, recipe: Recipe, steps_per_epoch: int, accumulati
         warmup_target=learning_rate if warmup_updates else None,
         warmup_steps=warmup_updates * accumulation,
     )
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay,
-                                       gradient_accumulation_steps=accumulation if accumulation > 1 else None)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=recipe.weight_decay,
+        gradient_accumulation_steps=accumulation if accumulation > 1 else None,
+    )
     model.compile(
         jit_compile={"auto": "auto", "on": True, "off": False}[recipe.xla],
         optimizer=optimizer,

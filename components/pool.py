@@ -24,15 +24,22 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def _pool(workers: int, initializer: Callable[..., None],
-          initargs: tuple) -> concurrent.futures.ProcessPoolExecutor:
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=initializer, initargs=initargs)
+def _pool(
+    workers: int, initializer: Callable[..., None], initargs: tuple
+) -> concurrent.futures.ProcessPoolExecutor:
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs
+    )
 
 
-def map_chunks(work: Callable[[list[Item]], list[Result]], chunks: list[list[Item]], workers: int,
-               initializer: Callable[..., None], initargs: tuple,
-               crashed: Callable[[Item], Result]) -> Iterator[Result]:
+def map_chunks(
+    work: Callable[[list[Item]], list[Result]],
+    chunks: list[list[Item]],
+    workers: int,
+    initializer: Callable[..., None],
+    initargs: tuple,
+    crashed: Callable[[Item], Result],
+) -> Iterator[Result]:
     """`work(chunk)` of every chunk, flattened in input order, from `workers` processes with at
     most two chunks each queued. `work` and `initializer` are module-level functions (the
     spawned processes import them)."""
@@ -52,8 +59,9 @@ def map_chunks(work: Callable[[list[Item]], list[Result]], chunks: list[list[Ite
                 executor.shutdown(wait=True, cancel_futures=True)
                 lost = [item for lost_chunk in [chunk, *(c for c, _ in in_flight)] for item in lost_chunk]
                 in_flight.clear()
-                log.warning("a worker process died; redoing its %d items one at a time to find which",
-                            len(lost))
+                log.warning(
+                    "a worker process died; redoing its %d items one at a time to find which", len(lost)
+                )
                 yield from _one_item_per_task(work, lost, initializer, initargs, crashed)
                 executor = _pool(workers, initializer, initargs)
                 continue
@@ -64,9 +72,13 @@ def map_chunks(work: Callable[[list[Item]], list[Result]], chunks: list[list[Ite
         executor.shutdown(wait=not finished, cancel_futures=True)
 
 
-def _one_item_per_task(work: Callable[[list[Item]], list[Result]], items: list[Item],
-                       initializer: Callable[..., None], initargs: tuple,
-                       crashed: Callable[[Item], Result]) -> Iterator[Result]:
+def _one_item_per_task(
+    work: Callable[[list[Item]], list[Result]],
+    items: list[Item],
+    initializer: Callable[..., None],
+    initargs: tuple,
+    crashed: Callable[[Item], Result],
+) -> Iterator[Result]:
     executor = _pool(1, initializer, initargs)
     try:
         for item in items:

@@ -83,14 +83,16 @@ class PreprocessConfig:
         if self.image_size < MIN_IMAGE_SIZE:
             raise PreprocessError(
                 f"--image-size must be at least {MIN_IMAGE_SIZE} px (EfficientNet-B0 downsamples "
-                f"by 32), got {self.image_size}")
+                f"by 32), got {self.image_size}"
+            )
         for name in ("validation_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 0.5:
                 raise PreprocessError(f"--{name.replace('_', '-')} must be in [0, 0.5), got {value}")
         if self.resize not in imaging.RESIZE_POLICIES:
-            raise PreprocessError(f"--resize must be one of {', '.join(imaging.RESIZE_POLICIES)}, "
-                                  f"got {self.resize!r}")
+            raise PreprocessError(
+                f"--resize must be one of {', '.join(imaging.RESIZE_POLICIES)}, got {self.resize!r}"
+            )
         if self.min_images_per_class < 1:
             raise PreprocessError("--min-images-per-class must be at least 1")
         if self.encoding not in ("jpeg", "png"):
@@ -160,31 +162,41 @@ def list_source(source: storage.Source) -> SourceListing:
         raise PreprocessError(str(error)) from None
     stray = [o.key for o in objects if "/" not in o.key]
     if stray:
-        log.warning("ignoring %d file(s) directly under %s (only class sub-folders are read): %s",
-                    len(stray), source.uri, ", ".join(stray[:5]))
+        log.warning(
+            "ignoring %d file(s) directly under %s (only class sub-folders are read): %s",
+            len(stray),
+            source.uri,
+            ", ".join(stray[:5]),
+        )
     objects = [o for o in objects if "/" in o.key]
     classes = sorted({class_of(o.key) for o in objects})
     unnamed = [shown for name in classes if (shown := printable(name)) != name]
     if unnamed:
-        raise PreprocessError(f"class folder name(s) not valid UTF-8 in {source.uri}: {', '.join(unnamed)}; "
-                              "rename them (class names are stored as UTF-8 text)")
+        raise PreprocessError(
+            f"class folder name(s) not valid UTF-8 in {source.uri}: {', '.join(unnamed)}; "
+            "rename them (class names are stored as UTF-8 text)"
+        )
     folded = Counter(_folded(name) for name in classes)
     alike = [name for name in classes if folded[_folded(name)] > 1]
     if alike:
         # ascii(): 'cafe\u0301' and 'caf\xe9' print alike otherwise, as do trailing spaces.
-        log.warning("class folders whose names differ only in case, spacing or Unicode form are "
-                    "separate classes: %s", ", ".join(ascii(name) for name in alike))
+        log.warning(
+            "class folders whose names differ only in case, spacing or Unicode form are separate classes: %s",
+            ", ".join(ascii(name) for name in alike),
+        )
     folders = source.class_folders()
     empty = sorted(set(folders) - set(classes))
     if not classes and not empty:
         raise PreprocessError(
-            f"source {source.uri} has no class sub-folders; expected {source.uri}/<class>/<image>")
+            f"source {source.uri} has no class sub-folders; expected {source.uri}/<class>/<image>"
+        )
     if empty:
         raise PreprocessError(f"class folder(s) with no files in {source.uri}: {', '.join(empty)}")
     if len(classes) < 2:
         raise PreprocessError(
             f"source {source.uri} has only one class ({classes[0]}); "
-            "a classifier needs at least two class sub-folders")
+            "a classifier needs at least two class sub-folders"
+        )
     digest = hashlib.sha256()
     for item in objects:
         # surrogateescape: a local file name that is not UTF-8 is hashed as the bytes it is.
@@ -222,9 +234,13 @@ def assign_splits(images: list[Processed], config: PreprocessConfig) -> dict[str
     for label in sorted(by_class):
         units = sorted(by_class[label].items(), key=lambda unit: (unit[1][0].position, unit[0]))
         total = sum(len(members) for _, members in units)
-        quota = {split: max(1, math.floor(total * fraction + 0.5)) if fraction > 0 else 0
-                 for split, fraction in (("test", config.test_fraction),
-                                         ("validation", config.validation_fraction))}
+        quota = {
+            split: max(1, math.floor(total * fraction + 0.5)) if fraction > 0 else 0
+            for split, fraction in (
+                ("test", config.test_fraction),
+                ("validation", config.validation_fraction),
+            )
+        }
         filled = Counter()
         for digest, members in units:
             if digest in placed:
@@ -241,7 +257,7 @@ def assign_splits(images: list[Processed], config: PreprocessConfig) -> dict[str
             placed[free[high][0]] = "validation"
             filled["validation"] += free[high][1]
             high -= 1
-        for digest, _ in free[low:high + 1]:
+        for digest, _ in free[low : high + 1]:
             placed[digest] = "train"
     return {image.key: placed[image.digest] for image in images}
 
@@ -260,14 +276,21 @@ class _Progress:
         if now - self.last >= self.interval or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            log.info("%s: %d/%d (%.0f%%) %.0f img/s", self.what, self.done, self.total,
-                     100.0 * self.done / max(self.total, 1), rate)
+            log.info(
+                "%s: %d/%d (%.0f%%) %.0f img/s",
+                self.what,
+                self.done,
+                self.total,
+                100.0 * self.done / max(self.total, 1),
+                rate,
+            )
 
 
 def _staging_folder(output: Path) -> Path:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise PreprocessError(f"output {output} already exists and is not an empty folder; "
-                              "choose a new --output or remove it")
+        raise PreprocessError(
+            f"output {output} already exists and is not an empty folder; choose a new --output or remove it"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial"
     if staging.exists():
@@ -313,8 +336,7 @@ def _work(keys: list[str]) -> list[WorkResult]:
             readable[key] = _WORKER["source"].read(key)
         except storage.StorageError as error:
             unreadable[key] = f"unreadable: {error}"
-    checked = dict(zip(readable, verdict.check_and_resize_many(list(readable.values()), config),
-                       strict=True))
+    checked = dict(zip(readable, verdict.check_and_resize_many(list(readable.values()), config), strict=True))
     results: list[WorkResult] = []
     for key in keys:
         outcome = checked.get(key)
@@ -325,9 +347,15 @@ def _work(keys: list[str]) -> list[WorkResult]:
         else:
             encoded, digest, size = outcome
             class_name = class_of(key)
-            record = records.make_example(encoded, _WORKER["labels"][class_name], class_name,
-                                          config.image_size, config.image_size, printable(key),
-                                          config.encoding)
+            record = records.make_example(
+                encoded,
+                _WORKER["labels"][class_name],
+                class_name,
+                config.image_size,
+                config.image_size,
+                printable(key),
+                config.encoding,
+            )
             results.append((key, record, digest, size))
     return results
 
@@ -344,19 +372,21 @@ def _resolved_workers(config: PreprocessConfig, files: int) -> int:
 CHUNK = 16
 
 
-def _process_all(source_uri: str, keys: list[str], config: PreprocessConfig,
-                 classes: list[str]) -> Iterator[WorkResult]:
+def _process_all(
+    source_uri: str, keys: list[str], config: PreprocessConfig, classes: list[str]
+) -> Iterator[WorkResult]:
     """Every file's result, in the order of `keys` whatever the number of workers."""
     workers = _resolved_workers(config, len(keys))
-    chunks = [keys[start:start + CHUNK] for start in range(0, len(keys), CHUNK)]
+    chunks = [keys[start : start + CHUNK] for start in range(0, len(keys), CHUNK)]
     if workers == 1:
         _init_worker(source_uri, config, classes)
         for chunk in chunks:
             yield from _work(chunk)
         return
     log.info("decoding with %d worker processes", workers)
-    yield from pool.map_chunks(_work, chunks, workers, _init_worker, (source_uri, config, classes),
-                                       crashed=_crashed)
+    yield from pool.map_chunks(
+        _work, chunks, workers, _init_worker, (source_uri, config, classes), crashed=_crashed
+    )
 
 
 def _crashed(key: str) -> WorkResult:
@@ -370,19 +400,29 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
     """Run the step; returns the manifest (also written to `<output>/manifest.json`)."""
     config.validate()
     try:
-        source = storage.open_source(str(config.source), tfds_data_dir=config.tfds_data_dir or None,
-                                     scratch=config.output.parent / f".{config.output.name}.tfds")
+        source = storage.open_source(
+            str(config.source),
+            tfds_data_dir=config.tfds_data_dir or None,
+            scratch=config.output.parent / f".{config.output.name}.tfds",
+        )
     except storage.StorageError as error:
         raise PreprocessError(str(error)) from None
     try:
-        if isinstance(source, storage.LocalSource) and \
-                Path(os.path.realpath(config.output)).is_relative_to(os.path.realpath(source.root)):
+        if isinstance(source, storage.LocalSource) and Path(os.path.realpath(config.output)).is_relative_to(
+            os.path.realpath(source.root)
+        ):
             raise PreprocessError(
                 f"--output {config.output} is inside --source {source.root}: the next run would read "
-                "the shards as images; choose an output folder outside the source")
+                "the shards as images; choose an output folder outside the source"
+            )
         listing = list_source(source)
-        log.info("found %d files in %d classes under %s (data fingerprint %s)", len(listing.objects),
-                 len(listing.classes), source.uri, listing.fingerprint[:16])
+        log.info(
+            "found %d files in %d classes under %s (data fingerprint %s)",
+            len(listing.objects),
+            len(listing.classes),
+            source.uri,
+            listing.fingerprint[:16],
+        )
         staging = _staging_folder(config.output)
         try:
             manifest = _build(config, source, listing, staging)
@@ -394,13 +434,22 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
             raise
     finally:
         source.close()
-    log.info("wrote %s: %s; rejected %d file(s)", config.output,
-             ", ".join(f"{split} {n}" for split, n in manifest["totals"].items()), len(manifest["rejected"]))
+    log.info(
+        "wrote %s: %s; rejected %d file(s)",
+        config.output,
+        ", ".join(f"{split} {n}" for split, n in manifest["totals"].items()),
+        len(manifest["rejected"]),
+    )
     for split in ("validation", "test"):  # what the scores will rest on, class by class
         per_class = manifest["counts"][split]
         shown = ", ".join(f"{name} {n}" for name, n in list(per_class.items())[:20])
-        log.info("%s: %d image(s): %s%s", split, manifest["totals"][split], shown,
-                 f", ... ({len(per_class) - 20} more classes)" if len(per_class) > 20 else "")
+        log.info(
+            "%s: %d image(s): %s%s",
+            split,
+            manifest["totals"][split],
+            shown,
+            f", ... ({len(per_class) - 20} more classes)" if len(per_class) > 20 else "",
+        )
     return manifest
 
 
@@ -416,21 +465,24 @@ def max_file_bytes(config: PreprocessConfig) -> int:
     return config.max_pixels * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
 
 
-def _build(config: PreprocessConfig, source: storage.Source, listing: SourceListing,
-           staging: Path) -> dict[str, Any]:
+def _build(
+    config: PreprocessConfig, source: storage.Source, listing: SourceListing, staging: Path
+) -> dict[str, Any]:
     label_of = {name: index for index, name in enumerate(listing.classes)}
     spill_dir = staging / ".spill"
     spill_dir.mkdir()
     # No TensorFlow in this process unless it decodes too (one worker): with worker processes
     # its import here would only delay them (bench/RESULTS.md).
-    spills = [records.TFRecordFile(spill_dir / f"{b:02d}.tfrecord", hashed=False)
-              for b in range(SPILL_BUCKETS)]
+    spills = [
+        records.TFRecordFile(spill_dir / f"{b:02d}.tfrecord", hashed=False) for b in range(SPILL_BUCKETS)
+    ]
     spilled_keys: list[list[str]] = [[] for _ in range(SPILL_BUCKETS)]  # write order per bucket
     processed: list[Processed] = []
     short_sides: list[int] = []
     rejected: list[dict[str, str]] = []
     progress = _Progress(len(listing.objects), "preprocess")
     try:
+
         def reject(key: str, reason: str) -> None:
             progress.step()
             log.warning("rejected %s: %s", printable(key), printable(reason))
@@ -439,8 +491,11 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
         cap = max_file_bytes(config)
         for item in listing.objects:
             if item.size > cap:
-                reject(item.key, f"too large: {item.size:,} bytes, more than an accepted image of at most "
-                                 f"--max-pixels {config.max_pixels:,} can be ({cap:,}); not read")
+                reject(
+                    item.key,
+                    f"too large: {item.size:,} bytes, more than an accepted image of at most "
+                    f"--max-pixels {config.max_pixels:,} can be ({cap:,}); not read",
+                )
         keys = [item.key for item in listing.objects if item.size <= cap]
         for key, record, detail, size in _process_all(source.worker_uri, keys, config, listing.classes):
             if record is None:
@@ -459,21 +514,31 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
             writer.close()
 
     valid = Counter(listing.classes[p.label] for p in processed)
-    too_few = {name: valid.get(name, 0) for name in listing.classes
-               if valid.get(name, 0) < config.min_images_per_class}
+    too_few = {
+        name: valid.get(name, 0)
+        for name in listing.classes
+        if valid.get(name, 0) < config.min_images_per_class
+    }
     if too_few:
         details = "; ".join(
-            f"{name}: {n} valid" + "".join(
+            f"{name}: {n} valid"
+            + "".join(
                 f"\n    rejected {r['path']}: {r['reason']}"
-                for r in rejected if r["path"].startswith(name + "/"))
-            for name, n in too_few.items())
+                for r in rejected
+                if r["path"].startswith(name + "/")
+            )
+            for name, n in too_few.items()
+        )
         raise PreprocessError(
             f"class(es) with fewer than {config.min_images_per_class} valid images "
-            f"(--min-images-per-class): {details}")
+            f"(--min-images-per-class): {details}"
+        )
 
     splits = assign_splits(processed, config)
-    writers = {split: records.ShardWriter(staging, split, int(config.shard_size_mb * 1024 * 1024))
-               for split in records.SPLITS}
+    writers = {
+        split: records.ShardWriter(staging, split, int(config.shard_size_mb * 1024 * 1024))
+        for split in records.SPLITS
+    }
     digest_of = {p.key: p.digest for p in processed}
     for bucket in range(SPILL_BUCKETS):
         path = spill_dir / f"{bucket:02d}.tfrecord"
@@ -492,14 +557,19 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
     duplicates = len(processed) - len({p.digest for p in processed})
     conflicts = _label_conflicts(processed)
     if conflicts:
-        log.warning("%d image(s) are in more than one class with identical pixels (contradictory "
-                    "labels), e.g. %s; all are kept and listed in the manifest's label_conflicts",
-                    len(conflicts), " = ".join(conflicts[0]))
+        log.warning(
+            "%d image(s) are in more than one class with identical pixels (contradictory "
+            "labels), e.g. %s; all are kept and listed in the manifest's label_conflicts",
+            len(conflicts),
+            " = ".join(conflicts[0]),
+        )
     train_counts = counts["train"]
     total_train = sum(train_counts.values())
     # Inverse-frequency weights, mean 1 over training images: the usual Keras `class_weight`.
-    class_weights = {name: round(total_train / (len(listing.classes) * n), 6) if n else 0.0
-                     for name, n in train_counts.items()}
+    class_weights = {
+        name: round(total_train / (len(listing.classes) * n), 6) if n else 0.0
+        for name, n in train_counts.items()
+    }
     rejected.sort(key=lambda r: r["path"])
     manifest = {
         "format_version": records.FORMAT_VERSION,
@@ -522,8 +592,11 @@ def _build(config: PreprocessConfig, source: storage.Source, listing: SourceList
         "config": json_config(config),
     }
     if manifest["imbalance_ratio"] > 3:
-        log.warning("class imbalance: the largest class has %.1fx the images of the smallest; "
-                    "class weights are in the manifest", manifest["imbalance_ratio"])
+        log.warning(
+            "class imbalance: the largest class has %.1fx the images of the smallest; "
+            "class weights are in the manifest",
+            manifest["imbalance_ratio"],
+        )
     manifest["short_side_histogram"] = _histogram(short_sides)
     (staging / "rejected.json").write_text(json.dumps(rejected, indent=2) + "\n")
     (staging / REPORT).write_text(render_report(manifest))
@@ -538,8 +611,11 @@ def _label_conflicts(processed: list[Processed]) -> list[list[str]]:
     by_digest: dict[str, list[Processed]] = defaultdict(list)
     for item in processed:
         by_digest[item.digest].append(item)
-    return sorted(sorted(printable(item.key) for item in items) for items in by_digest.values()
-                  if len({item.label for item in items}) > 1)
+    return sorted(
+        sorted(printable(item.key) for item in items)
+        for items in by_digest.values()
+        if len({item.label for item in items}) > 1
+    )
 
 
 REPORT = "report.md"
@@ -562,26 +638,40 @@ def render_report(manifest: dict[str, Any]) -> str:
     """A Markdown page a person reads before trusting the data (KFP shows it as a Markdown artifact)."""
     classes = manifest["classes"]
     lines = [
-        "# Preprocess report", "",
+        "# Preprocess report",
+        "",
         f"Source `{manifest['source']}`, fingerprint `{manifest['fingerprint'][:16]}`, "
-        f"{manifest['image_size']} px ({manifest['resize']}).", "",
-        "## Images per split and class", "",
+        f"{manifest['image_size']} px ({manifest['resize']}).",
+        "",
+        "## Images per split and class",
+        "",
         "| class | " + " | ".join(records.SPLITS) + " | total | class weight |",
         "|---|" + "---:|" * (len(records.SPLITS) + 2),
     ]
     for name in classes:
         per_split = [manifest["counts"][split][name] for split in records.SPLITS]
-        lines.append(f"| {name} | " + " | ".join(map(str, per_split))
-                     + f" | {sum(per_split)} | {manifest['class_weights'][name]:.3f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(map(str, per_split))
+            + f" | {sum(per_split)} | {manifest['class_weights'][name]:.3f} |"
+        )
     totals = [manifest["totals"][split] for split in records.SPLITS]
-    lines += ["| **all** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} | |", "",
-              f"Largest / smallest class: {manifest['imbalance_ratio']}x. "
-              "Exact duplicates (the same pixels once decoded and resized, kept in one split): "
-              f"{manifest['duplicates']}.", ""]
+    lines += [
+        "| **all** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} | |",
+        "",
+        f"Largest / smallest class: {manifest['imbalance_ratio']}x. "
+        "Exact duplicates (the same pixels once decoded and resized, kept in one split): "
+        f"{manifest['duplicates']}.",
+        "",
+    ]
     conflicts = manifest["label_conflicts"]
     if conflicts:
-        lines += [f"## The same image in more than one class: {len(conflicts)}", "",
-                  "Identical pixels with different labels. All are kept; keep each in one class.", ""]
+        lines += [
+            f"## The same image in more than one class: {len(conflicts)}",
+            "",
+            "Identical pixels with different labels. All are kept; keep each in one class.",
+            "",
+        ]
         lines += [f"- {' = '.join(f'`{path}`' for path in group)}" for group in conflicts[:REPORT_EXAMPLES]]
         if len(conflicts) > REPORT_EXAMPLES:
             more = len(conflicts) - REPORT_EXAMPLES
@@ -602,33 +692,61 @@ def render_report(manifest: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m components.preprocess",
-        description="Check, resize and shard a folder of labelled images into TFRecords.")
+        description="Check, resize and shard a folder of labelled images into TFRecords.",
+    )
     defaults = PreprocessConfig(source=Path(), output=Path())
-    parser.add_argument("--source", required=True,
-                        help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, "
-                             "or tfds:NAME[:VERSION]")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, or tfds:NAME[:VERSION]",
+    )
     parser.add_argument("--output", type=local_path, help="new folder for shards + manifest.json")
-    parser.add_argument("--fingerprint-only", action="store_true",
-                        help="print the data fingerprint (from the listing, no image read) and exit")
+    parser.add_argument(
+        "--fingerprint-only",
+        action="store_true",
+        help="print the data fingerprint (from the listing, no image read) and exit",
+    )
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="square side in px")
-    parser.add_argument("--resize", choices=imaging.RESIZE_POLICIES, default=defaults.resize,
-                        help="how a non-square image becomes square")
+    parser.add_argument(
+        "--resize",
+        choices=imaging.RESIZE_POLICIES,
+        default=defaults.resize,
+        help="how a non-square image becomes square",
+    )
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
     parser.add_argument("--min-images-per-class", type=int, default=defaults.min_images_per_class)
-    parser.add_argument("--encoding", choices=("jpeg", "png"), default=defaults.encoding,
-                        help="how resized images are stored in the shards")
+    parser.add_argument(
+        "--encoding",
+        choices=("jpeg", "png"),
+        default=defaults.encoding,
+        help="how resized images are stored in the shards",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
     parser.add_argument("--shard-size-mb", type=float, default=defaults.shard_size_mb)
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
-                        help="refuse images with more pixels than this (decompression bombs)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=defaults.max_pixels,
+        help="refuse images with more pixels than this (decompression bombs)",
+    )
     parser.add_argument("--workers", type=int, default=defaults.workers, help="0 = one per CPU core")
-    parser.add_argument("--min-side", type=int, default=defaults.min_side,
-                        help="refuse images with a side shorter than this (px)")
-    parser.add_argument("--tfds-data-dir", default=defaults.tfds_data_dir,
-                        help="folder or gs:// path holding prepared TFDS data (for tfds: sources)")
-    parser.add_argument("--allow-damaged", action="store_true",
-                        help="keep JPEGs that decode only with corrupt-data warnings (refused by default)")
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=defaults.min_side,
+        help="refuse images with a side shorter than this (px)",
+    )
+    parser.add_argument(
+        "--tfds-data-dir",
+        default=defaults.tfds_data_dir,
+        help="folder or gs:// path holding prepared TFDS data (for tfds: sources)",
+    )
+    parser.add_argument(
+        "--allow-damaged",
+        action="store_true",
+        help="keep JPEGs that decode only with corrupt-data warnings (refused by default)",
+    )
     return parser
 
 

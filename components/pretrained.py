@@ -86,8 +86,10 @@ def _download(published: Published, target: Path) -> None:
     started = time.monotonic()
     log.info("downloading %s", published.url)
     try:
-        with urllib.request.urlopen(published.url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response, \
-                partial.open("wb") as stream:
+        with (
+            urllib.request.urlopen(published.url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response,
+            partial.open("wb") as stream,
+        ):
             while block := response.read(1 << 20):
                 stream.write(block)
     except (urllib.error.URLError, OSError) as error:
@@ -97,11 +99,16 @@ def _download(published: Published, target: Path) -> None:
     found = md5_of(partial)
     if found != published.md5:
         partial.unlink(missing_ok=True)
-        raise WeightsError(f"{published.url} downloaded with MD5 {found}, not the published "
-                           f"{published.md5}: refusing it")
+        raise WeightsError(
+            f"{published.url} downloaded with MD5 {found}, not the published {published.md5}: refusing it"
+        )
     partial.replace(target)
-    log.info("downloaded %s (%.1f MB, %.1f s), MD5 verified", published.name,
-             target.stat().st_size / 1e6, time.monotonic() - started)
+    log.info(
+        "downloaded %s (%.1f MB, %.1f s), MD5 verified",
+        published.name,
+        target.stat().st_size / 1e6,
+        time.monotonic() - started,
+    )
 
 
 def resolve(cache: str, scratch: Path, published: Published | None = None) -> Path:
@@ -111,8 +118,9 @@ def resolve(cache: str, scratch: Path, published: Published | None = None) -> Pa
     published = published or IMAGENET
     remote = cache.startswith(OBJECT_STORE_SCHEMES)
     if cache.startswith("gs://"):
-        raise WeightsError("--weights-cache: gs:// is not supported; use a folder (a volume) or an "
-                           "s3:// / minio:// prefix")
+        raise WeightsError(
+            "--weights-cache: gs:// is not supported; use a folder (a volume) or an s3:// / minio:// prefix"
+        )
     local = (scratch if remote else Path(cache)) / published.name
     where = f"{cache.rstrip('/')}/{published.name}"
     try:
@@ -126,30 +134,36 @@ def resolve(cache: str, scratch: Path, published: Published | None = None) -> Pa
         if found == published.md5:
             log.info("ImageNet weights from %s (MD5 verified)", where)
             return local
-        log.warning("%s has MD5 %s, not the published %s: downloading it again", where, found,
-                    published.md5)
+        log.warning("%s has MD5 %s, not the published %s: downloading it again", where, found, published.md5)
         local.unlink()
     try:
         _download(published, local)
     except WeightsError as error:
-        raise WeightsError(f"{error}. Offline? Put {published.name} (MD5 {published.md5}, from "
-                           f"{published.url}) at {where}, or train from scratch with --weights none"
-                           ) from None
+        raise WeightsError(
+            f"{error}. Offline? Put {published.name} (MD5 {published.md5}, from "
+            f"{published.url}) at {where}, or train from scratch with --weights none"
+        ) from None
     if folder is not None:
         try:
             folder.put_file(published.name, local)
             log.info("cached the weights at %s for the next run", where)
         except storage.StorageError as error:
-            log.warning("could not cache the weights at %s (the next run downloads them again): %s",
-                        where, error)
+            log.warning(
+                "could not cache the weights at %s (the next run downloads them again): %s", where, error
+            )
     return local
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.pretrained",
-                                     description="Fetch and verify the ImageNet weights into a cache.")
-    parser.add_argument("--cache", default=str(keras_cache()),
-                        help="folder or s3:// / minio:// prefix (default: Keras' own cache folder)")
+    parser = argparse.ArgumentParser(
+        prog="python -m components.pretrained",
+        description="Fetch and verify the ImageNet weights into a cache.",
+    )
+    parser.add_argument(
+        "--cache",
+        default=str(keras_cache()),
+        help="folder or s3:// / minio:// prefix (default: Keras' own cache folder)",
+    )
     args = parser.parse_args(argv)
     configure_logging()
     with exit_on_user_error(WeightsError):

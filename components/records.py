@@ -45,8 +45,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_example(encoded: bytes, label: int, class_name: str, height: int, width: int,
-                 source: str, image_format: str = "jpeg") -> bytes:
+def make_example(
+    encoded: bytes,
+    label: int,
+    class_name: str,
+    height: int,
+    width: int,
+    source: str,
+    image_format: str = "jpeg",
+) -> bytes:
     """Serialise one image as a `tf.train.Example`."""
     import tensorflow as tf
 
@@ -221,12 +228,16 @@ def load(folder: Path | str, verify: bool = True) -> PreparedDataset:
         )
     text = manifest_path.read_text()
     if hashlib.sha256(text.encode()).hexdigest() != marker_path.read_text().strip():
-        raise DatasetError(f"{manifest_path} does not match its {MARKER} marker: it was altered or "
-                           "half-written; run preprocess again")
+        raise DatasetError(
+            f"{manifest_path} does not match its {MARKER} marker: it was altered or "
+            "half-written; run preprocess again"
+        )
     manifest = json.loads(text)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
-                           f"this code reads {FORMAT_VERSION}")
+        raise DatasetError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
+            f"this code reads {FORMAT_VERSION}"
+        )
     dataset = PreparedDataset(folder=folder, manifest=manifest)
     if verify:
         for split in SPLITS:
@@ -263,8 +274,15 @@ def decode_image(encoded, size: int):
     return tf.ensure_shape(image, [size, size, 3])
 
 
-def serialized_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None,
-                     shuffle_buffer: int = 0, seed: int | None = None, passes: int = 1, skip: int = 0):
+def serialized_split(
+    dataset: PreparedDataset,
+    split: str,
+    parallel_reads: int | None = None,
+    shuffle_buffer: int = 0,
+    seed: int | None = None,
+    passes: int = 1,
+    skip: int = 0,
+):
     """`tf.data.Dataset` of one split's still-encoded records: `passes` passes one after the
     other, each shuffled by its own seed derived from `seed` (with `shuffle_buffer`), then the
     first `skip` records dropped. Deterministic: the same arguments give the same records in
@@ -280,16 +298,20 @@ def serialized_split(dataset: PreparedDataset, split: str, parallel_reads: int |
         raise DatasetError(f"split {split!r} of {dataset.folder} has no shards")
     # The manifest's count, asserted: Keras then knows the epoch length, and a shard holding
     # fewer records than promised fails the run instead of silently shortening every epoch.
-    records = (tf.data.TFRecordDataset(files, num_parallel_reads=parallel_reads or tf.data.AUTOTUNE)
-               .apply(tf.data.experimental.assert_cardinality(dataset.count(split))))
+    records = tf.data.TFRecordDataset(files, num_parallel_reads=parallel_reads or tf.data.AUTOTUNE).apply(
+        tf.data.experimental.assert_cardinality(dataset.count(split))
+    )
 
     def one_pass(index: int):
         if not shuffle_buffer:
             return records
         # Each pass its own seeded, non-reshuffling shuffle: tf.data's repeat of a reshuffling
         # dataset orders later passes differently from one run to the next.
-        return records.shuffle(shuffle_buffer, seed=None if seed is None else seed * 1_009 + index,
-                               reshuffle_each_iteration=False)
+        return records.shuffle(
+            shuffle_buffer,
+            seed=None if seed is None else seed * 1_009 + index,
+            reshuffle_each_iteration=False,
+        )
 
     data = one_pass(0)
     for index in range(1, passes):
@@ -297,8 +319,15 @@ def serialized_split(dataset: PreparedDataset, split: str, parallel_reads: int |
     return data.skip(skip) if skip else data
 
 
-def read_split(dataset: PreparedDataset, split: str, parallel_reads: int | None = None,
-               shuffle_buffer: int = 0, seed: int | None = None, passes: int = 1, skip: int = 0):
+def read_split(
+    dataset: PreparedDataset,
+    split: str,
+    parallel_reads: int | None = None,
+    shuffle_buffer: int = 0,
+    seed: int | None = None,
+    passes: int = 1,
+    skip: int = 0,
+):
     """`tf.data.Dataset` of (uint8 image [size, size, 3], int32 label) for one split: the records
     of `serialized_split` (same arguments), decoded. Without `shuffle_buffer` they come in file
     order. Augmentation and batching are the reader's business."""

@@ -55,8 +55,14 @@ def safe_key(key: str) -> str:
     A manifest is data from a bucket: a key like `../../home/x` or `/etc/x` must never become a
     local path outside the target folder.
     """
-    if (not key or "\\" in key or "\x00" in key or key.startswith("/") or re.match(r"^[A-Za-z]:", key)
-            or any(part in ("", ".", "..") for part in key.split("/"))):
+    if (
+        not key
+        or "\\" in key
+        or "\x00" in key
+        or key.startswith("/")
+        or re.match(r"^[A-Za-z]:", key)
+        or any(part in ("", ".", "..") for part in key.split("/"))
+    ):
         raise RegistryError(f"refusing unsafe file name {key!r} in a registry manifest")
     return key
 
@@ -71,8 +77,10 @@ class Version:
 class Registry:
     def __init__(self, uri: str, model: str):
         if not MODEL_NAME.match(model):
-            raise RegistryError(f"model name {model!r} must be letters, digits, '.', '_' or '-' "
-                                "(at most 128, starting with a letter or digit)")
+            raise RegistryError(
+                f"model name {model!r} must be letters, digits, '.', '_' or '-' "
+                "(at most 128, starting with a letter or digit)"
+            )
         self.uri = uri.rstrip("/")
         self.model = model
         try:
@@ -105,22 +113,26 @@ class Registry:
         for name in self._storage(self.folder.names):
             if not name.startswith(prefix):
                 continue
-            first, _, rest = name[len(prefix):].partition("/")
+            first, _, rest = name[len(prefix) :].partition("/")
             if first.isdigit() and rest:
                 number = int(first)
                 listed[number] = listed.get(number, False) or rest == MANIFEST
         return listed
 
     def versions(self) -> list[Version]:
-        return [Version(n, complete, self._get_json(self._key(n, MANIFEST)) if complete else None)
-                for n, complete in sorted(self._listed().items())]
+        return [
+            Version(n, complete, self._get_json(self._key(n, MANIFEST)) if complete else None)
+            for n, complete in sorted(self._listed().items())
+        ]
 
     def manifest(self, version: int) -> dict[str, Any]:
         manifest = self._get_json(self._key(version, MANIFEST))
         if manifest is None:
             if version in self._listed():
-                raise RegistryError(f"version {version} of {self.model} is incomplete (its upload did not "
-                                    "finish): it cannot be used")
+                raise RegistryError(
+                    f"version {version} of {self.model} is incomplete (its upload did not "
+                    "finish): it cannot be used"
+                )
             raise RegistryError(f"{self.model} has no version {version} in {self.uri}")
         return manifest
 
@@ -139,22 +151,39 @@ class Registry:
         for path in files:
             key = safe_key(path.relative_to(folder).as_posix())
             entries[key] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        log.info("pushing %d files (%.1f MB) to %s/%s", len(files),
-                 sum(e["size"] for e in entries.values()) / 1e6, self.uri, self._key(version))
+        log.info(
+            "pushing %d files (%.1f MB) to %s/%s",
+            len(files),
+            sum(e["size"] for e in entries.values()) / 1e6,
+            self.uri,
+            self._key(version),
+        )
         for path in files:
             self._storage(self.folder.put_file, self._key(version, path.relative_to(folder).as_posix()), path)
-        manifest = {"model": self.model, "version": version,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    **metadata, "files": entries}
+        manifest = {
+            "model": self.model,
+            "version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **metadata,
+            "files": entries,
+        }
         # Written last: its presence is what makes the version complete.
-        self._storage(self.folder.put_bytes, self._key(version, MANIFEST),
-                      (json.dumps(manifest, indent=2) + "\n").encode())
+        self._storage(
+            self.folder.put_bytes,
+            self._key(version, MANIFEST),
+            (json.dumps(manifest, indent=2) + "\n").encode(),
+        )
         log.info("%s version %d is complete", self.model, version)
         return version
 
     def _set_pointer(self, version: int, history: list[int], reason: str) -> dict[str, Any]:
-        pointer = {"model": self.model, "version": version, "history": history,
-                   "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason}
+        pointer = {
+            "model": self.model,
+            "version": version,
+            "history": history,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reason": reason,
+        }
         data = (json.dumps(pointer, indent=2) + "\n").encode()
         self._storage(self.folder.put_bytes, self._key(POINTER), data)
         return pointer
@@ -165,16 +194,23 @@ class Registry:
         present = set(self._storage(self.folder.names))
         missing = [key for key in manifest["files"] if self._key(version, key) not in present]
         if missing:
-            raise RegistryError(f"version {version} of {self.model} lacks {len(missing)} of its files "
-                                f"(e.g. {missing[0]}): refusing to promote it")
+            raise RegistryError(
+                f"version {version} of {self.model} lacks {len(missing)} of its files "
+                f"(e.g. {missing[0]}): refusing to promote it"
+            )
         current = self.production()
         history = list(current["history"]) if current else []
         if current and current["version"] == version:
             log.info("%s version %d is already in production", self.model, version)
             return current
         pointer = self._set_pointer(version, history + [version], reason)
-        log.info("%s production: %s -> %d (%s)", self.model,
-                 current["version"] if current else "none", version, reason)
+        log.info(
+            "%s production: %s -> %d (%s)",
+            self.model,
+            current["version"] if current else "none",
+            version,
+            reason,
+        )
         return pointer
 
     def rollback(self) -> dict[str, Any]:
@@ -184,8 +220,10 @@ class Registry:
             raise RegistryError(f"{self.model} has no production version in {self.uri}: nothing to roll back")
         history = list(current["history"])
         if len(history) < 2:
-            raise RegistryError(f"{self.model} version {current['version']} is the first production version: "
-                                "there is nothing earlier to roll back to")
+            raise RegistryError(
+                f"{self.model} version {current['version']} is the first production version: "
+                "there is nothing earlier to roll back to"
+            )
         history.pop()
         previous = history[-1]
         self.manifest(previous)  # still complete
@@ -202,12 +240,14 @@ class Registry:
             raise RegistryError(f"version {version} of {self.model} has no files under {subfolder!r}")
         target.mkdir(parents=True, exist_ok=True)
         for key, entry in wanted.items():
-            path = target / key[len(prefix):]
+            path = target / key[len(prefix) :]
             self._storage(self.folder.get_file, self._key(version, key), path)
             if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
                 path.unlink()
-                raise RegistryError(f"{self.uri}/{self._key(version, key)} does not match its manifest "
-                                    "(sha256 differs): the registry copy was altered or damaged; refusing it")
+                raise RegistryError(
+                    f"{self.uri}/{self._key(version, key)} does not match its manifest "
+                    "(sha256 differs): the registry copy was altered or damaged; refusing it"
+                )
         return manifest
 
 
@@ -219,13 +259,17 @@ def list_versions(registry: Registry) -> list[dict[str, Any]]:
     for version in registry.versions():
         manifest = version.manifest or {}
         metrics = manifest.get("metrics", {})
-        rows.append({"version": version.number,
-                     "state": "complete" if version.complete else "incomplete",
-                     "production": version.number == serving,
-                     "created": manifest.get("created", ""),
-                     "accuracy": metrics.get("accuracy"),
-                     "macro_f1": metrics.get("macro_f1"),
-                     "run_id": manifest.get("run_id", "")})
+        rows.append(
+            {
+                "version": version.number,
+                "state": "complete" if version.complete else "incomplete",
+                "production": version.number == serving,
+                "created": manifest.get("created", ""),
+                "accuracy": metrics.get("accuracy"),
+                "macro_f1": metrics.get("macro_f1"),
+                "run_id": manifest.get("run_id", ""),
+            }
+        )
     return rows
 
 
@@ -233,26 +277,34 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     def number(value):
         return "-" if value is None else f"{value:.4f}"
 
-    lines = [f"{'version':>7}  {'state':<10} {'serving':<7} {'created':<20} {'accuracy':>8} "
-             f"{'macro_f1':>8}  run"]
+    lines = [
+        f"{'version':>7}  {'state':<10} {'serving':<7} {'created':<20} {'accuracy':>8} {'macro_f1':>8}  run"
+    ]
     for row in rows:
-        lines.append(f"{row['version']:>7}  {row['state']:<10} {'*' if row['production'] else '':<7} "
-                     f"{row['created']:<20} {number(row['accuracy']):>8} {number(row['macro_f1']):>8}  "
-                     f"{row['run_id']}")
+        lines.append(
+            f"{row['version']:>7}  {row['state']:<10} {'*' if row['production'] else '':<7} "
+            f"{row['created']:<20} {number(row['accuracy']):>8} {number(row['macro_f1']):>8}  "
+            f"{row['run_id']}"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m components.registry",
-                                     description="List, promote, roll back and fetch registry models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m components.registry",
+        description="List, promote, roll back and fetch registry models.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("list", "versions with their metrics; * marks production"),
-                       ("promote", "point production at a complete version"),
-                       ("rollback", "point production back at the version before it"),
-                       ("fetch", "download a version, checking every file's sha256")):
+    for name, text in (
+        ("list", "versions with their metrics; * marks production"),
+        ("promote", "point production at a complete version"),
+        ("rollback", "point production back at the version before it"),
+        ("fetch", "download a version, checking every file's sha256"),
+    ):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--registry", required=True,
-                             help="s3://bucket[/prefix], minio://... or a folder")
+        command.add_argument(
+            "--registry", required=True, help="s3://bucket[/prefix], minio://... or a folder"
+        )
         command.add_argument("--model", required=True, help="model name (a folder in the registry)")
         if name == "promote":
             command.add_argument("--version", type=int, required=True)

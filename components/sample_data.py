@@ -105,8 +105,12 @@ def generate(config: SampleDataConfig) -> Path:
             if damaged[i] != 0xFF and damaged[i - 1] != 0xFF:  # keep the markers intact
                 damaged[i] ^= 0x5A
         (config.output / "horizontal-stripes" / "damaged-scan.jpg").write_bytes(bytes(damaged))
-    log.info("wrote %d images of %d classes to %s",
-             config.images_per_class * len(CLASSES), len(CLASSES), config.output)
+    log.info(
+        "wrote %d images of %d classes to %s",
+        config.images_per_class * len(CLASSES),
+        len(CLASSES),
+        config.output,
+    )
     return config.output
 
 
@@ -116,13 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-class", type=int, default=SampleDataConfig.images_per_class)
     parser.add_argument("--image-size", type=int, default=SampleDataConfig.image_size)
     parser.add_argument("--seed", type=int, default=SampleDataConfig.seed)
-    parser.add_argument("--no-broken-files", action="store_true",
-                        help="leave out the three deliberately broken files")
+    parser.add_argument(
+        "--no-broken-files", action="store_true", help="leave out the three deliberately broken files"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    generate(SampleDataConfig(output=args.output, images_per_class=args.images_per_class,
-                              image_size=args.image_size, seed=args.seed,
-                              add_broken_files=not args.no_broken_files))
+    generate(
+        SampleDataConfig(
+            output=args.output,
+            images_per_class=args.images_per_class,
+            image_size=args.image_size,
+            seed=args.seed,
+            add_broken_files=not args.no_broken_files,
+        )
+    )
     return 0
 
 

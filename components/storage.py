@@ -185,10 +185,17 @@ def endpoint_from_env(environ: dict[str, str] | None = None) -> Endpoint:
     access_key = env.get("AWS_ACCESS_KEY_ID", "")
     secret_key = env.get("AWS_SECRET_ACCESS_KEY", "")
     if not access_key or not secret_key:
-        raise StorageError("no object store credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                           "(on Kubeflow, from the mlpipeline-minio-artifact secret)")
-    return Endpoint(host=parsed.netloc, secure=parsed.scheme == "https", access_key=access_key,
-                    secret_key=secret_key, region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+        raise StorageError(
+            "no object store credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(on Kubeflow, from the mlpipeline-minio-artifact secret)"
+        )
+    return Endpoint(
+        host=parsed.netloc,
+        secure=parsed.scheme == "https",
+        access_key=access_key,
+        secret_key=secret_key,
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+    )
 
 
 def make_client(endpoint: Endpoint):
@@ -199,8 +206,14 @@ def make_client(endpoint: Endpoint):
         retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
         maxsize=8,
     )
-    return Minio(endpoint.host, access_key=endpoint.access_key, secret_key=endpoint.secret_key,
-                 secure=endpoint.secure, region=endpoint.region, http_client=http)
+    return Minio(
+        endpoint.host,
+        access_key=endpoint.access_key,
+        secret_key=endpoint.secret_key,
+        secure=endpoint.secure,
+        region=endpoint.region,
+        http_client=http,
+    )
 
 
 class _BucketSource:
@@ -253,11 +266,14 @@ class ObjectStoreSource(_BucketSource):
             if error.code == "NoSuchBucket":
                 return StorageError(f"bucket {self.bucket!r} does not exist at {self._where()}")
             if error.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
-                return StorageError(f"{self._where()} refused the credentials for bucket {self.bucket!r} "
-                                    f"({error.code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+                return StorageError(
+                    f"{self._where()} refused the credentials for bucket {self.bucket!r} "
+                    f"({error.code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                )
             return StorageError(f"{self._where()}: {error.code}: {error.message}")
-        return StorageError(f"cannot reach the object store at {self._where()}: {type(error).__name__}: "
-                            f"{str(error)[:300]}")
+        return StorageError(
+            f"cannot reach the object store at {self._where()}: {type(error).__name__}: {str(error)[:300]}"
+        )
 
     def list(self) -> list[SourceObject]:
         prefix = self.list_prefix
@@ -266,10 +282,11 @@ class ObjectStoreSource(_BucketSource):
             for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
                 if item.is_dir or item.object_name.endswith("/"):
                     continue  # folder markers some tools create
-                key = item.object_name[len(prefix):]
+                key = item.object_name[len(prefix) :]
                 if not _skipped(key):
-                    found.append(SourceObject(key=key, size=int(item.size or 0),
-                                              etag=(item.etag or "").strip('"')))
+                    found.append(
+                        SourceObject(key=key, size=int(item.size or 0), etag=(item.etag or "").strip('"'))
+                    )
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as error:
             raise self._explain(error) from None
         return self.listed(found, f" at {self._where()}")
@@ -309,7 +326,7 @@ class ObjectStoreFolder(ObjectStoreSource):
         """Size of every object under the prefix, by key (empty for none; a missing bucket is an error)."""
         prefix = self.list_prefix
         items = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
-        return {item.object_name[len(prefix):]: int(item.size or 0) for item in items if not item.is_dir}
+        return {item.object_name[len(prefix) :]: int(item.size or 0) for item in items if not item.is_dir}
 
     def remove(self, key: str) -> None:
         self._call(self.client.remove_object, self.bucket, self.object_name(key))
@@ -380,8 +397,11 @@ class LocalFolder:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(path.relative_to(self.root).as_posix() for path in self.root.rglob("*")
-                      if path.is_file() and not path.name.endswith(".partial"))
+        return sorted(
+            path.relative_to(self.root).as_posix()
+            for path in self.root.rglob("*")
+            if path.is_file() and not path.name.endswith(".partial")
+        )
 
     def remove(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -397,17 +417,17 @@ class GCSSource(_BucketSource):
         try:
             self.client = gcs.Client()
         except DefaultCredentialsError:
-            raise StorageError("no Google Cloud credentials: set GOOGLE_APPLICATION_CREDENTIALS, or run "
-                               "with workload identity") from None
+            raise StorageError(
+                "no Google Cloud credentials: set GOOGLE_APPLICATION_CREDENTIALS, or run "
+                "with workload identity"
+            ) from None
 
     def _explain(self, error: Exception) -> StorageError:
         if isinstance(error, gcs_errors.NotFound):
             return StorageError(f"bucket {self.bucket!r} (or an object in it) does not exist: {error}")
         if isinstance(error, gcs_errors.Forbidden | gcs_errors.Unauthorized):
-            return StorageError(f"Google Cloud Storage refused access to bucket {self.bucket!r}: "
-                                f"{error}")
-        return StorageError(f"cannot read gs://{self.bucket}: {type(error).__name__}: "
-                            f"{str(error)[:300]}")
+            return StorageError(f"Google Cloud Storage refused access to bucket {self.bucket!r}: {error}")
+        return StorageError(f"cannot read gs://{self.bucket}: {type(error).__name__}: {str(error)[:300]}")
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (GoogleAPIError, requests.RequestException, OSError)
@@ -417,10 +437,11 @@ class GCSSource(_BucketSource):
         found = []
         try:
             for blob in self.client.list_blobs(self.bucket, prefix=prefix):
-                key = blob.name[len(prefix):]
+                key = blob.name[len(prefix) :]
                 if key and not blob.name.endswith("/") and not _skipped(key):
-                    found.append(SourceObject(key=key, size=int(blob.size or 0),
-                                              etag=blob.etag or blob.md5_hash or ""))
+                    found.append(
+                        SourceObject(key=key, size=int(blob.size or 0), etag=blob.etag or blob.md5_hash or "")
+                    )
         except self._errors() as error:
             raise self._explain(error) from None
         return self.listed(found)
@@ -442,7 +463,7 @@ class TFDSSource:
     """
 
     def __init__(self, uri: str, data_dir: str | None = None, scratch: Path | None = None):
-        name, _, version = uri[len(TFDS_PREFIX):].partition(":")
+        name, _, version = uri[len(TFDS_PREFIX) :].partition(":")
         if not name:
             raise StorageError(f"{uri} names no dataset; expected tfds:NAME or tfds:NAME:VERSION")
         self.uri = uri
@@ -465,8 +486,10 @@ class TFDSSource:
             builder = tfds.builder(self.spec, data_dir=self.data_dir)
         except tfds.core.registered.DatasetNotFoundError as error:
             first = str(error).strip().splitlines()[0]
-            raise StorageError(f"TFDS dataset {self.spec!r} not found{where}: {first} "
-                               "(a prepared dataset lives in <data dir>/<name>/<version>/)") from None
+            raise StorageError(
+                f"TFDS dataset {self.spec!r} not found{where}: {first} "
+                "(a prepared dataset lives in <data dir>/<name>/<version>/)"
+            ) from None
         except (AssertionError, ValueError) as error:  # a version it does not have, a malformed one
             why = str(error).strip().splitlines()[0].rpartition('}": ')[2]
             raise StorageError(f"TFDS dataset {self.spec!r} cannot be opened{where}: {why}") from None
@@ -479,7 +502,8 @@ class TFDSSource:
                     f"TFDS dataset {self.spec!r} is not prepared{where} and preparing it failed: "
                     f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''} "
                     "(without internet, run `tfds build` elsewhere and pass its folder as "
-                    "--tfds-data-dir)") from None
+                    "--tfds-data-dir)"
+                ) from None
         return builder
 
     @staticmethod
@@ -487,15 +511,20 @@ class TFDSSource:
         import tensorflow_datasets as tfds
 
         features = info.features
-        if info.supervised_keys and len(info.supervised_keys) == 2 and all(
-                isinstance(k, str) for k in info.supervised_keys):
+        if (
+            info.supervised_keys
+            and len(info.supervised_keys) == 2
+            and all(isinstance(k, str) for k in info.supervised_keys)
+        ):
             image_key, label_key = info.supervised_keys
         else:
             images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
             labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
             if len(images) != 1 or len(labels) != 1:
-                raise StorageError(f"TFDS dataset {info.full_name} has no single image and label "
-                                   f"feature to train on (features: {', '.join(features.keys())})")
+                raise StorageError(
+                    f"TFDS dataset {info.full_name} has no single image and label "
+                    f"feature to train on (features: {', '.join(features.keys())})"
+                )
             image_key, label_key = images[0], labels[0]
         if not isinstance(features[image_key], tfds.features.Image):
             raise StorageError(f"TFDS dataset {info.full_name}: feature {image_key!r} is not an image")
@@ -514,8 +543,11 @@ class TFDSSource:
         last_report = time.monotonic()
         for split in sorted(builder.info.splits.keys()):
             dataset = builder.as_dataset(
-                split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(try_autocache=False))  # stream, never hold it all
+                split=split,
+                shuffle_files=False,
+                decoders={image_key: tfds.decode.SkipDecoding()},
+                read_config=tfds.ReadConfig(try_autocache=False),
+            )  # stream, never hold it all
             for index, example in enumerate(dataset.as_numpy_iterator()):
                 data = example[image_key]
                 extension = "png" if data.startswith(b"\x89PNG") else "jpg"
@@ -546,8 +578,9 @@ def open_folder(uri: str) -> LocalFolder | ObjectStoreFolder:
         return LocalFolder(Path(uri))
     if scheme in OBJECT_STORE_SCHEMES:
         return ObjectStoreFolder(uri)
-    raise StorageError(f"unsupported location {uri!r}: use a local folder, s3://bucket/prefix or "
-                       "minio://bucket/prefix")
+    raise StorageError(
+        f"unsupported location {uri!r}: use a local folder, s3://bucket/prefix or minio://bucket/prefix"
+    )
 
 
 def open_source(uri: str, tfds_data_dir: str | None = None, scratch: Path | None = None) -> Source:
@@ -563,5 +596,7 @@ def open_source(uri: str, tfds_data_dir: str | None = None, scratch: Path | None
         return ObjectStoreSource(uri)
     if scheme == "gs":
         return GCSSource(uri)
-    raise StorageError(f"unsupported source {uri!r}: use a local folder, s3://bucket/prefix, "
-                       "minio://bucket/prefix, gs://bucket/prefix or tfds:NAME[:VERSION]")
+    raise StorageError(
+        f"unsupported source {uri!r}: use a local folder, s3://bucket/prefix, "
+        "minio://bucket/prefix, gs://bucket/prefix or tfds:NAME[:VERSION]"
+    )

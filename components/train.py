@@ -146,10 +146,15 @@ class TrainConfig:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise TrainError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if (self.weights not in ("none", "imagenet") and not is_remote(self.weights)
-                and not Path(self.weights).is_file()):
-            raise TrainError(f"--weights must be none, imagenet, an existing weights file or an "
-                             f"s3://, minio:// or gs:// URI of one; {self.weights} does not exist")
+        if (
+            self.weights not in ("none", "imagenet")
+            and not is_remote(self.weights)
+            and not Path(self.weights).is_file()
+        ):
+            raise TrainError(
+                f"--weights must be none, imagenet, an existing weights file or an "
+                f"s3://, minio:// or gs:// URI of one; {self.weights} does not exist"
+            )
         if self.min_updates < 0:
             raise TrainError(f"--min-updates must be 0 (off) or more, got {self.min_updates}")
         if self.head_epochs < 0 or not 0 <= self.unfreeze_blocks <= 16:
@@ -157,8 +162,9 @@ class TrainConfig:
         if self.xla not in ("auto", "on", "off"):
             raise TrainError(f"--xla must be auto, on or off, got {self.xla!r}")
         if self.backend not in backend_lib.BACKENDS:
-            raise TrainError(f"--backend must be one of {', '.join(backend_lib.BACKENDS)}, "
-                             f"got {self.backend!r}")
+            raise TrainError(
+                f"--backend must be one of {', '.join(backend_lib.BACKENDS)}, got {self.backend!r}"
+            )
         if self.batch_fit not in ("auto", "off"):
             raise TrainError(f"--batch-fit must be auto or off, got {self.batch_fit!r}")
         if self.gpu_memory_limit_mib < 0:
@@ -201,9 +207,14 @@ class TrainConfig:
 
     def recipe(self, epochs: int | None = None, learning_rate: float | None = None) -> Recipe:
         """How a phase of `epochs` (default: all) at peak `learning_rate` (default: resolved) trains."""
-        return Recipe(learning_rate=learning_rate or self.resolved_learning_rate(),
-                      epochs=epochs or self.epochs, weight_decay=self.weight_decay,
-                      warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, xla=self.xla)
+        return Recipe(
+            learning_rate=learning_rate or self.resolved_learning_rate(),
+            epochs=epochs or self.epochs,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            label_smoothing=self.label_smoothing,
+            xla=self.xla,
+        )
 
     def phase_plan(self, phase: int) -> tuple[int, float]:
         """(epochs, peak learning rate) of a phase: its own warm-up + cosine schedule."""
@@ -254,9 +265,17 @@ def fetch_weights(uri: str, folder: Path) -> str:
     return str(local)
 
 
-def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_classes: int,
-                     epoch: int = 0, skip: int = 0, batch_size: int | None = None, steps: int | None = None,
-                     full_batches: bool = True, passes: int = 1):
+def training_dataset(
+    dataset: records.PreparedDataset,
+    config: TrainConfig,
+    num_classes: int,
+    epoch: int = 0,
+    skip: int = 0,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    full_batches: bool = True,
+    passes: int = 1,
+):
     """One epoch of training batches, in an order fixed by (seed, epoch): a resumed epoch skips
     the `skip` images it already trained on and sees the rest in the same order. An epoch is
     `passes` passes over the training images, each in its own order.
@@ -284,22 +303,34 @@ def training_dataset(dataset: records.PreparedDataset, config: TrainConfig, num_
 
     # A buffer of the whole split when it is small (exact shuffle), capped so large sets stay
     # within memory (encoded records are shuffled: 10k x ~20 KB at 224 px).
-    data = records.read_split(dataset, "train", shuffle_buffer=min(dataset.count("train"), 10_000),
-                              seed=config.seed * 100_003 + epoch, passes=passes, skip=skip)
+    data = records.read_split(
+        dataset,
+        "train",
+        shuffle_buffer=min(dataset.count("train"), 10_000),
+        seed=config.seed * 100_003 + epoch,
+        passes=passes,
+        skip=skip,
+    )
     if full_batches:
         data = data.repeat()
     if config.augment:
         data = data.map(_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    batches = data.batch(batch_size or config.batch_size, drop_remainder=full_batches,
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    batches = data.batch(
+        batch_size or config.batch_size,
+        drop_remainder=full_batches,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    )
     if steps is not None:
         batches = batches.take(steps)
-    return (batches.map(_finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-            .prefetch(tf.data.AUTOTUNE))
+    return batches.map(_finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).prefetch(
+        tf.data.AUTOTUNE
+    )
 
 
-def eval_dataset(dataset: records.PreparedDataset, split: str, batch_size: int, num_classes: int,
-                 pad: bool = True):
+def eval_dataset(
+    dataset: records.PreparedDataset, split: str, batch_size: int, num_classes: int, pad: bool = True
+):
     """(batches of (images, one-hot labels, weights), padding). With `pad` (for XLA) every batch
     is `batch_size` images, the last one padded with copies of a real image at weight 0, so that
     validation is compiled once: weighted metrics (compile_for_training's, under `fixed_shapes`)
@@ -313,10 +344,14 @@ def eval_dataset(dataset: records.PreparedDataset, split: str, batch_size: int, 
     if padding:
         filler = weighted.take(1).map(lambda image, label, _: (image, label, 0.0)).repeat(padding)
         weighted = weighted.concatenate(filler)
-    data = (weighted.batch(batch_size)
-            .map(lambda images, labels, weights: (images, tf.one_hot(labels, num_classes), weights),
-                 num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+    data = (
+        weighted.batch(batch_size)
+        .map(
+            lambda images, labels, weights: (images, tf.one_hot(labels, num_classes), weights),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        .prefetch(tf.data.AUTOTUNE)
+    )
     return data, padding
 
 
@@ -370,26 +405,38 @@ def _epoch_logger(epochs: int):
                 self.first_batch_end, self.first_batch = now, batch
                 if self.first_step_seconds is None and self.fit_started is not None:
                     self.first_step_seconds = round(now - self.fit_started, 2)
-                    log.info("first training step after %.1f s (tracing and compiling included)",
-                             self.first_step_seconds)
+                    log.info(
+                        "first training step after %.1f s (tracing and compiling included)",
+                        self.first_step_seconds,
+                    )
             self.last_batch_end = now
             # A CPU epoch at 224 px can take many minutes: say that it is moving.
             if now - self.last_report >= PROGRESS_SECONDS:
                 self.last_report = now
                 steps = self.params.get("steps")
-                log.info("epoch %d: step %d/%s, loss %.4f", self.epoch + 1,
-                         min(batch + 1, steps or batch + 1), steps or "?",
-                         float((logs or {}).get("loss", math.nan)))
+                log.info(
+                    "epoch %d: step %d/%s, loss %.4f",
+                    self.epoch + 1,
+                    min(batch + 1, steps or batch + 1),
+                    steps or "?",
+                    float((logs or {}).get("loss", math.nan)),
+                )
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.monotonic() - self.started
-            row = {"epoch": epoch + 1, "seconds": round(seconds, 2),
-                   "images_per_sec": round(self.images / seconds, 1)}
+            row = {
+                "epoch": epoch + 1,
+                "seconds": round(seconds, 2),
+                "images_per_sec": round(self.images / seconds, 1),
+            }
             if self.last_batch > self.first_batch and self.last_batch_end > self.first_batch_end:
                 steps = min(self.last_batch + 1, self.params.get("steps") or self.last_batch + 1)
                 row["train_images_per_sec"] = round(
-                    (steps - self.first_batch - 1) * self.step_batch
-                    / (self.last_batch_end - self.first_batch_end), 1)
+                    (steps - self.first_batch - 1)
+                    * self.step_batch
+                    / (self.last_batch_end - self.first_batch_end),
+                    1,
+                )
             if self.first_batch_end is not None:  # the input's set-up and the first call's steps
                 row["first_call_seconds"] = round(self.first_batch_end - self.started, 3)
             if self.validation_seconds is not None:
@@ -405,11 +452,17 @@ def _epoch_logger(epochs: int):
             if "val_loss" in row:
                 row["val_loss"] *= self.val_loss_factor
             self.rows.append(row)
-            log.info("epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.0f img/s%s)",
-                     epoch + 1, epochs, row.get("loss", math.nan), row.get("accuracy", math.nan),
-                     row.get("val_loss", math.nan), row.get("val_accuracy", math.nan),
-                     row["images_per_sec"],
-                     f", peak GPU memory {peak:.0f} MiB" if peak is not None else "")
+            log.info(
+                "epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.0f img/s%s)",
+                epoch + 1,
+                epochs,
+                row.get("loss", math.nan),
+                row.get("accuracy", math.nan),
+                row.get("val_loss", math.nan),
+                row.get("val_accuracy", math.nan),
+                row["images_per_sec"],
+                f", peak GPU memory {peak:.0f} MiB" if peak is not None else "",
+            )
 
     return EpochLogger()
 
@@ -445,12 +498,14 @@ def pipelined_callbacks(callbacks: list, model, epochs: int, steps: int, ahead: 
             for callback in self.callbacks:
                 callback.on_train_batch_end(batch, logs=logs)
 
-    return PipelinedCallbackList(callbacks, add_history=True, add_progbar=False, model=model,
-                                 verbose=0, epochs=epochs, steps=steps)
+    return PipelinedCallbackList(
+        callbacks, add_history=True, add_progbar=False, model=model, verbose=0, epochs=epochs, steps=steps
+    )
 
 
-def too_few_updates(train_images: int, step_batch: int, accumulation: int, epochs: int,
-                    weights: str, passes: int = 1) -> str | None:
+def too_few_updates(
+    train_images: int, step_batch: int, accumulation: int, epochs: int, weights: str, passes: int = 1
+) -> str | None:
     """The warning a from-scratch run too short to learn gets before it starts (with the numbers
     and what to do), or None. `passes`: passes over the images an epoch (min_updates)."""
     per_epoch = math.ceil(math.ceil(train_images * passes / step_batch) / accumulation)
@@ -460,13 +515,15 @@ def too_few_updates(train_images: int, step_batch: int, accumulation: int, epoch
     batch = step_batch * accumulation
     smaller = max(1, min(batch, train_images * passes * epochs // MIN_SCRATCH_UPDATES))
     over = f" ({passes} passes an epoch)" if passes > 1 else ""
-    return (f"{train_images} training images at an effective batch of {batch} for {epochs} epochs{over} "
-            f"are {updates} optimizer updates: from scratch (--weights none) EfficientNet-B0 needs about "
-            f"{MIN_SCRATCH_UPDATES} to learn anything, and this model will probably answer at chance. "
-            f"Use --epochs {math.ceil(MIN_SCRATCH_UPDATES / per_epoch)} at this batch, or --batch-size "
-            f"{smaller} for these epochs, or --min-updates {MIN_SCRATCH_UPDATES} (the default: more "
-            "passes over the images an epoch), or --weights imagenet (pretrained weights need far "
-            "fewer), or more images.")
+    return (
+        f"{train_images} training images at an effective batch of {batch} for {epochs} epochs{over} "
+        f"are {updates} optimizer updates: from scratch (--weights none) EfficientNet-B0 needs about "
+        f"{MIN_SCRATCH_UPDATES} to learn anything, and this model will probably answer at chance. "
+        f"Use --epochs {math.ceil(MIN_SCRATCH_UPDATES / per_epoch)} at this batch, or --batch-size "
+        f"{smaller} for these epochs, or --min-updates {MIN_SCRATCH_UPDATES} (the default: more "
+        "passes over the images an epoch), or --weights imagenet (pretrained weights need far "
+        "fewer), or more images."
+    )
 
 
 def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) -> Path:
@@ -474,18 +531,40 @@ def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) ->
     shapes training, so a restart of the same run resumes, while next week's run on new data
     (or with other settings) sharing the same volume starts fresh instead of "resuming" a
     finished model."""
-    root = (Path(config.checkpoint_dir) if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
-            else config.output / "checkpoints")
+    root = (
+        Path(config.checkpoint_dir)
+        if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
+        else config.output / "checkpoints"
+    )
     settings = json_config(config)
     # Not the backend, the steps per call or the memory cap: a run may resume under the other
     # backend (the arrays are the same; TrainingState.backend records which wrote them) or on a
     # node with less memory (the checkpoint's batch, stepped down if it no longer fits).
-    for name in ("data", "output", "checkpoint_dir", "checkpoint_every", "verify_data", "backend",
-                 "steps_per_execution", "gpu_memory_limit_mib", "batch_fit_cache"):
+    for name in (
+        "data",
+        "output",
+        "checkpoint_dir",
+        "checkpoint_every",
+        "verify_data",
+        "backend",
+        "steps_per_execution",
+        "gpu_memory_limit_mib",
+        "batch_fit_cache",
+    ):
         settings.pop(name, None)
-    key = hashlib.sha256(json.dumps({"data": dataset.manifest.get("fingerprint"), "shards": {
-        split: [shard["sha256"] for shard in shards] for split, shards in dataset.manifest["shards"].items()},
-        "settings": settings}, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "data": dataset.manifest.get("fingerprint"),
+                "shards": {
+                    split: [shard["sha256"] for shard in shards]
+                    for split, shards in dataset.manifest["shards"].items()
+                },
+                "settings": settings,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
     return root / f"run-{key}"
 
 
@@ -589,14 +668,23 @@ class _Run:
         phase = config.phase(epoch)
         set_phase(model, phase, config.unfreeze_blocks)
         phase_epochs, phase_rate = config.phase_plan(phase)
-        compile_for_training(model, config.recipe(phase_epochs, phase_rate),
-                             math.ceil(self.epoch_images / step_batch), accumulation,
-                             steps_per_execution=self.steps_per_execution, fixed_shapes=self.fixed_shapes)
+        compile_for_training(
+            model,
+            config.recipe(phase_epochs, phase_rate),
+            math.ceil(self.epoch_images / step_batch),
+            accumulation,
+            steps_per_execution=self.steps_per_execution,
+            fixed_shapes=self.fixed_shapes,
+        )
         model.optimizer.build(model.trainable_variables)
         if phase:
-            log.info("phase %d: %s, %d epoch(s) at a peak learning rate of %g", phase,
-                     "the new head alone" if phase == 1 else f"head + top {config.unfreeze_blocks} blocks",
-                     phase_epochs, phase_rate)
+            log.info(
+                "phase %d: %s, %d epoch(s) at a peak learning rate of %g",
+                phase,
+                "the new head alone" if phase == 1 else f"head + top {config.unfreeze_blocks} blocks",
+                phase_epochs,
+                phase_rate,
+            )
         return model
 
     def build(self, step_batch: int, accumulation: int, epoch: int = 0):
@@ -613,9 +701,14 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, ru
     if smaller < 1:
         raise TrainError(f"out of memory even at a per-step batch of 1: {error}") from None
     new_plan = batchfit.plan(run.config.batch_size, smaller)
-    log.warning("out of memory at a per-step batch of %d (%s): going on from the last checkpoint with "
-                "%d x %d accumulation steps", state.step_batch, str(error).splitlines()[0][:200],
-                new_plan.step_batch, new_plan.accumulation)
+    log.warning(
+        "out of memory at a per-step batch of %d (%s): going on from the last checkpoint with "
+        "%d x %d accumulation steps",
+        state.step_batch,
+        str(error).splitlines()[0][:200],
+        new_plan.step_batch,
+        new_plan.accumulation,
+    )
     if run.gpu is not None:
         batchfit.record_out_of_memory(run.cache_file, run.gpu, run.probe_spec, state.step_batch)
     del model
@@ -623,9 +716,10 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, ru
     gc.collect()
     try:
         model, saved = checkpoints.load_latest(
-            run.checkpoint_dir, lambda saved: run.build(new_plan.step_batch, new_plan.accumulation,
-                                                    saved.epoch if saved else 0),
-            accumulation=new_plan.accumulation)
+            run.checkpoint_dir,
+            lambda saved: run.build(new_plan.step_batch, new_plan.accumulation, saved.epoch if saved else 0),
+            accumulation=new_plan.accumulation,
+        )
     except checkpoints.CheckpointError as failure:
         raise TrainError(f"{failure}; delete {run.checkpoint_dir} to start over") from None
     backend = state.backend
@@ -659,8 +753,12 @@ def _prepare_run(config: TrainConfig) -> _Run:
         backend_lib.activate(backend)
     except backend_lib.BackendError as error:
         raise TrainError(str(error)) from None
-    log.info("Keras backend: %s (--backend %s%s)", backend, config.backend,
-             f"; GPU {gpu.name}" if gpu else "; no GPU")
+    log.info(
+        "Keras backend: %s (--backend %s%s)",
+        backend,
+        config.backend,
+        f"; GPU {gpu.name}" if gpu else "; no GPU",
+    )
     memory_limit = batchfit.apply_memory_limit(config.gpu_memory_limit_mib, gpu)
     try:
         dataset = records.load(config.data, verify=config.verify_data)
@@ -685,8 +783,10 @@ def _prepare_run(config: TrainConfig) -> _Run:
     mirror = None
     if is_remote(config.checkpoint_dir):
         if config.checkpoint_dir.startswith("gs://"):
-            raise TrainError("--checkpoint-dir: gs:// is not supported for checkpoints; use a volume "
-                             "path or an s3:// / minio:// prefix")
+            raise TrainError(
+                "--checkpoint-dir: gs:// is not supported for checkpoints; use a volume "
+                "path or an s3:// / minio:// prefix"
+            )
         # A local working copy under the output folder, mirrored to the bucket after each save.
         remote = f"{config.checkpoint_dir.rstrip('/')}/{checkpoint_dir.name}"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -695,13 +795,19 @@ def _prepare_run(config: TrainConfig) -> _Run:
             mirror.pull(checkpoint_dir)
         except storage.StorageError as error:
             raise TrainError(f"cannot use --checkpoint-dir {remote}: {error}") from None
-    cache_file = (Path(config.batch_fit_cache) if config.batch_fit_cache
-                  else checkpoint_dir.parent / "batch-fit.json"
-                  if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
-                  else batchfit.default_cache_file())
+    cache_file = (
+        Path(config.batch_fit_cache)
+        if config.batch_fit_cache
+        else checkpoint_dir.parent / "batch-fit.json"
+        if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
+        else batchfit.default_cache_file()
+    )
     probe_spec = batchfit.ProbeSpec(
-        image_size=dataset.image_size, precision=precision, num_classes=len(dataset.classes),
-        memory_limit_mib=int((memory_limit or 0) * (1 - batchfit.MARGIN)))
+        image_size=dataset.image_size,
+        precision=precision,
+        num_classes=len(dataset.classes),
+        memory_limit_mib=int((memory_limit or 0) * (1 - batchfit.MARGIN)),
+    )
     if checkpoints.complete(checkpoint_dir):
         batch_plan = None  # resuming: the checkpoint says which batch and accumulation
     elif config.batch_fit == "auto" and on_gpu:
@@ -715,12 +821,24 @@ def _prepare_run(config: TrainConfig) -> _Run:
 
     # After the probes: under JAX, seeding starts the framework on the GPU.
     keras.utils.set_random_seed(config.seed)
-    return _Run(config=config, backend=backend, gpu=gpu, memory_limit=memory_limit, dataset=dataset,
-                passes=config.passes_per_epoch(train_images), checkpoint_dir=checkpoint_dir, weights=weights,
-                compile_cache=compile_cache, precision=precision, mirror=mirror, cache_file=cache_file,
-                probe_spec=probe_spec, batch_plan=batch_plan,
-                steps_per_execution=config.steps_per_execution or (4 if backend == "jax" else 1),
-                fixed_shapes=backend == "jax")
+    return _Run(
+        config=config,
+        backend=backend,
+        gpu=gpu,
+        memory_limit=memory_limit,
+        dataset=dataset,
+        passes=config.passes_per_epoch(train_images),
+        checkpoint_dir=checkpoint_dir,
+        weights=weights,
+        compile_cache=compile_cache,
+        precision=precision,
+        mirror=mirror,
+        cache_file=cache_file,
+        probe_spec=probe_spec,
+        batch_plan=batch_plan,
+        steps_per_execution=config.steps_per_execution or (4 if backend == "jax" else 1),
+        fixed_shapes=backend == "jax",
+    )
 
 
 def _load_or_build(run: _Run) -> tuple[Any, checkpoints.TrainingState]:
@@ -728,40 +846,69 @@ def _load_or_build(run: _Run) -> tuple[Any, checkpoints.TrainingState]:
     plan = run.batch_plan
     try:
         model, state = checkpoints.load_latest(
-            run.checkpoint_dir, lambda saved: run.build(saved.step_batch, saved.accumulation, saved.epoch)
-            if saved else run.build(plan.step_batch, plan.accumulation))
+            run.checkpoint_dir,
+            lambda saved: (
+                run.build(saved.step_batch, saved.accumulation, saved.epoch)
+                if saved
+                else run.build(plan.step_batch, plan.accumulation)
+            ),
+        )
     except checkpoints.CheckpointError as error:
         raise TrainError(f"{error}; delete {run.checkpoint_dir} to start over") from None
     if state is not None and state.backend and state.backend != run.backend:
-        log.warning("the checkpoint was written under the %s backend; resuming it under %s (weights "
-                    "and optimizer variables are plain arrays, the same under both)", state.backend,
-                    run.backend)
+        log.warning(
+            "the checkpoint was written under the %s backend; resuming it under %s (weights "
+            "and optimizer variables are plain arrays, the same under both)",
+            state.backend,
+            run.backend,
+        )
     state = state or checkpoints.TrainingState(step_batch=plan.step_batch, accumulation=plan.accumulation)
     state.backend = run.backend
-    log.info("per-step batch %d x %d accumulation step(s) = effective batch %d (requested %d)",
-             state.step_batch, state.accumulation, state.step_batch * state.accumulation,
-             run.config.batch_size)
+    log.info(
+        "per-step batch %d x %d accumulation step(s) = effective batch %d (requested %d)",
+        state.step_batch,
+        state.accumulation,
+        state.step_batch * state.accumulation,
+        run.config.batch_size,
+    )
     return model, state
 
 
 def _log_plan(run: _Run, state: checkpoints.TrainingState) -> None:
     """What a fresh run is about to do, and the warning if it is too short to learn."""
     config = run.config
-    warning = too_few_updates(run.train_images, state.step_batch, state.accumulation, config.epochs,
-                              config.weights, run.passes)
+    warning = too_few_updates(
+        run.train_images, state.step_batch, state.accumulation, config.epochs, config.weights, run.passes
+    )
     if warning:
         log.warning("%s", warning)
     if run.passes > 1:
-        log.info("from scratch, %d training images x %d epochs at a batch of %d would be %d "
-                 "optimizer updates, fewer than --min-updates %d: each epoch passes over the "
-                 "images %d times", run.train_images, config.epochs, config.batch_size,
-                 math.ceil(run.train_images / config.batch_size) * config.epochs, config.min_updates,
-                 run.passes)
-    log.info("training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
-             "%d epochs x %d steps of %d, learning rate %g; checkpoints every %d steps in %s",
-             config.weights, run.precision, run.train_images, len(run.classes), run.dataset.image_size,
-             config.epochs, math.ceil(run.epoch_images / state.step_batch), state.step_batch,
-             config.resolved_learning_rate(), config.checkpoint_every, run.checkpoint_dir)
+        log.info(
+            "from scratch, %d training images x %d epochs at a batch of %d would be %d "
+            "optimizer updates, fewer than --min-updates %d: each epoch passes over the "
+            "images %d times",
+            run.train_images,
+            config.epochs,
+            config.batch_size,
+            math.ceil(run.train_images / config.batch_size) * config.epochs,
+            config.min_updates,
+            run.passes,
+        )
+    log.info(
+        "training EfficientNet-B0 (weights %s, %s) on %d images of %d classes at %d px: "
+        "%d epochs x %d steps of %d, learning rate %g; checkpoints every %d steps in %s",
+        config.weights,
+        run.precision,
+        run.train_images,
+        len(run.classes),
+        run.dataset.image_size,
+        config.epochs,
+        math.ceil(run.epoch_images / state.step_batch),
+        state.step_batch,
+        config.resolved_learning_rate(),
+        config.checkpoint_every,
+        run.checkpoint_dir,
+    )
 
 
 def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
@@ -794,20 +941,29 @@ def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
 
     signal.signal(signal.SIGTERM, on_sigterm)
     manifest_weights = dataset.manifest.get("class_weights") or {}
-    class_weight = ({index: float(manifest_weights.get(name, 1.0)) for index, name in enumerate(run.classes)}
-                    if config.class_weights and manifest_weights else None)
+    class_weight = (
+        {index: float(manifest_weights.get(name, 1.0)) for index, name in enumerate(run.classes)}
+        if config.class_weights and manifest_weights
+        else None
+    )
     extra_callbacks = []
     if all(importlib.util.find_spec(name) for name in ("tensorflow", "tensorboard")):  # via tf.summary
-        extra_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(config.output / "tensorboard"),
-                                                           update_freq="epoch", write_graph=False))
+        extra_callbacks.append(
+            keras.callbacks.TensorBoard(
+                log_dir=str(config.output / "tensorboard"), update_freq="epoch", write_graph=False
+            )
+        )
     if state.global_step == 0:
         _log_plan(run, state)
     try:
         while state.epoch < config.epochs:
             remaining = run.epoch_images - state.images_in_epoch
             steps = math.ceil(remaining / state.step_batch)
-            validation, padding = (eval_dataset(dataset, "validation", state.step_batch, len(run.classes),
-                                                pad=run.fixed_shapes) if has_validation else (None, 0))
+            validation, padding = (
+                eval_dataset(dataset, "validation", state.step_batch, len(run.classes), pad=run.fixed_shapes)
+                if has_validation
+                else (None, 0)
+            )
             epoch_logger.images = steps * state.step_batch if run.fixed_shapes else remaining
             epoch_logger.step_batch = state.step_batch
             epoch_logger.resumed_from_step = state.step
@@ -818,14 +974,26 @@ def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
             callbacks = [epoch_logger, checkpointer, *extra_callbacks]
             try:
                 model.fit(
-                    training_dataset(dataset, config, len(run.classes), epoch=state.epoch,
-                                     skip=state.images_in_epoch, batch_size=state.step_batch, steps=steps,
-                                     full_batches=run.fixed_shapes, passes=run.passes),
-                    initial_epoch=state.epoch, epochs=state.epoch + 1,
+                    training_dataset(
+                        dataset,
+                        config,
+                        len(run.classes),
+                        epoch=state.epoch,
+                        skip=state.images_in_epoch,
+                        batch_size=state.step_batch,
+                        steps=steps,
+                        full_batches=run.fixed_shapes,
+                        passes=run.passes,
+                    ),
+                    initial_epoch=state.epoch,
+                    epochs=state.epoch + 1,
                     steps_per_epoch=steps,
                     validation_data=validation,
-                    callbacks=(pipelined_callbacks(callbacks, model, state.epoch + 1, steps)
-                               if run.backend == "jax" else callbacks),
+                    callbacks=(
+                        pipelined_callbacks(callbacks, model, state.epoch + 1, steps)
+                        if run.backend == "jax"
+                        else callbacks
+                    ),
                     class_weight=class_weight,
                     shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
                     verbose=0,
@@ -836,9 +1004,11 @@ def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
                 model = _step_down(error, model, state, run)
                 continue
             if checkpointer.terminate and state.images_in_epoch < run.epoch_images:
-                raise Interrupted(f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}; "
-                                  f"run again with the same checkpoint directory ({checkpoint_dir}) "
-                                  "to resume")
+                raise Interrupted(
+                    f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}; "
+                    f"run again with the same checkpoint directory ({checkpoint_dir}) "
+                    "to resume"
+                )
             row = epoch_logger.rows[-1]
             state.history.append(row)
             score = row.get("val_accuracy")
@@ -854,24 +1024,37 @@ def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
                 model = run.prepare(model, state.step_batch, state.accumulation, state.epoch)
             save_checkpoint(model)
             if run.compile_cache is not None and is_remote(config.checkpoint_dir):
-                checkpoints.push_folder(run.compile_cache, f"{config.checkpoint_dir.rstrip('/')}/xla-cache/"
-                                        f"{run.compile_cache.name}")
+                checkpoints.push_folder(
+                    run.compile_cache,
+                    f"{config.checkpoint_dir.rstrip('/')}/xla-cache/{run.compile_cache.name}",
+                )
             if checkpointer.terminate:
-                raise Interrupted(f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
-                                  f"the same checkpoint directory ({checkpoint_dir}) to resume")
-            if (config.early_stopping_patience and state.best_epoch is not None
-                    and state.epoch - state.best_epoch >= config.early_stopping_patience):
-                log.info("early stop after epoch %d: validation accuracy has not improved for %d epochs "
-                         "(best %.4f at epoch %d)", state.epoch, config.early_stopping_patience,
-                         state.best_val_accuracy, state.best_epoch)
+                raise Interrupted(
+                    f"stopped by SIGTERM at the end of epoch {state.epoch}; run again with "
+                    f"the same checkpoint directory ({checkpoint_dir}) to resume"
+                )
+            if (
+                config.early_stopping_patience
+                and state.best_epoch is not None
+                and state.epoch - state.best_epoch >= config.early_stopping_patience
+            ):
+                log.info(
+                    "early stop after epoch %d: validation accuracy has not improved for %d epochs "
+                    "(best %.4f at epoch %d)",
+                    state.epoch,
+                    config.early_stopping_patience,
+                    state.best_val_accuracy,
+                    state.best_epoch,
+                )
                 break
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     return model, epoch_logger
 
 
-def _finish(run: _Run, model, state: checkpoints.TrainingState, epoch_logger,
-            seconds: float) -> dict[str, Any]:
+def _finish(
+    run: _Run, model, state: checkpoints.TrainingState, epoch_logger, seconds: float
+) -> dict[str, Any]:
     """The best epoch's weights saved as `model.keras`, the checkpoints of a finished local run
     removed, and the summary written (`train_config.json`, `history.json`) and returned."""
     import keras
@@ -915,67 +1098,134 @@ def _finish(run: _Run, model, state: checkpoints.TrainingState, epoch_logger,
     }
     (config.output / "train_config.json").write_text(json.dumps(summary, indent=2) + "\n")
     (config.output / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-    log.info("saved %s (best epoch %d, val_accuracy %s)", config.output / "model.keras",
-             best["epoch"], best.get("val_accuracy"))
+    log.info(
+        "saved %s (best epoch %d, val_accuracy %s)",
+        config.output / "model.keras",
+        best["epoch"],
+        best.get("val_accuracy"),
+    )
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig(data=Path(), output=Path())
-    parser = argparse.ArgumentParser(prog="python -m components.train",
-                                     description="Train EfficientNet-B0 on prepared TFRecord shards.")
+    parser = argparse.ArgumentParser(
+        prog="python -m components.train", description="Train EfficientNet-B0 on prepared TFRecord shards."
+    )
     parser.add_argument("--data", type=local_path, required=True, help="output folder of preprocess")
     parser.add_argument("--output", type=local_path, required=True, help="folder for model.keras and logs")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="peak learning rate (default: 1e-3 from scratch; pretrained: 1e-4 "
-                             "after the head epochs)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 1e-3 from scratch; pretrained: 1e-4 after the head epochs)",
+    )
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
-    parser.add_argument("--weights", default=defaults.weights,
-                        help="none | imagenet | path or s3://, minio://, gs:// URI of EfficientNet-B0 "
-                             "no-top weights")
-    parser.add_argument("--weights-cache", default=defaults.weights_cache,
-                        help="folder or s3:// / minio:// prefix keeping the verified ImageNet weights "
-                             "(default: <checkpoint-dir>/weights if given, else ~/.keras/models)")
-    parser.add_argument("--min-updates", type=int, default=defaults.min_updates,
-                        help="from scratch: pass over the images more times an epoch until the run "
-                             "makes this many optimizer updates (0 = off)")
-    parser.add_argument("--head-epochs", type=int, default=defaults.head_epochs,
-                        help="pretrained weights: epochs training the new head alone first")
-    parser.add_argument("--unfreeze-blocks", type=int, default=defaults.unfreeze_blocks,
-                        help="pretrained weights: top EfficientNet-B0 blocks trained after the head epochs")
+    parser.add_argument(
+        "--weights",
+        default=defaults.weights,
+        help="none | imagenet | path or s3://, minio://, gs:// URI of EfficientNet-B0 no-top weights",
+    )
+    parser.add_argument(
+        "--weights-cache",
+        default=defaults.weights_cache,
+        help="folder or s3:// / minio:// prefix keeping the verified ImageNet weights "
+        "(default: <checkpoint-dir>/weights if given, else ~/.keras/models)",
+    )
+    parser.add_argument(
+        "--min-updates",
+        type=int,
+        default=defaults.min_updates,
+        help="from scratch: pass over the images more times an epoch until the run "
+        "makes this many optimizer updates (0 = off)",
+    )
+    parser.add_argument(
+        "--head-epochs",
+        type=int,
+        default=defaults.head_epochs,
+        help="pretrained weights: epochs training the new head alone first",
+    )
+    parser.add_argument(
+        "--unfreeze-blocks",
+        type=int,
+        default=defaults.unfreeze_blocks,
+        help="pretrained weights: top EfficientNet-B0 blocks trained after the head epochs",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--no-augment", dest="augment", action="store_false")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
-                        help="skip the shard hash and record-count check")
-    parser.add_argument("--checkpoint-dir", default=defaults.checkpoint_dir,
-                        help="folder or s3:// / minio:// prefix where checkpoints go and a restart "
-                             "resumes from (default <output>/checkpoints, removed when done)")
-    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                        help="steps between checkpoints: a kill loses at most this many")
-    parser.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_mib", type=int,
-                        default=defaults.gpu_memory_limit_mib,
-                        help="MiB of GPU memory the framework may use (0 = the card's memory less "
-                             f"{backend_lib.HEADROOM_MIB} MiB; 7680 = an RTX 2070's budget on a larger card)")
-    parser.add_argument("--backend", choices=backend_lib.BACKENDS, default=defaults.backend,
-                        help="Keras backend: auto = jax on a GPU (the measured path), tensorflow on a CPU")
-    parser.add_argument("--steps-per-execution", type=int, default=defaults.steps_per_execution,
-                        help="training steps queued per Keras call (0 = 4 under JAX, 1 under TensorFlow)")
-    parser.add_argument("--batch-fit", choices=("auto", "off"), default=defaults.batch_fit,
-                        help="auto: largest per-step batch that fits (probed), accumulation for the rest")
-    parser.add_argument("--batch-fit-cache", default=defaults.batch_fit_cache,
-                        help="file remembering fitted batches per GPU and settings")
-    parser.add_argument("--xla", choices=("auto", "on", "off"), default=defaults.xla,
-                        help="XLA-compile the training step (auto: on a GPU only)")
-    parser.add_argument("--no-class-weights", dest="class_weights", action="store_false",
-                        help="do not weight the loss by the manifest's class weights")
-    parser.add_argument("--early-stopping-patience", type=int, default=defaults.early_stopping_patience,
-                        help="stop after this many epochs without a better val_accuracy (0 = off)")
+    parser.add_argument(
+        "--no-verify-data",
+        dest="verify_data",
+        action="store_false",
+        help="skip the shard hash and record-count check",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=defaults.checkpoint_dir,
+        help="folder or s3:// / minio:// prefix where checkpoints go and a restart "
+        "resumes from (default <output>/checkpoints, removed when done)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        help="steps between checkpoints: a kill loses at most this many",
+    )
+    parser.add_argument(
+        "--gpu-memory-limit",
+        dest="gpu_memory_limit_mib",
+        type=int,
+        default=defaults.gpu_memory_limit_mib,
+        help="MiB of GPU memory the framework may use (0 = the card's memory less "
+        f"{backend_lib.HEADROOM_MIB} MiB; 7680 = an RTX 2070's budget on a larger card)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=backend_lib.BACKENDS,
+        default=defaults.backend,
+        help="Keras backend: auto = jax on a GPU (the measured path), tensorflow on a CPU",
+    )
+    parser.add_argument(
+        "--steps-per-execution",
+        type=int,
+        default=defaults.steps_per_execution,
+        help="training steps queued per Keras call (0 = 4 under JAX, 1 under TensorFlow)",
+    )
+    parser.add_argument(
+        "--batch-fit",
+        choices=("auto", "off"),
+        default=defaults.batch_fit,
+        help="auto: largest per-step batch that fits (probed), accumulation for the rest",
+    )
+    parser.add_argument(
+        "--batch-fit-cache",
+        default=defaults.batch_fit_cache,
+        help="file remembering fitted batches per GPU and settings",
+    )
+    parser.add_argument(
+        "--xla",
+        choices=("auto", "on", "off"),
+        default=defaults.xla,
+        help="XLA-compile the training step (auto: on a GPU only)",
+    )
+    parser.add_argument(
+        "--no-class-weights",
+        dest="class_weights",
+        action="store_false",
+        help="do not weight the loss by the manifest's class weights",
+    )
+    parser.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=defaults.early_stopping_patience,
+        help="stop after this many epochs without a better val_accuracy (0 = off)",
+    )
     return parser
 
 

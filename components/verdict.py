@@ -49,12 +49,16 @@ class Rejected(Exception):
         self.reason = reason
 
 
-
 def _tf_message(error) -> str:
     """The decoder's own words, without TF's op, device and traceback decoration around them."""
     lines = [line.strip() for line in (error.message or "").splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("File ", "Detected at node", "[["))
-             and line != "Graph execution error:"]
+    lines = [
+        line
+        for line in lines
+        if line
+        and not line.startswith(("File ", "Detected at node", "[["))
+        and line != "Graph execution error:"
+    ]
     message = lines[-1] if lines else type(error).__name__
     message = re.sub(r"^\{\{[^}]*\}\}\s*", "", message)
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", message)
@@ -77,8 +81,9 @@ def check_header(data: bytes, rules: ImageRules) -> tuple[str, int, int]:
             raise Rejected(f"truncated image data ({fmt}): {cut}") from None
         raise Rejected(f"corrupt or truncated image header: {error}") from None
     if image_format not in imaging.DECODABLE_FORMATS:
-        raise Rejected(f"unsupported image format {image_format}; accepted: "
-                       f"{', '.join(imaging.DECODABLE_FORMATS)}")
+        raise Rejected(
+            f"unsupported image format {image_format}; accepted: {', '.join(imaging.DECODABLE_FORMATS)}"
+        )
     if width * height > rules.max_pixels:
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {rules.max_pixels}")
     if min(width, height) < rules.min_side:
@@ -86,9 +91,11 @@ def check_header(data: bytes, rules: ImageRules) -> tuple[str, int, int]:
     if image_format == "GIF":
         most = rules.max_pixels // (width * height)  # frames that fit under the cap
         if _gif_frames(data, stop_after=most + 1) > most:
-            raise Rejected(f"too many pixels: more than {most} frames of {width}x{height}, over the "
-                           f"cap of {rules.max_pixels} in all (TensorFlow decodes every frame of a "
-                           "GIF to take the first)")
+            raise Rejected(
+                f"too many pixels: more than {most} frames of {width}x{height}, over the "
+                f"cap of {rules.max_pixels} in all (TensorFlow decodes every frame of a "
+                "GIF to take the first)"
+            )
     return image_format, width, height
 
 
@@ -145,8 +152,10 @@ def _unidentified(data: bytes) -> str:
         return f"corrupt or truncated image header: a {fmt} file whose header cannot be parsed"
     if data[4:8] == b"ftyp":
         if data[8:12] in HEIF_BRANDS:
-            return ("unsupported image format HEIF (HEIC, as iPhones save photos): TensorFlow, which "
-                    "the served model decodes with, cannot read it; convert the file to JPEG")
+            return (
+                "unsupported image format HEIF (HEIC, as iPhones save photos): TensorFlow, which "
+                "the served model decodes with, cannot read it; convert the file to JPEG"
+            )
         return "not an image: a video or other ISO media file (MP4, QuickTime: a Live Photo's video?)"
     start = data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip().lower()
     hint = ""
@@ -183,13 +192,15 @@ def _jpeg_variant(data: bytes) -> str:
             return ", ".join(kinds)
         if marker == 0xDA:  # a scan before any frame header
             return ""
-        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
     return ""
 
 
 def _unsupported_jpeg(variant: str, detail: str) -> str:
-    return (f"unsupported JPEG variant ({variant}): TensorFlow, which the served model decodes with, "
-            f"cannot read it ({detail}); converting the file to PNG keeps it")
+    return (
+        f"unsupported JPEG variant ({variant}): TensorFlow, which the served model decodes with, "
+        f"cannot read it ({detail}); converting the file to PNG keeps it"
+    )
 
 
 # TF's BMP reader is its own and reads only some BMP variants (not 1-bit, say). For the other
@@ -243,8 +254,10 @@ def check_and_resize(data: bytes, rules: ImageRules) -> tuple[bytes, str, tuple[
         raise Rejected(_decode_failure(image_format, data, failure)) from None
     damage = [line.strip() for line in printed if line.strip().startswith(DAMAGED_JPEG_WARNINGS)]
     if damage and not rules.allow_damaged:
-        raise Rejected(f"damaged image data, decodable only with defects ({image_format}): "
-                       f"{damage[0]}; --allow-damaged keeps such files")
+        raise Rejected(
+            f"damaged image data, decodable only with defects ({image_format}): "
+            f"{damage[0]}; --allow-damaged keeps such files"
+        )
     other = [line for line in printed if line.strip() and line.strip() not in damage]
     if other:  # not ours to judge: pass on whatever else native code printed
         print("\n".join(other), file=sys.stderr)
@@ -271,8 +284,10 @@ def _decode_failure(image_format: str, data: bytes, error) -> str:
     if image_format == "JPEG" and (variant := _jpeg_variant(data)):
         return _unsupported_jpeg(variant, _tf_message(error))
     if image_format in PARTLY_SUPPORTED_FORMATS and _pillow_decodes(data):
-        return (f"unsupported {image_format} variant: TensorFlow, which the served model decodes with, "
-                f"cannot read it ({_tf_message(error)}); converting the file to PNG keeps it")
+        return (
+            f"unsupported {image_format} variant: TensorFlow, which the served model decodes with, "
+            f"cannot read it ({_tf_message(error)}); converting the file to PNG keeps it"
+        )
     # From the file's structure alone: TF also logs how far libjpeg got, but whether that line
     # is printed depends on TF's log level, and a re-run must give the same manifest.
     if cut := _cut_short(image_format, data):
@@ -309,12 +324,12 @@ def _png_bad_chunk(data: bytes) -> str:
     """The first PNG chunk whose CRC does not match its bytes, or ""."""
     at = 8
     while at + 12 <= len(data):
-        length = int.from_bytes(data[at:at + 4], "big")
-        kind = data[at + 4:at + 8]
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind = data[at + 4 : at + 8]
         body_end = at + 8 + length
         if body_end + 4 > len(data):
             return ""
-        if zlib.crc32(data[at + 4:body_end]) != int.from_bytes(data[body_end:body_end + 4], "big"):
+        if zlib.crc32(data[at + 4 : body_end]) != int.from_bytes(data[body_end : body_end + 4], "big"):
             return f"chunk {kind.decode('latin-1')!r} at byte {at:,} fails its CRC check"
         if kind == b"IEND":
             return ""
@@ -348,8 +363,7 @@ def check_and_resize_many(datas: list[bytes], rules: ImageRules) -> list[Checked
         else:
             passed.append((index, (width, height)))
     if len(passed) > 1:
-        run = _decode_resize_encode_many(rules.image_size, rules.resize, rules.encoding,
-                                         rules.jpeg_quality)
+        run = _decode_resize_encode_many(rules.image_size, rules.resize, rules.encoding, rules.jpeg_quality)
         with _native_stderr().capture() as printed:
             try:
                 pixels, encoded = run(tf.constant([datas[index] for index, _ in passed]))
@@ -370,8 +384,11 @@ def check_and_resize_many(datas: list[bytes], rules: ImageRules) -> list[Checked
 
 # libjpeg's warnings (jerror.h, JWRN_*) for scan data it decoded anyway, filling what it could
 # not read with grey or garbage. Benign warnings (an unknown JFIF revision, say) are not here.
-DAMAGED_JPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file",
-                         "Inconsistent progression sequence")
+DAMAGED_JPEG_WARNINGS = (
+    "Corrupt JPEG data",
+    "Premature end of JPEG file",
+    "Inconsistent progression sequence",
+)
 
 
 class _NativeStderr:
@@ -430,8 +447,9 @@ def _decode_resize_encode(image_size: int, policy: str, encoding: str, jpeg_qual
     import tensorflow as tf
 
     one = _decode_resize_encode_one(image_size, policy, encoding, jpeg_quality)
-    return tf.function(one, input_signature=[tf.TensorSpec([], tf.string)],
-                       autograph=False).get_concrete_function()
+    return tf.function(
+        one, input_signature=[tf.TensorSpec([], tf.string)], autograph=False
+    ).get_concrete_function()
 
 
 @functools.cache
@@ -443,11 +461,19 @@ def _decode_resize_encode_many(image_size: int, policy: str, encoding: str, jpeg
     one = _decode_resize_encode_one(image_size, policy, encoding, jpeg_quality)
 
     def many(datas):
-        return tf.map_fn(one, datas, parallel_iterations=1, fn_output_signature=(
-            tf.TensorSpec([image_size, image_size, 3], tf.uint8), tf.TensorSpec([], tf.string)))
+        return tf.map_fn(
+            one,
+            datas,
+            parallel_iterations=1,
+            fn_output_signature=(
+                tf.TensorSpec([image_size, image_size, 3], tf.uint8),
+                tf.TensorSpec([], tf.string),
+            ),
+        )
 
     # Without AutoGraph: the graph has no Python control flow to convert (its branches are
     # explicit tf.cond), and converting it cost every worker process 1.1 s of CPU at start,
     # the work of about 500 photos (bench/RESULTS.md).
-    return tf.function(many, input_signature=[tf.TensorSpec([None], tf.string)],
-                       autograph=False).get_concrete_function()
+    return tf.function(
+        many, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False
+    ).get_concrete_function()

@@ -25,8 +25,15 @@ def scratch_config(**settings):
 
 
 def make_image_folder(root: Path, images_per_class: int = 8, broken: bool = False) -> Path:
-    return generate(SampleDataConfig(output=root, images_per_class=images_per_class,
-                                     image_size=TINY_SIZE, seed=1, add_broken_files=broken))
+    return generate(
+        SampleDataConfig(
+            output=root,
+            images_per_class=images_per_class,
+            image_size=TINY_SIZE,
+            seed=1,
+            add_broken_files=broken,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,11 @@ def prepared_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared")
     source = make_image_folder(root / "images", images_per_class=12)
     output = root / "dataset"
-    preprocess(PreprocessConfig(source=source, output=output, image_size=TINY_SIZE,
-                                validation_fraction=0.2, test_fraction=0.2))
+    preprocess(
+        PreprocessConfig(
+            source=source, output=output, image_size=TINY_SIZE, validation_fraction=0.2, test_fraction=0.2
+        )
+    )
     return output
 
 
@@ -79,8 +89,11 @@ def trained_model(prepared_dataset: Path, tmp_path_factory) -> Path:
     from components.train import train
 
     output = tmp_path_factory.mktemp("trained") / "model"
-    train(scratch_config(data=prepared_dataset, output=output, epochs=12, batch_size=32,
-                      augment=False, warmup_epochs=0))
+    train(
+        scratch_config(
+            data=prepared_dataset, output=output, epochs=12, batch_size=32, augment=False, warmup_epochs=0
+        )
+    )
     return output
 
 

@@ -54,8 +54,9 @@ def require_engine() -> None:
         raise RuntimeError("no docker client: install docker.io (.ci/run does)")
     result = docker("info", "--format", "{{.ServerVersion}}", check=False)
     if result.returncode:
-        raise RuntimeError(f"no Docker engine answers: {result.stderr.strip()[:300]} "
-                           "(start dockerd: .ci/run does)")
+        raise RuntimeError(
+            f"no Docker engine answers: {result.stderr.strip()[:300]} (start dockerd: .ci/run does)"
+        )
 
 
 def image_exists(name: str) -> bool:
@@ -69,12 +70,21 @@ def ensure_base_image() -> None:
         raise RuntimeError("debootstrap is needed to make the local base image (apt-get install debootstrap)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "rootfs"
-        subprocess.run(["debootstrap", "--variant=minbase",
-                        "--include=python3,python3-venv,ca-certificates,passwd", "bookworm", str(root)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates,passwd",
+                "bookworm",
+                str(root),
+            ],
+            check=True,
+            capture_output=True,
+        )
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, check=True, capture_output=True
+        )
         tar.wait()
 
 
@@ -83,13 +93,30 @@ def ensure_wheels() -> Path:
     already in the folder, so reruns are quick)."""
     wheels = REPO / "docker" / "wheels"
     # No pip cache: the wheel folder is the cache, and a second 3.4 GB copy can fill the disk.
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--no-cache-dir",
-                             "-r", str(REPO / "docker" / "requirements-cpu.txt"),
-                             "-r", str(REPO / "docker" / "requirements-gpu.txt"), "-w", str(wheels)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "--no-cache-dir",
+            "-r",
+            str(REPO / "docker" / "requirements-cpu.txt"),
+            "-r",
+            str(REPO / "docker" / "requirements-gpu.txt"),
+            "-w",
+            str(wheels),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode:
-        raise RuntimeError(f"pip wheel into {wheels} failed (exit {result.returncode}; "
-                           f"{free_gib(wheels):.1f} GiB free there):\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"pip wheel into {wheels} failed (exit {result.returncode}; "
+            f"{free_gib(wheels):.1f} GiB free there):\n{result.stderr[-3000:]}"
+        )
     return wheels
 
 
@@ -106,8 +133,10 @@ def disk_shortfall() -> str | None:
     for name, path in places.items():
         free = free_gib(path)
         if free < NEEDED_GIB:
-            return (f"the docker tier needs about {NEEDED_GIB} GiB free for {name}; {free:.1f} GiB are free "
-                    "(docker image prune -a frees old images)")
+            return (
+                f"the docker tier needs about {NEEDED_GIB} GiB free for {name}; {free:.1f} GiB are free "
+                "(docker image prune -a frees old images)"
+            )
     return None
 
 
@@ -119,8 +148,13 @@ def require_disk() -> None:
 
 
 def revision() -> str:
-    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def flavor_wheels(wheels: Path, flavor: str) -> list[Path]:
@@ -131,13 +165,20 @@ def flavor_wheels(wheels: Path, flavor: str) -> list[Path]:
         return re.sub(r"[-_.]+", "_", name).lower()
 
     lock = (REPO / "docker" / f"requirements-{flavor}.txt").read_text().splitlines()
-    pins = {(normal(name), version) for name, _, version in
-            (line.partition("==") for line in lock if not line.startswith("#")) if version}
-    chosen = [wheel for wheel in wheels.glob("*.whl")
-              if (normal(wheel.name.split("-")[0]), wheel.name.split("-")[1]) in pins]
+    pins = {
+        (normal(name), version)
+        for name, _, version in (line.partition("==") for line in lock if not line.startswith("#"))
+        if version
+    }
+    chosen = [
+        wheel
+        for wheel in wheels.glob("*.whl")
+        if (normal(wheel.name.split("-")[0]), wheel.name.split("-")[1]) in pins
+    ]
     if len(chosen) != len(pins):
-        raise RuntimeError(f"docker/wheels has {len(chosen)} of the {len(pins)} wheels of "
-                           f"requirements-{flavor}.txt")
+        raise RuntimeError(
+            f"docker/wheels has {len(chosen)} of the {len(pins)} wheels of requirements-{flavor}.txt"
+        )
     return chosen
 
 
@@ -170,8 +211,13 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 def build_context(target: Path, wheels: list[Path], canary: str) -> Path:
     """The checkout's files (tracked and not ignored), the wheels hard-linked, and canary secrets
     where careless recipes leak them: a .env, a cloud credentials file and the CA folder."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():
@@ -200,18 +246,31 @@ def build_images(canary: str) -> Built:
         with contextlib.ExitStack() as stack:
             # Inside the wheel folder's file system, so that the wheels can be hard-linked.
             context = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=wheels)))
-            args = ["--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", f"FLAVOR={flavor}",
-                    "--build-arg", f"REVISION={rev}",
-                    "--build-arg", f"PIP_INDEX_URL=https://ci:{canary}@pypi.invalid/simple"]
+            args = [
+                "--build-arg",
+                f"BASE_IMAGE={BASE_IMAGE}",
+                "--build-arg",
+                f"FLAVOR={flavor}",
+                "--build-arg",
+                f"REVISION={rev}",
+                "--build-arg",
+                f"PIP_INDEX_URL=https://ci:{canary}@pypi.invalid/simple",
+            ]
             if flavor == "cpu":
                 build_context(context, flavor_wheels(wheels, flavor), canary)
             else:
                 build_context(context, [], canary)
                 url = stack.enter_context(wheel_server(wheels))
                 args += ["--network", "host", "--build-arg", f"PIP_FIND_LINKS={url}"]
-            result = subprocess.run(["docker", "build", "-f", "docker/Dockerfile", *args, "-t", tag, "."],
-                                    cwd=context, env=env, capture_output=True, text=True)
+            result = subprocess.run(
+                ["docker", "build", "-f", "docker/Dockerfile", *args, "-t", tag, "."],
+                cwd=context,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if result.returncode:
-                raise RuntimeError(f"docker build ({flavor}) failed:\n{result.stdout[-4000:]}\n"
-                                   f"{result.stderr[-4000:]}")
+                raise RuntimeError(
+                    f"docker build ({flavor}) failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+                )
     return Built(cpu=CPU_IMAGE, gpu=GPU_IMAGE, revision=rev, canary=canary)

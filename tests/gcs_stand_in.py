@@ -43,9 +43,17 @@ class GCSStandIn:
                     return self._send(404, json.dumps(error).encode())
                 if len(parts) == 5:
                     prefix = parse_qs(url.query).get("prefix", [""])[0]
-                    items = [{"kind": "storage#object", "bucket": parts[3], "name": name,
-                              "size": str(len(data)), "etag": hashlib.md5(data).hexdigest()}
-                             for name, data in sorted(bucket.items()) if name.startswith(prefix)]
+                    items = [
+                        {
+                            "kind": "storage#object",
+                            "bucket": parts[3],
+                            "name": name,
+                            "size": str(len(data)),
+                            "etag": hashlib.md5(data).hexdigest(),
+                        }
+                        for name, data in sorted(bucket.items())
+                        if name.startswith(prefix)
+                    ]
                     return self._send(200, json.dumps({"kind": "storage#objects", "items": items}).encode())
                 name = "/".join(parts[5:])
                 if name not in bucket:

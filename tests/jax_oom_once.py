@@ -14,8 +14,10 @@ import keras
 from components import train
 
 # What XLA raised on the H200 under a 2 GiB cap (bench/gpu_results/train_h200/warm-oom.log).
-MESSAGE = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 6.99GiB with allocator GPU_0_bfc "
-           "on device 0. [executable_name='jit_train_step']")
+MESSAGE = (
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 6.99GiB with allocator GPU_0_bfc "
+    "on device 0. [executable_name='jit_train_step']"
+)
 
 
 def main() -> int:

@@ -26,8 +26,14 @@ class Cluster:
 
 
 def _not_found(what: str) -> tuple[int, dict]:
-    return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
-                 "message": f"{what} not found", "code": 404}
+    return 404, {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "reason": "NotFound",
+        "message": f"{what} not found",
+        "code": 404,
+    }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -40,8 +46,16 @@ class Handler(BaseHTTPRequestHandler):
         parsed = urlparse(self.path)
         self.cluster.requests.append(self.path)
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-            status, body = 401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                 "reason": "Unauthorized", "code": 401}
+            status, body = (
+                401,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": "Unauthorized",
+                    "code": 401,
+                },
+            )
         else:
             status, body = self.route(parsed.path.strip("/").split("/"), parse_qs(parsed.query))
         data = json.dumps(body).encode()
@@ -58,9 +72,14 @@ class Handler(BaseHTTPRequestHandler):
         rest = parts[2:]
         if rest == ["nodes"]:
             key, _, value = query.get("labelSelector", [""])[0].partition("=")
-            items = [{"metadata": {"name": n["name"], "labels": n["labels"]},
-                      "status": {"allocatable": n["allocatable"]}}
-                     for n in c.nodes if not key or n["labels"].get(key) == value]
+            items = [
+                {
+                    "metadata": {"name": n["name"], "labels": n["labels"]},
+                    "status": {"allocatable": n["allocatable"]},
+                }
+                for n in c.nodes
+                if not key or n["labels"].get(key) == value
+            ]
             return 200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": items}
         if len(rest) == 2 and rest[0] == "namespaces":
             if rest[1] in c.namespaces:
@@ -70,8 +89,13 @@ class Handler(BaseHTTPRequestHandler):
             data = c.secrets.get((rest[1], rest[3]))
             if data is None:
                 return _not_found(f"secret {rest[3]}")
-            return 200, {"kind": "Secret", "apiVersion": "v1", "type": "Opaque", "data": data,
-                         "metadata": {"name": rest[3], "namespace": rest[1]}}
+            return 200, {
+                "kind": "Secret",
+                "apiVersion": "v1",
+                "type": "Opaque",
+                "data": data,
+                "metadata": {"name": rest[3], "namespace": rest[1]},
+            }
         return _not_found("/".join(parts))
 
 
@@ -82,12 +106,18 @@ class StandIn:
     server: ThreadingHTTPServer
 
     def kubeconfig(self, path: Path) -> Path:
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
-            "clusters": [{"name": "stand-in", "cluster": {"server": self.url}}],
-            "users": [{"name": "ci", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "ci"}}],
-        }))
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "stand-in",
+                    "clusters": [{"name": "stand-in", "cluster": {"server": self.url}}],
+                    "users": [{"name": "ci", "user": {"token": TOKEN}}],
+                    "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "ci"}}],
+                }
+            )
+        )
         return path
 
     def close(self) -> None:

@@ -118,23 +118,40 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"pipelines": found, "total_size": len(found)} if found else {}
         if method == "POST" and path in ("/pipelines/upload", "/pipelines/upload_version"):
             message = BytesParser(policy=email_policy).parsebytes(
-                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
-            (upload,) = [part.get_payload(decode=True) for part in message.iter_parts()
-                         if part.get_param("name", header="content-disposition") == "uploadfile"]
+                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw
+            )
+            (upload,) = [
+                part.get_payload(decode=True)
+                for part in message.iter_parts()
+                if part.get_param("name", header="content-disposition") == "uploadfile"
+            ]
             s.uploads.append(upload)
             name = (query.get("display_name") or query.get("name") or ["?"])[0]
             if path == "/pipelines/upload":
-                pipeline = {"pipeline_id": s.new_id("pipeline"), "display_name": name, "created_at": s.now(),
-                            "namespace": query.get("namespace", [""])[0]}
+                pipeline = {
+                    "pipeline_id": s.new_id("pipeline"),
+                    "display_name": name,
+                    "created_at": s.now(),
+                    "namespace": query.get("namespace", [""])[0],
+                }
                 s.pipelines[pipeline["pipeline_id"]] = pipeline
-                s.versions[pipeline["pipeline_id"]] = [{
-                    "pipeline_id": pipeline["pipeline_id"], "pipeline_version_id": s.new_id("version"),
-                    "display_name": name, "created_at": s.now()}]
+                s.versions[pipeline["pipeline_id"]] = [
+                    {
+                        "pipeline_id": pipeline["pipeline_id"],
+                        "pipeline_version_id": s.new_id("version"),
+                        "display_name": name,
+                        "created_at": s.now(),
+                    }
+                ]
                 return 200, pipeline
             pipeline_id = query["pipelineid"][0]
             s.pipelines[pipeline_id]  # noqa: B018 (404 for an unknown pipeline)
-            version = {"pipeline_id": pipeline_id, "pipeline_version_id": s.new_id("version"),
-                       "display_name": name, "created_at": s.now()}
+            version = {
+                "pipeline_id": pipeline_id,
+                "pipeline_version_id": s.new_id("version"),
+                "display_name": name,
+                "created_at": s.now(),
+            }
             s.versions[pipeline_id].append(version)
             return 200, version
         if method == "GET" and path.startswith("/pipelines/") and path.endswith("/versions"):
@@ -146,8 +163,11 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and path == "/experiments":
             name = _display_name_filter(query)
             namespace = query.get("namespace", [""])[0]
-            found = [e for e in s.experiments.values()
-                     if (name is None or e["display_name"] == name) and e["namespace"] == namespace]
+            found = [
+                e
+                for e in s.experiments.values()
+                if (name is None or e["display_name"] == name) and e["namespace"] == namespace
+            ]
             return 200, {"experiments": found, "total_size": len(found)} if found else {}
         if method == "POST" and path == "/experiments":
             experiment = {**body, "experiment_id": s.new_id("experiment"), "created_at": s.now()}
@@ -164,14 +184,19 @@ class Handler(BaseHTTPRequestHandler):
             run["state"] = s.run_states[min(polls, len(s.run_states) - 1)]
             return 200, run
         if method == "POST" and path == "/recurringruns":
-            recurring = {**body, "recurring_run_id": s.new_id("recurring"), "created_at": s.now(),
-                         "status": "ENABLED" if body.get("mode", "ENABLE") == "ENABLE" else "DISABLED"}
+            recurring = {
+                **body,
+                "recurring_run_id": s.new_id("recurring"),
+                "created_at": s.now(),
+                "status": "ENABLED" if body.get("mode", "ENABLE") == "ENABLE" else "DISABLED",
+            }
             s.recurring[recurring["recurring_run_id"]] = recurring
             return 200, recurring
         if method == "GET" and path == "/recurringruns":
             experiment = query.get("experiment_id", [None])[0]
-            found = [r for r in s.recurring.values()
-                     if experiment is None or r.get("experiment_id") == experiment]
+            found = [
+                r for r in s.recurring.values() if experiment is None or r.get("experiment_id") == experiment
+            ]
             return 200, {"recurringRuns": found, "total_size": len(found)}
         if path.startswith("/recurringruns/"):
             ident, _, action = path.split("/")[2].partition(":")

@@ -49,8 +49,11 @@ class Harness:
     def __post_init__(self):
         documents = list(yaml.safe_load_all(self.spec_path.read_text()))
         self.spec = documents[0]
-        self.platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] \
-            if len(documents) > 1 else {}
+        self.platform = (
+            documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+            if len(documents) > 1
+            else {}
+        )
 
     def run(self, params: dict[str, Any]) -> None:
         declared = self.spec["root"]["inputDefinitions"]["parameters"]
@@ -61,8 +64,11 @@ class Harness:
     def _order(self, tasks: dict) -> list[str]:
         done, order = set(), []
         while len(order) < len(tasks):
-            ready = [n for n, t in sorted(tasks.items()) if n not in done
-                     and set(t.get("dependentTasks", [])) <= done]
+            ready = [
+                n
+                for n, t in sorted(tasks.items())
+                if n not in done and set(t.get("dependentTasks", [])) <= done
+            ]
             if not ready:
                 raise RuntimeError(f"cycle among {set(tasks) - done}")
             order += ready
@@ -76,8 +82,11 @@ class Harness:
             source = spec["taskOutputParameter"]
             return self.parameters[(source["producerTask"], source["outputParameterKey"])]
         constant = spec["runtimeValue"]["constant"]
-        return constant.replace("{{$.pipeline_job_name}}", self.job_name) if isinstance(constant, str) \
+        return (
+            constant.replace("{{$.pipeline_job_name}}", self.job_name)
+            if isinstance(constant, str)
             else constant
+        )
 
     def _resolve_artifact(self, spec: dict, scope: dict) -> dict:
         if "componentInputArtifact" in spec:
@@ -90,10 +99,10 @@ class Harness:
             task = dag["tasks"][name]
             component = self.spec["components"][task["componentRef"]["name"]]
             inputs = task.get("inputs", {})
-            parameters = {k: self._resolve_parameter(v, scope)
-                          for k, v in inputs.get("parameters", {}).items()}
-            artifacts = {k: self._resolve_artifact(v, scope)
-                         for k, v in inputs.get("artifacts", {}).items()}
+            parameters = {
+                k: self._resolve_parameter(v, scope) for k, v in inputs.get("parameters", {}).items()
+            }
+            artifacts = {k: self._resolve_artifact(v, scope) for k, v in inputs.get("artifacts", {}).items()}
             if "dag" in component:
                 condition = task.get("triggerPolicy", {}).get("condition", "")
                 if condition and not self._condition(condition, parameters):
@@ -144,15 +153,24 @@ class Harness:
         outputs = component.get("outputDefinitions", {})
         output_artifacts = {}
         for key, definition in outputs.get("artifacts", {}).items():
-            output_artifacts[key] = {"name": key, "uri": self._uri(name, key), "metadata": {},
-                                     "type": {"schemaTitle": definition["artifactType"]["schemaTitle"]}}
+            output_artifacts[key] = {
+                "name": key,
+                "uri": self._uri(name, key),
+                "metadata": {},
+                "type": {"schemaTitle": definition["artifactType"]["schemaTitle"]},
+            }
         executor_input = {
-            "inputs": {"parameterValues": parameters,
-                       "artifacts": {k: {"artifacts": [v]} for k, v in artifacts.items()}},
-            "outputs": {"artifacts": {k: {"artifacts": [v]} for k, v in output_artifacts.items()},
-                        "parameters": {k: {"outputFile": str(folder / f"param-{k}")}
-                                       for k in outputs.get("parameters", {})},
-                        "outputFile": str(folder / "executor_output.json")},
+            "inputs": {
+                "parameterValues": parameters,
+                "artifacts": {k: {"artifacts": [v]} for k, v in artifacts.items()},
+            },
+            "outputs": {
+                "artifacts": {k: {"artifacts": [v]} for k, v in output_artifacts.items()},
+                "parameters": {
+                    k: {"outputFile": str(folder / f"param-{k}")} for k in outputs.get("parameters", {})
+                },
+                "outputFile": str(folder / "executor_output.json"),
+            },
         }
         for artifact in artifacts.values():
             self._download(artifact["uri"])
@@ -161,14 +179,19 @@ class Harness:
         for secret in platform.get("secretAsEnv", []):
             for mapping in secret["keyToEnv"]:
                 env[mapping["envVar"]] = self.secrets[secret["secretName"]][mapping["secretKey"]]
-        command = [part.replace("{{$}}", json.dumps(executor_input))
-                   for part in executor["command"] + executor["args"]]
+        command = [
+            part.replace("{{$}}", json.dumps(executor_input))
+            for part in executor["command"] + executor["args"]
+        ]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
         (folder / "log.txt").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise RuntimeError(f"step {name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-        executor_output = json.loads((folder / "executor_output.json").read_text()) \
-            if (folder / "executor_output.json").exists() else {}
+        executor_output = (
+            json.loads((folder / "executor_output.json").read_text())
+            if (folder / "executor_output.json").exists()
+            else {}
+        )
         for key, value in executor_output.get("parameterValues", {}).items():
             self.parameters[(name, key)] = value
         for key, artifact in output_artifacts.items():
@@ -183,5 +206,7 @@ class Harness:
 
 def python_path_env(repo: Path) -> dict[str, str]:
     """`python3` in the compiled command must be this interpreter, with this checkout importable."""
-    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(repo)}
+    return {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(repo),
+    }

@@ -26,8 +26,12 @@ class S3Server:
     process: subprocess.Popen
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+        }
 
     def client(self):
         from components.storage import endpoint_from_env, make_client
@@ -54,8 +58,12 @@ def start() -> S3Server:
 
     port = _free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     http = urllib3.PoolManager()
     for _ in range(100):
@@ -67,12 +75,22 @@ def start() -> S3Server:
     else:
         process.kill()
         raise RuntimeError("moto server did not start")
-    iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
-                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+    )
     iam.create_user(UserName="pipeline")
     key = iam.create_access_key(UserName="pipeline")["AccessKey"]
-    iam.put_user_policy(UserName="pipeline", PolicyName="s3", PolicyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-    return S3Server(url=url, access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"],
-                    process=process)
+    iam.put_user_policy(
+        UserName="pipeline",
+        PolicyName="s3",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
+    return S3Server(
+        url=url, access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"], process=process
+    )

@@ -59,9 +59,11 @@ def test_a_run_resumes_whatever_the_backend_steps_per_call_or_memory_cap(prepare
 
     dataset = records.load(prepared_dataset)
     base = scratch_config(data=prepared_dataset, output=Path("/tmp/x"))
-    same = [scratch_config(data=prepared_dataset, output=Path("/tmp/x"), backend="jax"),
-            scratch_config(data=prepared_dataset, output=Path("/tmp/x"), steps_per_execution=1),
-            scratch_config(data=prepared_dataset, output=Path("/tmp/x"), gpu_memory_limit_mib=2048)]
+    same = [
+        scratch_config(data=prepared_dataset, output=Path("/tmp/x"), backend="jax"),
+        scratch_config(data=prepared_dataset, output=Path("/tmp/x"), steps_per_execution=1),
+        scratch_config(data=prepared_dataset, output=Path("/tmp/x"), gpu_memory_limit_mib=2048),
+    ]
     assert {run_checkpoint_dir(config, dataset) for config in same} == {run_checkpoint_dir(base, dataset)}
     other = scratch_config(data=prepared_dataset, output=Path("/tmp/x"), batch_size=64)
     assert run_checkpoint_dir(other, dataset) != run_checkpoint_dir(base, dataset)
@@ -101,8 +103,12 @@ def test_padded_validation_gives_the_exact_accuracy_and_loss(prepared_dataset):
     classes = len(dataset.classes)
     count = dataset.count("validation")
     model = build_model(classes, dataset.image_size)
-    compile_for_training(model, scratch_config(data=prepared_dataset, output=Path("/tmp/x")).recipe(),
-                         steps_per_epoch=1, fixed_shapes=True)
+    compile_for_training(
+        model,
+        scratch_config(data=prepared_dataset, output=Path("/tmp/x")).recipe(),
+        steps_per_epoch=1,
+        fixed_shapes=True,
+    )
     padded, padding = eval_dataset(dataset, "validation", count + 5, classes)
     whole, none = eval_dataset(dataset, "validation", count, classes, pad=False)
     assert (padding, none) == (5, 0)

@@ -26,13 +26,16 @@ def recording(limit: int):
     return fits, probed
 
 
-@pytest.mark.parametrize("limit, requested, expected_probes, found", [
-    (100, 256, [256, 128, 64, 96, 112, 104], 96),  # the request, halve, then bisect to a multiple of 8
-    (100, 40, [40], 40),  # the request fits: one probe
-    (5, 256, [256, 128, 64, 32, 16, 8, 4, 6, 5], 5),  # halve down to 4, then bisect by 1
-    (256, 256, [256], 256),
-    (300, 1000, [1000, 500, 250, 368, 304, 272, 288, 296], 296),
-])
+@pytest.mark.parametrize(
+    "limit, requested, expected_probes, found",
+    [
+        (100, 256, [256, 128, 64, 96, 112, 104], 96),  # the request, halve, then bisect to a multiple of 8
+        (100, 40, [40], 40),  # the request fits: one probe
+        (5, 256, [256, 128, 64, 32, 16, 8, 4, 6, 5], 5),  # halve down to 4, then bisect by 1
+        (256, 256, [256], 256),
+        (300, 1000, [1000, 500, 250, 368, 304, 272, 288, 296], 296),
+    ],
+)
 def test_search_probes_this_exact_sequence(limit, requested, expected_probes, found):
     fits, probed = recording(limit)
     assert search(fits, requested) == found
@@ -54,13 +57,16 @@ def test_a_failure_that_is_not_memory_is_not_swallowed():
         search(fits, 64)
 
 
-@pytest.mark.parametrize("requested, largest, step, accumulation", [
-    (256, 96, 86, 3),  # 3 x 86 = 258: the fewest steps, spread evenly
-    (256, 256, 256, 1),
-    (100, 512, 100, 1),
-    (256, 128, 128, 2),
-    (7, 3, 3, 3),
-])
+@pytest.mark.parametrize(
+    "requested, largest, step, accumulation",
+    [
+        (256, 96, 86, 3),  # 3 x 86 = 258: the fewest steps, spread evenly
+        (256, 256, 256, 1),
+        (100, 512, 100, 1),
+        (256, 128, 128, 2),
+        (7, 3, 3, 3),
+    ],
+)
 def test_plan_reaches_the_requested_batch_with_accumulation(requested, largest, step, accumulation):
     result = plan(requested, largest)
     assert (result.step_batch, result.accumulation) == (step, accumulation)
@@ -70,8 +76,11 @@ def test_plan_reaches_the_requested_batch_with_accumulation(requested, largest, 
 
 def test_out_of_memory_is_recognised_for_each_backend():
     assert batchfit.is_out_of_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"))
-    assert batchfit.is_out_of_memory(RuntimeError(
-        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.87GiB with allocator GPU_0_bfc"))
+    assert batchfit.is_out_of_memory(
+        RuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.87GiB with allocator GPU_0_bfc"
+        )
+    )
     assert not batchfit.is_out_of_memory(ValueError("Input 0 is incompatible with the layer"))
 
 
@@ -114,8 +123,9 @@ def test_a_probe_that_fails_for_another_reason_raises_with_its_message():
 
 
 @pytest.mark.slow
-def test_running_out_of_memory_mid_training_steps_down_and_finishes(prepared_dataset, tmp_path, monkeypatch,
-                                                                    caplog):
+def test_running_out_of_memory_mid_training_steps_down_and_finishes(
+    prepared_dataset, tmp_path, monkeypatch, caplog
+):
     real_fit = keras.Model.fit
     calls = []
 
@@ -126,8 +136,17 @@ def test_running_out_of_memory_mid_training_steps_down_and_finishes(prepared_dat
         return real_fit(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", fit_that_runs_out_once)
-    summary = train(scratch_config(data=prepared_dataset, output=tmp_path / "model", epochs=3, batch_size=16,
-                                augment=False, batch_fit="off", checkpoint_every=1))
+    summary = train(
+        scratch_config(
+            data=prepared_dataset,
+            output=tmp_path / "model",
+            epochs=3,
+            batch_size=16,
+            augment=False,
+            batch_fit="off",
+            checkpoint_every=1,
+        )
+    )
     assert "out of memory at a per-step batch of 16" in caplog.text
     assert (summary["step_batch"], summary["accumulation"], summary["effective_batch"]) == (8, 2, 16)
     assert summary["epochs_trained"] == 3

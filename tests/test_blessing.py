@@ -8,8 +8,10 @@ from components.blessing import BlessingConfig, decide, summary_line
 
 
 def metrics(accuracy: float, recalls: dict[str, float], support: int = 50) -> dict:
-    return {"accuracy": accuracy,
-            "per_class": {name: {"recall": recall, "support": support} for name, recall in recalls.items()}}
+    return {
+        "accuracy": accuracy,
+        "per_class": {name: {"recall": recall, "support": support} for name, recall in recalls.items()},
+    }
 
 
 PRODUCTION = metrics(0.90, {"cat": 0.90, "dog": 0.90})
@@ -59,8 +61,10 @@ def test_first_run_uses_the_thresholds_alone():
 
 def test_a_model_answering_the_majority_class_is_never_blessed():
     # 60 cats and 40 dogs: always answering "cat" scores 0.60, above min_accuracy 0.5.
-    collapsed = {"accuracy": 0.60, "per_class": {"cat": {"recall": 1.0, "support": 60},
-                                                  "dog": {"recall": 0.0, "support": 40}}}
+    collapsed = {
+        "accuracy": 0.60,
+        "per_class": {"cat": {"recall": 1.0, "support": 60}, "dog": {"recall": 0.0, "support": 40}},
+    }
     decision = decide(collapsed, None, CONFIG)
     assert failed(decision) == ["beats_majority"]
 

@@ -32,23 +32,28 @@ def built():
     return docker_harness.build_images(canary=CANARY)
 
 
-def run_in(image: str, *command: str, mounts: dict[Path, str] | None = None, network: str = "none",
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_in(
+    image: str,
+    *command: str,
+    mounts: dict[Path, str] | None = None,
+    network: str = "none",
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     args = ["run", "--rm", "--network", network]
     for host, inside in (mounts or {}).items():
         args += ["-v", f"{host}:{inside}"]
     for key, value in (env or {}).items():
         args += ["-e", f"{key}={value}"]
     result = docker_harness.docker(*args, image, *command, check=False)
-    assert result.returncode == 0, (f"{' '.join(command)} failed in {image}:\n"
-                                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed in {image}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
 def shard_digests(dataset: Path) -> dict:
     manifest = json.loads((dataset / "manifest.json").read_text())
-    return {"classes": manifest["classes"], "counts": manifest["counts"],
-            "shards": manifest["shards"]}
+    return {"classes": manifest["classes"], "counts": manifest["counts"], "shards": manifest["shards"]}
 
 
 def test_images_run_as_non_root_with_the_sdks_kfp_and_the_git_revision(built):
@@ -58,22 +63,31 @@ def test_images_run_as_non_root_with_the_sdks_kfp_and_the_git_revision(built):
         config = json.loads(docker_harness.docker("image", "inspect", image).stdout)[0]["Config"]
         assert config["User"] == str(IMAGE_UID)
         assert config["Labels"]["org.opencontainers.image.revision"] == built.revision
-        out = run_in(image, "sh", "-c", 'id -u; python3 -c "import kfp; print(kfp.__version__)"; '
-                                        'python3 -m kfp.dsl.executor_main --help >/dev/null '
-                                        '&& echo executor-ok').stdout
+        out = run_in(
+            image,
+            "sh",
+            "-c",
+            'id -u; python3 -c "import kfp; print(kfp.__version__)"; '
+            "python3 -m kfp.dsl.executor_main --help >/dev/null "
+            "&& echo executor-ok",
+        ).stdout
         assert out.split() == [str(IMAGE_UID), kfp.__version__, "executor-ok"], out
 
 
 def test_gpu_image_carries_jax_for_cuda_12_and_neither_image_a_cuda_build_of_tensorflow(built):
     """Keras trains on JAX on the GPU; TensorFlow reads records only and must take no GPU memory."""
-    probe = ("import tensorflow as tf; b = tf.sysconfig.get_build_info(); "
-             "print(b['is_cuda_build'], tf.__version__)")
+    probe = (
+        "import tensorflow as tf; b = tf.sysconfig.get_build_info(); "
+        "print(b['is_cuda_build'], tf.__version__)"
+    )
     gpu = run_in(built.gpu, "python3", "-c", probe).stdout.split()
     cpu = run_in(built.cpu, "python3", "-c", probe).stdout.split()
     assert gpu == cpu == ["False", "2.21.0"], (gpu, cpu)
-    jax_probe = ("import importlib.metadata as m, jax, jax_cuda12_plugin; "
-                 "print(jax.__version__, m.version('jax-cuda12-plugin'), m.version('nvidia-cudnn-cu12'), "
-                 "m.version('nvidia-cuda-runtime-cu12'))")
+    jax_probe = (
+        "import importlib.metadata as m, jax, jax_cuda12_plugin; "
+        "print(jax.__version__, m.version('jax-cuda12-plugin'), m.version('nvidia-cudnn-cu12'), "
+        "m.version('nvidia-cuda-runtime-cu12'))"
+    )
     versions = run_in(built.gpu, "python3", "-c", jax_probe).stdout.split()
     assert versions[0] == versions[1] == "0.10.2", versions
     assert versions[2].startswith("9.") and versions[3].startswith("12."), versions
@@ -95,7 +109,7 @@ def test_no_canary_credential_in_history_config_or_any_layer(built, tmp_path):
         while chunk := save.stdout.read(8 << 20):
             window = tail + chunk
             assert canary not in window, f"canary found in {image}'s layers"
-            tail, total = window[-len(canary):], total + len(chunk)
+            tail, total = window[-len(canary) :], total + len(chunk)
         assert save.wait() == 0 and total > 100 << 20  # the image really was read
 
 
@@ -107,36 +121,120 @@ def test_each_step_runs_in_its_container_and_matches_the_run_without_docker(buil
     shutil.chown(work, IMAGE_UID, IMAGE_UID)
     mount = {work: "/work"}
     size = str(TINY_SIZE)
-    run_in(built.cpu, "python3", "-m", "components.preprocess", "--source", "/work/images",
-           "--output", "/work/dataset", "--image-size", size, "--validation-fraction", "0.2",
-           "--test-fraction", "0.2", mounts=mount)
+    run_in(
+        built.cpu,
+        "python3",
+        "-m",
+        "components.preprocess",
+        "--source",
+        "/work/images",
+        "--output",
+        "/work/dataset",
+        "--image-size",
+        size,
+        "--validation-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+        mounts=mount,
+    )
     # The GPU image's backend, forced here (no GPU: auto would pick TensorFlow): JAX writes the
     # model file that the CPU image evaluates and exports under TensorFlow.
-    run_in(built.gpu, "python3", "-m", "components.train", "--data", "/work/dataset",
-           "--output", "/work/model", "--epochs", "1", "--batch-size", "8", "--backend", "jax",
-           "--weights", "none", "--min-updates", "0", mounts=mount)
-    run_in(built.cpu, "python3", "-m", "components.evaluate", "--model", "/work/model",
-           "--data", "/work/dataset", "--output", "/work/evaluation", mounts=mount)
-    run_in(built.cpu, "python3", "-m", "components.export", "--model", "/work/model",
-           "--data", "/work/dataset", "--evaluation", "/work/evaluation", "--output", "/work/servable",
-           mounts=mount)
+    run_in(
+        built.gpu,
+        "python3",
+        "-m",
+        "components.train",
+        "--data",
+        "/work/dataset",
+        "--output",
+        "/work/model",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--backend",
+        "jax",
+        "--weights",
+        "none",
+        "--min-updates",
+        "0",
+        mounts=mount,
+    )
+    run_in(
+        built.cpu,
+        "python3",
+        "-m",
+        "components.evaluate",
+        "--model",
+        "/work/model",
+        "--data",
+        "/work/dataset",
+        "--output",
+        "/work/evaluation",
+        mounts=mount,
+    )
+    run_in(
+        built.cpu,
+        "python3",
+        "-m",
+        "components.export",
+        "--model",
+        "/work/model",
+        "--data",
+        "/work/dataset",
+        "--evaluation",
+        "/work/evaluation",
+        "--output",
+        "/work/servable",
+        mounts=mount,
+    )
     assert (work / "servable" / "saved_model" / "saved_model.pb").is_file()
     assert json.loads((work / "model" / "train_config.json").read_text())["backend"] == "jax"
     owners = {path.stat().st_uid for path in (work / "dataset").rglob("*")} | {
-        path.stat().st_uid for path in (work / "servable").rglob("*")}
+        path.stat().st_uid for path in (work / "servable").rglob("*")
+    }
     assert owners == {IMAGE_UID}  # written by the image's user, not root
 
     host = tmp_path / "host"
     python = [sys.executable, "-m"]
-    subprocess.run([*python, "components.preprocess", "--source", str(work / "images"), "--output",
-                    str(host / "dataset"), "--image-size", size, "--validation-fraction", "0.2",
-                    "--test-fraction", "0.2"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *python,
+            "components.preprocess",
+            "--source",
+            str(work / "images"),
+            "--output",
+            str(host / "dataset"),
+            "--image-size",
+            size,
+            "--validation-fraction",
+            "0.2",
+            "--test-fraction",
+            "0.2",
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert shard_digests(host / "dataset") == shard_digests(work / "dataset")  # byte-identical shards
-    subprocess.run([*python, "components.evaluate", "--model", str(work / "model"),
-                    "--data", str(work / "dataset"), "--output", str(host / "evaluation")],
-                   check=True, capture_output=True)
-    ours, theirs = (json.loads((folder / "evaluation.json").read_text())["candidate"]
-                    for folder in (host / "evaluation", work / "evaluation"))
+    subprocess.run(
+        [
+            *python,
+            "components.evaluate",
+            "--model",
+            str(work / "model"),
+            "--data",
+            str(work / "dataset"),
+            "--output",
+            str(host / "evaluation"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ours, theirs = (
+        json.loads((folder / "evaluation.json").read_text())["candidate"]
+        for folder in (host / "evaluation", work / "evaluation")
+    )
     assert ours["confusion_matrix"] == theirs["confusion_matrix"]
     assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
 
@@ -152,11 +250,38 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
     env = {**os.environ, **s3.env(), "RETRAIN_BUCKET": "retrain", "PYTHONPATH": str(REPO)}
     env.pop("MINIO_ENDPOINT", None)
     result = subprocess.run(
-        [sys.executable, str(REPO / "pipeline.py"), "run-local", "--runner", "docker", "--image", built.cpu,
-         "--gpu-image", built.gpu, "--data", str(images), "--image-size", str(TINY_SIZE), "--epochs", "2",
-         "--batch-size", "16", "--weights", "none", "--min-updates", "0", "--workdir", str(workdir),
-         "--model-name", "flowers"],
-        env=env, capture_output=True, text=True, cwd=tmp_path)
+        [
+            sys.executable,
+            str(REPO / "pipeline.py"),
+            "run-local",
+            "--runner",
+            "docker",
+            "--image",
+            built.cpu,
+            "--gpu-image",
+            built.gpu,
+            "--data",
+            str(images),
+            "--image-size",
+            str(TINY_SIZE),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--weights",
+            "none",
+            "--min-updates",
+            "0",
+            "--workdir",
+            str(workdir),
+            "--model-name",
+            "flowers",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     summary = json.loads((workdir / "run-summary.json").read_text())
     assert summary["runner"] == "docker" and summary["registry"] == "s3://retrain/registry"
@@ -172,9 +297,22 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
     manifests = list(Path(summary["pipeline_root"]).glob("*/preprocess/dataset/manifest.json"))
     assert len(manifests) == 1
     host = tmp_path / "host-dataset"
-    subprocess.run([sys.executable, "-m", "components.preprocess", "--source", str(images),
-                    "--output", str(host), "--image-size", str(TINY_SIZE)],
-                   check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "components.preprocess",
+            "--source",
+            str(images),
+            "--output",
+            str(host),
+            "--image-size",
+            str(TINY_SIZE),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     assert shard_digests(manifests[0].parent) == shard_digests(host)
 
     # The export branch followed the decision, and the registry in the bucket says the same.
@@ -189,9 +327,30 @@ def test_a_step_failing_in_its_container_fails_the_run_with_its_reason(built, s3
     s3_env.client().make_bucket("empty")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, str(REPO / "pipeline.py"), "run-local", "--runner", "docker", "--image", built.cpu,
-         "--gpu-image", built.gpu, "--data", "s3://empty/flowers", "--bucket", "empty", "--weights", "none",
-         "--workdir", str(tmp_path / "run")], env=env, capture_output=True, text=True, cwd=tmp_path)
+        [
+            sys.executable,
+            str(REPO / "pipeline.py"),
+            "run-local",
+            "--runner",
+            "docker",
+            "--image",
+            built.cpu,
+            "--gpu-image",
+            built.gpu,
+            "--data",
+            "s3://empty/flowers",
+            "--bucket",
+            "empty",
+            "--weights",
+            "none",
+            "--workdir",
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert "no objects under s3://empty/flowers" in result.stdout + result.stderr
     assert not (tmp_path / "run" / "run-summary.json").exists()
@@ -209,8 +368,18 @@ def test_build_stage_install_trusts_the_ca_folder(tmp_path):
     shutil.copy(REPO / "docker" / "pip-install.sh", build)
     (build / "requirements.txt").write_text("six==1.17.0\n")
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", build / "certs" / "proxy.crt")
-    result = docker_harness.docker("run", "--rm", "--network", "host", "-v", f"{build}:/build",
-                                   docker_harness.BASE_IMAGE, "sh", "/build/pip-install.sh", check=False)
+    result = docker_harness.docker(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "-v",
+        f"{build}:/build",
+        docker_harness.BASE_IMAGE,
+        "sh",
+        "/build/pip-install.sh",
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "pip trusts the certificates in /build/certs/proxy.crt" in result.stdout
     assert "Successfully installed six-1.17.0" in result.stdout
@@ -225,11 +394,24 @@ def test_compose_file_is_valid_and_pins_minio_by_digest(tmp_path):
     env_file = tmp_path / ".env"
     shutil.copy(REPO / ".env.example", env_file)
     # Compose lets the shell's variables win over the file: only the file's may count here.
-    clean = {key: value for key, value in os.environ.items()
-             if not key.startswith(("AWS_", "RETRAIN_", "MINIO_"))}
-    rendered = subprocess.run([compose, "-p", "efficientnet-retrain", "--env-file", str(env_file), "-f",
-                               str(REPO / "docker" / "compose.yaml"), "config"],
-                              capture_output=True, text=True, env=clean)
+    clean = {
+        key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "RETRAIN_", "MINIO_"))
+    }
+    rendered = subprocess.run(
+        [
+            compose,
+            "-p",
+            "efficientnet-retrain",
+            "--env-file",
+            str(env_file),
+            "-f",
+            str(REPO / "docker" / "compose.yaml"),
+            "config",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean,
+    )
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     assert {service["image"] for service in services.values()} == {services["minio"]["image"]}
@@ -237,11 +419,16 @@ def test_compose_file_is_valid_and_pins_minio_by_digest(tmp_path):
     assert services["minio"]["environment"]["MINIO_ROOT_USER"] == "retrain-admin"
     assert services["make-bucket"]["environment"]["BUCKET"] == "retrain"
     # docker-compose v1 prints ports as strings, v2 as mappings
-    assert all((port["host_ip"] if isinstance(port, dict) else port.split(":")[0]) == "127.0.0.1"
-               for port in services["minio"]["ports"])
+    assert all(
+        (port["host_ip"] if isinstance(port, dict) else port.split(":")[0]) == "127.0.0.1"
+        for port in services["minio"]["ports"]
+    )
 
     env_file.write_text("RETRAIN_BUCKET=x\n")  # no credentials: compose must refuse, not start empty
-    refused = subprocess.run([compose, "--env-file", str(env_file), "-f",
-                              str(REPO / "docker" / "compose.yaml"), "config"],
-                             capture_output=True, text=True, env=clean)
+    refused = subprocess.run(
+        [compose, "--env-file", str(env_file), "-f", str(REPO / "docker" / "compose.yaml"), "config"],
+        capture_output=True,
+        text=True,
+        env=clean,
+    )
     assert refused.returncode != 0 and "AWS_ACCESS_KEY_ID" in refused.stderr

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_env_file_fills_only_unset_variables(tmp_path, monkeypatch):
     env = tmp_path / ".env"
-    env.write_text("# comment\n\nRETRAIN_T_A=from-file\nexport RETRAIN_T_B='quoted value'\n"
-                   'RETRAIN_T_C="x=y"\n')
+    env.write_text(
+        "# comment\n\nRETRAIN_T_A=from-file\nexport RETRAIN_T_B='quoted value'\nRETRAIN_T_C=\"x=y\"\n"
+    )
     monkeypatch.setenv("RETRAIN_T_A", "from-shell")
     for name in ("RETRAIN_T_B", "RETRAIN_T_C"):
         monkeypatch.delenv(name, raising=False)
@@ -51,10 +52,19 @@ def test_env_example_holds_every_setting_the_docker_run_and_compose_read(monkeyp
 
 
 def test_only_the_store_settings_enter_a_container():
-    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "k",
-           "AWS_SECRET_ACCESS_KEY": "s", "HOME": "/root", "GITHUB_TOKEN": "t", "AWS_REGION": ""}
-    assert docker_local.container_env(env) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
-                                               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    env = {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "HOME": "/root",
+        "GITHUB_TOKEN": "t",
+        "AWS_REGION": "",
+    }
+    assert docker_local.container_env(env) == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }
 
 
 def test_staging_uploads_a_folder_once(s3_env, tmp_path, monkeypatch):
@@ -62,10 +72,13 @@ def test_staging_uploads_a_folder_once(s3_env, tmp_path, monkeypatch):
     s3_env.client().make_bucket("stage")
     uri = docker_local.stage_folder(images, "stage", "tiny")
     assert uri == "s3://stage/datasets/tiny"
-    names = sorted(item.object_name for item in
-                   s3_env.client().list_objects("stage", prefix="datasets/tiny/", recursive=True))
-    local = sorted(f"datasets/tiny/{path.relative_to(images).as_posix()}" for path in images.rglob("*")
-                   if path.is_file())
+    names = sorted(
+        item.object_name
+        for item in s3_env.client().list_objects("stage", prefix="datasets/tiny/", recursive=True)
+    )
+    local = sorted(
+        f"datasets/tiny/{path.relative_to(images).as_posix()}" for path in images.rglob("*") if path.is_file()
+    )
     assert names == local
     (images / "dots" / "new.jpg").write_bytes(next((images / "dots").glob("*.jpg")).read_bytes())
     uploads = []
@@ -92,8 +105,10 @@ def test_staging_uploads_what_preprocess_reads_from_the_folder(s3_env, tmp_path)
         (images / junk).write_bytes(b"junk")
     s3_env.client().make_bucket("stage")
     docker_local.stage_folder(images, "stage", "linked")
-    names = sorted(item.object_name.removeprefix("datasets/linked/") for item in
-                   s3_env.client().list_objects("stage", prefix="datasets/linked/", recursive=True))
+    names = sorted(
+        item.object_name.removeprefix("datasets/linked/")
+        for item in s3_env.client().list_objects("stage", prefix="datasets/linked/", recursive=True)
+    )
     assert names == sorted(f"{cls}/{path.name}" for cls in CLASSES for path in (images / cls).iterdir())
     assert sum(name.startswith("dots/") for name in names) == 3
 
@@ -109,8 +124,17 @@ def test_docker_run_without_an_engine_is_a_clear_error(monkeypatch, tmp_path, ca
 
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-such.sock")
     with pytest.raises(SystemExit) as exited:
-        commands.main(["run-local", "--runner", "docker", "--workdir", str(tmp_path / "run"),
-                       "--env-file", str(tmp_path / "none.env")])
+        commands.main(
+            [
+                "run-local",
+                "--runner",
+                "docker",
+                "--workdir",
+                str(tmp_path / "run"),
+                "--env-file",
+                str(tmp_path / "none.env"),
+            ]
+        )
     assert exited.value.code == 2
     assert "no Docker engine answers" in caplog.text
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
@@ -121,12 +145,16 @@ def test_lock_files_pin_every_direct_dependency_at_pyprojects_version():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     # The gpu image only trains: export, and so the ONNX converter, runs in the cpu image.
-    wanted = {"cpu": project["dependencies"] + extras["cpu"] + extras["onnx"],
-              "gpu": project["dependencies"] + extras["gpu"]}
+    wanted = {
+        "cpu": project["dependencies"] + extras["cpu"] + extras["onnx"],
+        "gpu": project["dependencies"] + extras["gpu"],
+    }
     for flavor, requirements in wanted.items():
         lines = (REPO / "docker" / f"requirements-{flavor}.txt").read_text().splitlines()
-        locked = {re.sub(r"[-_.]+", "-", name).lower(): version for name, _, version in
-                  (line.partition("==") for line in lines if not line.startswith("#"))}
+        locked = {
+            re.sub(r"[-_.]+", "-", name).lower(): version
+            for name, _, version in (line.partition("==") for line in lines if not line.startswith("#"))
+        }
         for requirement in requirements:
             spec, _, marker = requirement.partition(";")
             if "platform_machine != 'x86_64'" in marker:

@@ -21,12 +21,14 @@ def test_metrics_match_a_hand_computed_case():
     # true:      a  a  b  c
     # predicted: a  b  b  a   (top-2 adds the second-highest column)
     labels = np.array([0, 0, 1, 2])
-    probabilities = np.array([
-        [0.7, 0.2, 0.1],
-        [0.4, 0.5, 0.1],
-        [0.1, 0.8, 0.1],
-        [0.5, 0.1, 0.4],
-    ])
+    probabilities = np.array(
+        [
+            [0.7, 0.2, 0.1],
+            [0.4, 0.5, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.5, 0.1, 0.4],
+        ]
+    )
     metrics = classification_metrics(labels, probabilities, ["a", "b", "c"], top_k=2)
 
     assert metrics["accuracy"] == pytest.approx(0.5)
@@ -59,8 +61,9 @@ def test_expected_calibration_error_by_hand():
     # ECE = |0.75 - mean(0.9, 0.8, 0.6, 0.6)| = |0.75 - 0.725| = 0.025.
     result = calibration(labels, probabilities, bins=2)
     assert result["expected_calibration_error"] == pytest.approx(0.025)
-    assert result["table"] == [{"low": 0.5, "high": 1.0, "count": 4, "accuracy": 0.75,
-                                "confidence": pytest.approx(0.725)}]
+    assert result["table"] == [
+        {"low": 0.5, "high": 1.0, "count": 4, "accuracy": 0.75, "confidence": pytest.approx(0.725)}
+    ]
 
 
 def test_a_perfectly_calibrated_model_has_zero_error():
@@ -98,7 +101,8 @@ def test_evaluates_a_trained_model(trained_model, prepared_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_production_is_scored_through_its_serving_signature_on_the_same_images(
-        trained_model, prepared_dataset, tmp_path, s3_env):
+    trained_model, prepared_dataset, tmp_path, s3_env
+):
     """The same model, once as the Keras candidate and once as the exported production
     SavedModel in an S3 registry, fed raw record bytes: identical scores, so the comparison is
     like for like."""
@@ -113,15 +117,24 @@ def test_production_is_scored_through_its_serving_signature_on_the_same_images(
     store = registry.Registry("s3://models/registry", "tiny")
     store.promote(store.push(exported, {}))
 
-    config = EvaluateConfig(model=trained_model, data=prepared_dataset, output=tmp_path / "eval",
-                            registry="s3://models/registry", model_name="tiny")
+    config = EvaluateConfig(
+        model=trained_model,
+        data=prepared_dataset,
+        output=tmp_path / "eval",
+        registry="s3://models/registry",
+        model_name="tiny",
+    )
     result = evaluate(config)
     production = result["production"]
     assert production["version"] == 1
     assert production["metrics"]["confusion_matrix"] == result["candidate"]["confusion_matrix"]
     assert production["metrics"]["accuracy"] == result["candidate"]["accuracy"]
     assert [c["check"] for c in result["decision"]["checks"]] == [
-        "min_accuracy", "beats_majority", "margin", "max_class_drop"]
+        "min_accuracy",
+        "beats_majority",
+        "margin",
+        "max_class_drop",
+    ]
     margin = next(c for c in result["decision"]["checks"] if c["check"] == "margin")
     assert margin["passed"]  # equal to production is within any margin
 

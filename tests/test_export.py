@@ -20,8 +20,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported(trained_model, prepared_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    info = export(ExportConfig(model=trained_model, data=prepared_dataset, output=root / "servable",
-                               formats=("litert", "onnx"), latency_runs=3))
+    info = export(
+        ExportConfig(
+            model=trained_model,
+            data=prepared_dataset,
+            output=root / "servable",
+            formats=("litert", "onnx"),
+            latency_runs=3,
+        )
+    )
     return root / "servable" / SAVED_MODEL, info
 
 
@@ -65,8 +72,11 @@ def test_onnx_file_takes_the_image_alone(exported):
     output, info = exported
     graph = onnx.load(str(output.parent / "onnx" / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["pixels"]
-    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [info["image_size"],
-                                                                                    info["image_size"], 3]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [
+        info["image_size"],
+        info["image_size"],
+        3,
+    ]
 
 
 def test_saved_model_serves_raw_jpeg_and_png_of_any_size(exported, tmp_path):
@@ -83,7 +93,7 @@ def test_saved_model_serves_raw_jpeg_and_png_of_any_size(exported, tmp_path):
         import numpy as np, tensorflow as tf
         sys.modules["components"] = None  # any import of our package would now fail
         model = tf.saved_model.load({str(output)!r})
-        samples = list(np.load({str(tmp_path / 'bytes.npy')!r}, allow_pickle=True))
+        samples = list(np.load({str(tmp_path / "bytes.npy")!r}, allow_pickle=True))
         out = model.signatures["serving_default"](image_bytes=tf.constant(samples))
         print(json.dumps({{"shape": list(out["probabilities"].shape),
                           "dtype": out["probabilities"].dtype.name,
@@ -138,8 +148,11 @@ def test_serving_signature_uses_the_datasets_resize_policy(trained_model, tmp_pa
     image[:, :30] = 255
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    served = tf.saved_model.load(str(tmp_path / "padded")).signatures["serving_default"](
-        image_bytes=tf.constant([buffer.getvalue()]))["probabilities"].numpy()
+    served = (
+        tf.saved_model.load(str(tmp_path / "padded"))
+        .signatures["serving_default"](image_bytes=tf.constant([buffer.getvalue()]))["probabilities"]
+        .numpy()
+    )
     padded = imaging.resize(tf.constant(image), summary["image_size"], "pad")
     expected = np.asarray(model(tf.cast(padded, tf.float32)[None], training=False))
     np.testing.assert_allclose(served, expected, atol=1e-5)
@@ -181,8 +194,9 @@ def _raw_images() -> dict[str, bytes]:
     return kinds
 
 
-def test_exported_model_on_raw_bytes_matches_keras_on_the_preprocessed_records(exported, trained_model,
-                                                                              tmp_path):
+def test_exported_model_on_raw_bytes_matches_keras_on_the_preprocessed_records(
+    exported, trained_model, tmp_path
+):
     """No train/serve skew: every kind of raw file, through the SavedModel, gives what the Keras
     model gives on the record preprocess made of that file (PNG records: exact pixels)."""
     import tensorflow as tf
@@ -200,9 +214,18 @@ def test_exported_model_on_raw_bytes_matches_keras_on_the_preprocessed_records(e
             (source / label).mkdir(parents=True, exist_ok=True)
             (source / label / f"{index}-{name}").write_bytes(data)
     prepared = tmp_path / "prepared"
-    preprocess(PreprocessConfig(source=source, output=prepared, image_size=info["image_size"],
-                                encoding="png", resize=info["resize"], min_images_per_class=1,
-                                validation_fraction=0.0, test_fraction=0.0))
+    preprocess(
+        PreprocessConfig(
+            source=source,
+            output=prepared,
+            image_size=info["image_size"],
+            encoding="png",
+            resize=info["resize"],
+            min_images_per_class=1,
+            validation_fraction=0.0,
+            test_fraction=0.0,
+        )
+    )
     model, _ = load_trained(trained_model)
     serve = tf.saved_model.load(str(output)).signatures["serving_default"]
     dataset = records.load(prepared)

@@ -138,7 +138,8 @@ def test_an_animated_webp_is_refused_with_an_error_not_a_crash(tmp_path):
         "try:\n"
         f"    decode(tf.constant(open({str(sample)!r}, 'rb').read()))\n"
         "except tf.errors.InvalidArgumentError as error:\n"
-        "    print('refused:', imaging.ANIMATED_WEBP in error.message)\n")
+        "    print('refused:', imaging.ANIMATED_WEBP in error.message)\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "refused: True"

@@ -22,8 +22,9 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names
-                      if alias.name.startswith("components.")}
+            found |= {
+                alias.name.split(".")[1] for alias in node.names if alias.name.startswith("components.")
+            }
     return found - {path.stem}
 
 
@@ -56,8 +57,9 @@ def test_the_module_graph_has_no_cycle(graph):
 def test_the_walk_sees_imports_inside_functions(tmp_path):
     """The checks above would pass vacuously if function-level imports went unseen."""
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from components.train import train\n"
-                      "    from components import records\n")
+    source.write_text(
+        "def f():\n    from components.train import train\n    from components import records\n"
+    )
     assert imports_of(source) == {"train", "records"}
 
 
@@ -83,19 +85,31 @@ def imports_inside_functions(path: Path) -> list[str]:
                 modules = [alias.name for alias in node.names]
             else:
                 continue
-            found += [f"{path.name}:{node.lineno} {module}" for module in modules
-                      if module.split(".")[0] not in LAZY]
+            found += [
+                f"{path.name}:{node.lineno} {module}"
+                for module in modules
+                if module.split(".")[0] not in LAZY
+            ]
     return found
 
 
-@pytest.mark.parametrize("path", sorted([*COMPONENTS.glob("*.py"), *(REPO / name for name in (
-    "pipeline.py", "local_run.py", "commands.py", "cluster.py"))]), ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        [
+            *COMPONENTS.glob("*.py"),
+            *(REPO / name for name in ("pipeline.py", "local_run.py", "commands.py", "cluster.py")),
+        ]
+    ),
+    ids=lambda path: path.name,
+)
 def test_imports_are_at_the_top_but_for_the_heavy_frameworks(path):
     assert imports_inside_functions(path) == []
 
 
 def test_the_import_rule_sees_a_project_import_inside_a_function(tmp_path):
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    import tensorflow as tf\n    from components import records\n"
-                      "    import json\n")
+    source.write_text(
+        "def f():\n    import tensorflow as tf\n    from components import records\n    import json\n"
+    )
     assert imports_inside_functions(source) == ["probe.py:3 components", "probe.py:4 json"]

@@ -34,13 +34,37 @@ def checkpoint_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jax-checkpoints")
 
 
-def train_command(data: Path, output: Path, root: Path, seed: int, *extra: str,
-                  module: str = "components.train") -> list[str]:
+def train_command(
+    data: Path, output: Path, root: Path, seed: int, *extra: str, module: str = "components.train"
+) -> list[str]:
     # The trained_model fixture's recipe: no augmentation, no warm-up.
-    return [sys.executable, "-m", module, "--data", str(data), "--output", str(output),
-            "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--no-augment", "--warmup-epochs", "0",
-            "--checkpoint-dir", str(root), "--checkpoint-every", "3", "--seed", str(seed),
-            "--weights", "none", "--min-updates", "0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        str(BATCH),
+        "--no-augment",
+        "--warmup-epochs",
+        "0",
+        "--checkpoint-dir",
+        str(root),
+        "--checkpoint-every",
+        "3",
+        "--seed",
+        str(seed),
+        "--weights",
+        "none",
+        "--min-updates",
+        "0",
+        *extra,
+    ]
 
 
 def jax_env() -> dict:
@@ -81,7 +105,8 @@ def finish(command: list[str], log: Path, env: dict) -> str:
 
 
 def test_jax_training_resumes_after_sigterm_and_its_model_is_evaluated_exported_and_served_by_tensorflow(
-        prepared_dataset, checkpoint_root, tmp_path):
+    prepared_dataset, checkpoint_root, tmp_path
+):
     import tensorflow as tf
 
     from components.evaluate import EvaluateConfig, evaluate
@@ -91,8 +116,9 @@ def test_jax_training_resumes_after_sigterm_and_its_model_is_evaluated_exported_
     output = tmp_path / "model"
     # mixed_float16, as on the GPU: the model file then holds float16 compute policies, which
     # evaluate and export (on CPUs) turn back into float32.
-    command = train_command(prepared_dataset, output, checkpoint_root, 1, "--backend", "jax",
-                            "--precision", "mixed_float16")
+    command = train_command(
+        prepared_dataset, output, checkpoint_root, 1, "--backend", "jax", "--precision", "mixed_float16"
+    )
     first = stop_after_first_checkpoint(command, checkpoint_root, tmp_path / "run1.log", jax_env())
     assert "Keras backend: jax (--backend jax; no GPU)" in first
     second = finish(command, tmp_path / "run2.log", jax_env())
@@ -111,8 +137,14 @@ def test_jax_training_resumes_after_sigterm_and_its_model_is_evaluated_exported_
 
     evaluation = evaluate(EvaluateConfig(model=output, data=prepared_dataset, output=tmp_path / "evaluation"))
     assert evaluation["candidate"]["examples"] == records.load(prepared_dataset).count("test")
-    info = export(ExportConfig(model=output, data=prepared_dataset, output=tmp_path / "exported",
-                               evaluation=tmp_path / "evaluation"))
+    info = export(
+        ExportConfig(
+            model=output,
+            data=prepared_dataset,
+            output=tmp_path / "exported",
+            evaluation=tmp_path / "evaluation",
+        )
+    )
     assert info["verification"]["passed"] and info["verification"]["max_abs_difference"] <= 1e-4
 
     # Served: the test split's encoded images, as a client would send them, against Keras on
@@ -147,11 +179,13 @@ def test_a_checkpoint_written_under_jax_resumes_under_tensorflow(prepared_datase
     assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
 
 
-def test_running_out_of_memory_under_jax_steps_down_with_accumulation_and_finishes(prepared_dataset,
-                                                                                   checkpoint_root, tmp_path):
+def test_running_out_of_memory_under_jax_steps_down_with_accumulation_and_finishes(
+    prepared_dataset, checkpoint_root, tmp_path
+):
     output = tmp_path / "model"
-    command = train_command(prepared_dataset, output, checkpoint_root, 3, "--backend", "jax",
-                            module="tests.jax_oom_once")
+    command = train_command(
+        prepared_dataset, output, checkpoint_root, 3, "--backend", "jax", module="tests.jax_oom_once"
+    )
     text = finish(command, tmp_path / "oom.log", jax_env())
     assert f"out of memory at a per-step batch of {BATCH} (RESOURCE_EXHAUSTED" in text
     summary = json.loads((output / "train_config.json").read_text())

@@ -21,9 +21,13 @@ from tests import launcher_harness
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.launcher,
-              pytest.mark.skipif(os.geteuid() != 0 and not os.access("/", os.W_OK),
-                                 reason="the KFP executor's /minio mount needs root (CI runs as root)")]
+pytestmark = [
+    pytest.mark.launcher,
+    pytest.mark.skipif(
+        os.geteuid() != 0 and not os.access("/", os.W_OK),
+        reason="the KFP executor's /minio mount needs root (CI runs as root)",
+    ),
+]
 
 
 def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s3, tmp_path, monkeypatch):
@@ -41,11 +45,26 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s
 
     spec = pipeline.compile_pipeline(tmp_path / "pipeline.yaml", cluster=pipeline.Cluster(s3_endpoint=s3.url))
     harness = launcher_harness.Harness(
-        spec_path=spec, bucket=bucket, root_prefix="v2/artifacts", client=client,
+        spec_path=spec,
+        bucket=bucket,
+        root_prefix="v2/artifacts",
+        client=client,
         secrets={"mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key}},
-        workdir=tmp_path / "launcher", env=launcher_harness.python_path_env(REPO))
-    harness.run({"source": "minio://datasets/patterns", "image_size": 64, "resize": "pad", "epochs": 20,
-                 "batch_size": 16, "weights": "none", "registry": "minio://models", "model_name": "patterns"})
+        workdir=tmp_path / "launcher",
+        env=launcher_harness.python_path_env(REPO),
+    )
+    harness.run(
+        {
+            "source": "minio://datasets/patterns",
+            "image_size": 64,
+            "resize": "pad",
+            "epochs": 20,
+            "batch_size": 16,
+            "weights": "none",
+            "registry": "minio://models",
+            "model_name": "patterns",
+        }
+    )
 
     assert harness.ran == ["fingerprint", "preprocess", "train", "evaluate", "export"]
     assert harness.parameters[("evaluate", "Output")] is True
@@ -53,10 +72,17 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s
 
     root = f"v2/artifacts/{harness.job_name}"
     stored = {item.object_name for item in client.list_objects(bucket, prefix=root, recursive=True)}
-    for key in ("preprocess/dataset/manifest.json", "preprocess/dataset/_COMPLETE", "preprocess/report",
-                "train/model/model.keras", "train/model/train_config.json",
-                "evaluate/evaluation/evaluation.json", "evaluate/report",
-                "export/servable/saved_model/saved_model.pb", "export/servable/model_card.md"):
+    for key in (
+        "preprocess/dataset/manifest.json",
+        "preprocess/dataset/_COMPLETE",
+        "preprocess/report",
+        "train/model/model.keras",
+        "train/model/train_config.json",
+        "evaluate/evaluation/evaluation.json",
+        "evaluate/report",
+        "export/servable/saved_model/saved_model.pb",
+        "export/servable/model_card.md",
+    ):
         assert f"{root}/{key}" in stored, key
     assert not (launcher_harness.LOCAL_MOUNT / bucket).exists()  # every input came from the bucket
 

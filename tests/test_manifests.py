@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl
 
 
 def render(folder: Path) -> list[dict]:
-    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -73,8 +74,12 @@ def test_ci_account_is_bound_in_its_own_namespace():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "retrain-ci", "namespace": namespace}]
     rules = objects[("Role", "retrain-ci")]["rules"]
     assert {"runs", "recurringruns", "pipelines/versions"} <= set(rules[0]["resources"])
-    assert rules[1] == {"apiGroups": [""], "resources": ["secrets"],
-                        "resourceNames": ["mlpipeline-minio-artifact"], "verbs": ["get"]}
+    assert rules[1] == {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "resourceNames": ["mlpipeline-minio-artifact"],
+        "verbs": ["get"],
+    }
 
 
 def test_minio_matches_what_the_pipeline_expects():

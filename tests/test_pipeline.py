@@ -35,8 +35,9 @@ def load_spec(text: str) -> dict:
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
-    pipeline.compile_pipeline(path, image="registry.example/retrain:1",
-                              gpu_image="registry.example/retrain-gpu:1")
+    pipeline.compile_pipeline(
+        path, image="registry.example/retrain:1", gpu_image="registry.example/retrain-gpu:1"
+    )
     return load_spec(path.read_text())
 
 
@@ -66,10 +67,14 @@ def test_export_runs_only_when_evaluate_blesses_the_model(spec):
     assert "export" not in root  # never unconditionally
     condition = root["condition-1"]
     assert condition["taskInfo"]["name"] == "blessed"
-    assert condition["triggerPolicy"]["condition"] == \
-        "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
+    assert (
+        condition["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
+    )
     assert condition["inputs"]["parameters"]["pipelinechannel--evaluate-Output"]["taskOutputParameter"] == {
-        "outputParameterKey": "Output", "producerTask": "evaluate"}
+        "outputParameterKey": "Output",
+        "producerTask": "evaluate",
+    }
     outputs = spec["components"]["comp-evaluate"]["outputDefinitions"]["parameters"]
     assert outputs["Output"]["parameterType"] == "BOOLEAN"
 
@@ -93,10 +98,16 @@ def test_artifacts_flow_between_steps(spec):
     assert _artifact_source(spec, "export", "dataset") == ("preprocess", "dataset")
     assert _artifact_source(spec, "export", "evaluation") == ("evaluate", "evaluation")
     components = spec["components"]
-    assert components["comp-preprocess"]["outputDefinitions"]["artifacts"]["dataset"][
-        "artifactType"]["schemaTitle"] == "system.Dataset"
-    assert components["comp-train"]["outputDefinitions"]["artifacts"]["model"][
-        "artifactType"]["schemaTitle"] == "system.Model"
+    assert (
+        components["comp-preprocess"]["outputDefinitions"]["artifacts"]["dataset"]["artifactType"][
+            "schemaTitle"
+        ]
+        == "system.Dataset"
+    )
+    assert (
+        components["comp-train"]["outputDefinitions"]["artifacts"]["model"]["artifactType"]["schemaTitle"]
+        == "system.Model"
+    )
     evaluate_outputs = components["comp-evaluate"]["outputDefinitions"]["artifacts"]
     assert evaluate_outputs["confusion"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
     assert evaluate_outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
@@ -108,9 +119,13 @@ def test_artifacts_flow_between_steps(spec):
 def test_pipeline_outputs_the_decision_and_the_report(spec):
     outputs = spec["root"]["dag"]["outputs"]
     assert outputs["parameters"]["blessed"]["valueFromParameter"] == {
-        "outputParameterKey": "Output", "producerSubtask": "evaluate"}
+        "outputParameterKey": "Output",
+        "producerSubtask": "evaluate",
+    }
     assert outputs["artifacts"]["evaluation_report"]["artifactSelectors"][0] == {
-        "outputArtifactKey": "report", "producerSubtask": "evaluate"}
+        "outputArtifactKey": "report",
+        "producerSubtask": "evaluate",
+    }
 
 
 def test_export_records_the_pipeline_run_in_the_registry(spec):
@@ -123,9 +138,13 @@ def test_export_records_the_pipeline_run_in_the_registry(spec):
 def test_only_train_runs_in_the_gpu_image(spec):
     executors = spec["deploymentSpec"]["executors"]
     images = {name.removeprefix("exec-"): body["container"]["image"] for name, body in executors.items()}
-    assert images == {"fingerprint": "registry.example/retrain:1", "preprocess": "registry.example/retrain:1",
-                      "train": "registry.example/retrain-gpu:1", "evaluate": "registry.example/retrain:1",
-                      "export": "registry.example/retrain:1"}
+    assert images == {
+        "fingerprint": "registry.example/retrain:1",
+        "preprocess": "registry.example/retrain:1",
+        "train": "registry.example/retrain-gpu:1",
+        "evaluate": "registry.example/retrain:1",
+        "export": "registry.example/retrain:1",
+    }
     for body in executors.values():
         # install_kfp_package=False: the image brings kfp, nothing is pip-installed at start.
         assert "pip install" not in " ".join(body["container"]["command"])
@@ -147,15 +166,25 @@ def test_parameters_and_defaults(spec):
 
 # Each retrain parameter's step config and field; learning_rate (0 for the config's None: KFP
 # has no null float) and export_formats (a string for the config's tuple) are the exceptions.
-OWNERS = {"image_size": (PreprocessConfig, "image_size"), "resize": (PreprocessConfig, "resize"),
-          "tfds_data_dir": (PreprocessConfig, "tfds_data_dir"), "epochs": (TrainConfig, "epochs"),
-          "batch_size": (TrainConfig, "batch_size"), "weights": (TrainConfig, "weights"),
-          "weights_cache": (TrainConfig, "weights_cache"), "min_updates": (TrainConfig, "min_updates"),
-          "precision": (TrainConfig, "precision"), "checkpoint_dir": (TrainConfig, "checkpoint_dir"),
-          "gpu_memory_limit_mib": (TrainConfig, "gpu_memory_limit_mib"), "backend": (TrainConfig, "backend"),
-          "registry": (EvaluateConfig, "registry"), "model_name": (EvaluateConfig, "model_name"),
-          "min_accuracy": (BlessingConfig, "min_accuracy"), "margin": (BlessingConfig, "margin"),
-          "max_class_drop": (BlessingConfig, "max_class_drop")}
+OWNERS = {
+    "image_size": (PreprocessConfig, "image_size"),
+    "resize": (PreprocessConfig, "resize"),
+    "tfds_data_dir": (PreprocessConfig, "tfds_data_dir"),
+    "epochs": (TrainConfig, "epochs"),
+    "batch_size": (TrainConfig, "batch_size"),
+    "weights": (TrainConfig, "weights"),
+    "weights_cache": (TrainConfig, "weights_cache"),
+    "min_updates": (TrainConfig, "min_updates"),
+    "precision": (TrainConfig, "precision"),
+    "checkpoint_dir": (TrainConfig, "checkpoint_dir"),
+    "gpu_memory_limit_mib": (TrainConfig, "gpu_memory_limit_mib"),
+    "backend": (TrainConfig, "backend"),
+    "registry": (EvaluateConfig, "registry"),
+    "model_name": (EvaluateConfig, "model_name"),
+    "min_accuracy": (BlessingConfig, "min_accuracy"),
+    "margin": (BlessingConfig, "margin"),
+    "max_class_drop": (BlessingConfig, "max_class_drop"),
+}
 
 
 def test_every_pipeline_default_is_its_step_configs_own(spec):
@@ -200,10 +229,17 @@ def test_run_local_types_and_checks_params_as_submit_does():
 def test_step_modules_do_not_import_kfp():
     for module in sorted((REPO / "components").glob("*.py")):
         tree = ast.parse(module.read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                    for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
         assert "kfp" not in imported, module.name
 
 
@@ -217,16 +253,46 @@ def test_each_kfp_adapter_imports_everything_it_uses_in_its_own_body(adapter):
     import textwrap
 
     source = textwrap.dedent(inspect.getsource(getattr(pipeline, adapter)))
-    body = next(table for table in symtable.symtable(source, adapter, "exec").get_children()
-                if table.get_name() == adapter)
+    body = next(
+        table
+        for table in symtable.symtable(source, adapter, "exec").get_children()
+        if table.get_name() == adapter
+    )
     free = {s.get_name() for s in body.get_symbols() if s.is_global() and not hasattr(builtins, s.get_name())}
     assert not free, f"{adapter} uses {sorted(free)} without importing them in its body"
 
 
+def readme_parameter_table() -> dict[str, str]:
+    """name -> default as the README's "Pipeline parameters" table writes them."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Pipeline parameters\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    return {name.strip().strip("`"): default.strip().strip("`") for name, default in rows}
+
+
+def test_the_readme_parameter_table_is_the_pipelines(spec):
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    expected = {}
+    for name, parameter in parameters.items():
+        if "defaultValue" not in parameter:
+            expected[name] = "required"
+        elif parameter["parameterType"] == "NUMBER_INTEGER":
+            expected[name] = str(int(parameter["defaultValue"]))
+        elif parameter["parameterType"] == "STRING":
+            expected[name] = parameter["defaultValue"] or '""'
+        else:
+            expected[name] = repr(float(parameter["defaultValue"]))
+    assert readme_parameter_table() == expected
+
+
 def test_compile_cli_writes_yaml(tmp_path):
     out = tmp_path / "p.yaml"
-    result = subprocess.run([sys.executable, "pipeline.py", "compile", "--output", str(out)],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout
     assert load_spec(out.read_text())["pipelineInfo"]["name"] == "efficientnet-retrain"
@@ -234,8 +300,9 @@ def test_compile_cli_writes_yaml(tmp_path):
 
 def test_every_step_has_a_cli():
     for step in STEPS:
-        result = subprocess.run([sys.executable, "-m", f"components.{step}", "--help"], cwd=REPO,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", f"components.{step}", "--help"], cwd=REPO, capture_output=True, text=True
+        )
         assert result.returncode == 0, (step, result.stderr)
         assert f"python -m components.{step}" in result.stdout
 
@@ -262,8 +329,9 @@ def test_only_train_asks_for_a_gpu_on_the_rtx2070_node(spec):
     train = kubernetes["train"]
     assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-2070"}
     assert train["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-    assert train["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "2Gi",
-                                        "volumeName": "dshm"}]
+    assert train["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "2Gi", "volumeName": "dshm"}
+    ]
     for task in TASKS:
         if task != "train":
             assert "accelerator" not in containers[task].get("resources", {}), task
@@ -276,16 +344,23 @@ def test_every_task_has_limits_a_timeout_and_runs_as_non_root(spec):
         resources = containers[task]["resources"]
         for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
             assert resources[key], (task, key)
-        assert kubernetes[task]["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000",
-                                                       "runAsNonRoot": True}, task
+        assert kubernetes[task]["securityContext"] == {
+            "runAsUser": "1000",
+            "runAsGroup": "1000",
+            "runAsNonRoot": True,
+        }, task
         assert int(kubernetes[task]["activeDeadlineSeconds"]) > 0, task
     assert containers["train"]["resources"]["resourceMemoryLimit"] == "16Gi"
 
 
 def test_train_retries_with_backoff_and_preprocess_does_not(spec):
     tasks = _tasks(spec)
-    assert tasks["train"]["retryPolicy"] == {"backoffDuration": "60s", "backoffFactor": 2.0,
-                                             "backoffMaxDuration": "600s", "maxRetryCount": 3}
+    assert tasks["train"]["retryPolicy"] == {
+        "backoffDuration": "60s",
+        "backoffFactor": 2.0,
+        "backoffMaxDuration": "600s",
+        "maxRetryCount": 3,
+    }
     for task in ("fingerprint", "preprocess", "export"):
         assert "retryPolicy" not in tasks[task], task
 
@@ -295,10 +370,13 @@ def test_credentials_come_only_from_the_secret(spec):
     for task in TASKS:
         (secret,) = kubernetes[task]["secretAsEnv"]
         assert secret["secretName"] == "mlpipeline-minio-artifact"
-        assert secret["keyToEnv"] == [{"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "accesskey"},
-                                      {"envVar": "AWS_SECRET_ACCESS_KEY", "secretKey": "secretkey"}]
-        assert containers[task]["env"] == [{"name": "AWS_ENDPOINT_URL",
-                                            "value": "http://minio-service.kubeflow:9000"}]
+        assert secret["keyToEnv"] == [
+            {"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "accesskey"},
+            {"envVar": "AWS_SECRET_ACCESS_KEY", "secretKey": "secretkey"},
+        ]
+        assert containers[task]["env"] == [
+            {"name": "AWS_ENDPOINT_URL", "value": "http://minio-service.kubeflow:9000"}
+        ]
 
 
 def test_preprocess_is_cached_by_the_data_fingerprint_taken_fresh_each_run(spec):
@@ -306,7 +384,9 @@ def test_preprocess_is_cached_by_the_data_fingerprint_taken_fresh_each_run(spec)
     assert tasks["fingerprint"]["cachingOptions"] == {}  # caching off: the listing runs every time
     assert tasks["preprocess"]["cachingOptions"] == {"enableCache": True}
     assert tasks["preprocess"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"] == {
-        "outputParameterKey": "Output", "producerTask": "fingerprint"}
+        "outputParameterKey": "Output",
+        "producerTask": "fingerprint",
+    }
 
 
 def test_no_canary_credential_reaches_the_yaml(tmp_path):
@@ -314,12 +394,20 @@ def test_no_canary_credential_reaches_the_yaml(tmp_path):
     import os
     import secrets
 
-    canaries = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
-                "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
-                "MINIO_ACCESS_KEY": secrets.token_hex(10), "MINIO_SECRET_KEY": secrets.token_hex(20)}
+    canaries = {
+        "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "MINIO_ACCESS_KEY": secrets.token_hex(10),
+        "MINIO_SECRET_KEY": secrets.token_hex(20),
+    }
     out = tmp_path / "p.yaml"
-    result = subprocess.run([sys.executable, "pipeline.py", "compile", "--output", str(out)], cwd=REPO,
-                            capture_output=True, text=True, env={**os.environ, **canaries})
+    result = subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **canaries},
+    )
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert "AWS_SECRET_ACCESS_KEY" in text  # the variable is wired, by name only
@@ -330,10 +418,29 @@ def test_no_canary_credential_reaches_the_yaml(tmp_path):
 def test_compile_options_change_the_cluster_settings(tmp_path):
     out = tmp_path / "p.yaml"
     result = subprocess.run(
-        [sys.executable, "pipeline.py", "compile", "--output", str(out), "--gpu-label",
-         "node.example/gpu=rtx2070", "--secret", "team-s3", "--secret-keys", "id,key",
-         "--s3-endpoint", "https://s3.example:9000", "--pipeline-root", "minio://team/pipelines",
-         "--image", "reg.example/retrain@sha256:" + "a" * 64], cwd=REPO, capture_output=True, text=True)
+        [
+            sys.executable,
+            "pipeline.py",
+            "compile",
+            "--output",
+            str(out),
+            "--gpu-label",
+            "node.example/gpu=rtx2070",
+            "--secret",
+            "team-s3",
+            "--secret-keys",
+            "id,key",
+            "--s3-endpoint",
+            "https://s3.example:9000",
+            "--pipeline-root",
+            "minio://team/pipelines",
+            "--image",
+            "reg.example/retrain@sha256:" + "a" * 64,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     spec = load_spec(out.read_text())
     kubernetes = _kubernetes(spec)

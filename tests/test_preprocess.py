@@ -65,8 +65,9 @@ def test_split_is_stratified_disjoint_and_deterministic(image_folder, tmp_path):
     second = run(image_folder, tmp_path / "b")
 
     assert first["shards"] == second["shards"]  # byte-identical shards (same sha256)
-    sources = {split: {row["image/source"] for row in read_all(tmp_path / "a", split)}
-               for split in records.SPLITS}
+    sources = {
+        split: {row["image/source"] for row in read_all(tmp_path / "a", split)} for split in records.SPLITS
+    }
     assert not sources["train"] & sources["test"]
     assert not sources["train"] & sources["validation"]
     assert not sources["validation"] & sources["test"]
@@ -96,18 +97,21 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_kept(image_folder, tmp
 
     reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
     assert reasons["dots/truncated.jpg"] == (
-        "truncated image data (JPEG): the file ends before the end-of-image marker that closes every JPEG")
+        "truncated image data (JPEG): the file ends before the end-of-image marker that closes every JPEG"
+    )
     assert reasons["dots/cut.jpg"] == reasons["dots/truncated.jpg"]  # cut in the scan data, not the header
     assert reasons["dots/empty.png"] == "empty file (0 bytes)"
     assert reasons["dots/notes.txt"].startswith("not an image")
     assert "HTML" in reasons["dots/page.jpg"]
     assert reasons["dots/scan.tiff"].startswith("unsupported image format TIFF")
     assert reasons["dots/damaged.jpg"].startswith(
-        "damaged image data, decodable only with defects (JPEG): Corrupt JPEG data:")
+        "damaged image data, decodable only with defects (JPEG): Corrupt JPEG data:"
+    )
     assert "dots/animated.webp" not in reasons  # its first frame is kept
     # Not "corrupt": a valid file of a variant TF cannot decode is told apart from a broken one.
     assert reasons["dots/one-bit.bmp"].startswith(
-        "unsupported BMP variant: TensorFlow, which the served model decodes with, cannot read it")
+        "unsupported BMP variant: TensorFlow, which the served model decodes with, cannot read it"
+    )
     assert len(manifest["rejected"]) == 8
     assert sum(manifest["totals"].values()) == 33
 
@@ -126,7 +130,8 @@ def test_too_many_pixels_is_refused_from_the_header(image_folder, tmp_path):
     Image.new("RGB", (400, 300)).save(image_folder / "dots" / "big.png")
     manifest = run(image_folder, tmp_path / "out", max_pixels=100_000)
     assert [r["reason"] for r in manifest["rejected"]] == [
-        "too many pixels: 400x300 is over the cap of 100000"]
+        "too many pixels: 400x300 is over the cap of 100000"
+    ]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
@@ -163,8 +168,9 @@ def test_one_class_is_refused(image_folder, tmp_path):
 def test_class_without_a_valid_image_names_the_class_and_files(image_folder, tmp_path):
     for path in (image_folder / "dots").iterdir():
         path.write_bytes(b"garbage")
-    with pytest.raises(PreprocessError,
-                       match=r"dots: 0 valid[\s\S]*rejected dots/dots-0000.jpg: not an image"):
+    with pytest.raises(
+        PreprocessError, match=r"dots: 0 valid[\s\S]*rejected dots/dots-0000.jpg: not an image"
+    ):
         run(image_folder, tmp_path / "out")
     assert not (tmp_path / "out").exists(), "no partial output may be left behind"
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
@@ -193,8 +199,18 @@ def test_existing_output_is_not_overwritten(image_folder, tmp_path):
 
 def test_cli_reports_one_clear_line_and_exit_code_2(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "components.preprocess", "--source", str(tmp_path / "missing"),
-         "--output", str(tmp_path / "out")], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "components.preprocess",
+            "--source",
+            str(tmp_path / "missing"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert f"error: source folder {tmp_path / 'missing'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -203,19 +219,35 @@ def test_cli_reports_one_clear_line_and_exit_code_2(tmp_path):
 def test_cli_writes_a_dataset(tmp_path):
     source = make_image_folder(tmp_path / "images", images_per_class=4, broken=True)
     result = subprocess.run(
-        [sys.executable, "-m", "components.preprocess", "--source", str(source),
-         "--output", str(tmp_path / "out"), "--image-size", "48"], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "components.preprocess",
+            "--source",
+            str(source),
+            "--output",
+            str(tmp_path / "out"),
+            "--image-size",
+            "48",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["image_size"] == 48
     assert sorted(r["path"] for r in manifest["rejected"]) == [
-        "checkerboard/error-page.jpg", "dots/broken-truncated.jpg", "horizontal-stripes/damaged-scan.jpg"]
+        "checkerboard/error-page.jpg",
+        "dots/broken-truncated.jpg",
+        "horizontal-stripes/damaged-scan.jpg",
+    ]
     assert np.sum(list(manifest["totals"].values())) == 16
 
 
 def _split_of_each_source(folder: Path) -> dict[str, str]:
-    return {row["image/source"].decode(): split for split in records.SPLITS
-            for row in read_all(folder, split)}
+    return {
+        row["image/source"].decode(): split for split in records.SPLITS for row in read_all(folder, split)
+    }
 
 
 def test_adding_an_image_moves_at_most_one_other_per_split(image_folder, tmp_path):
@@ -269,8 +301,13 @@ def test_with_worker_processes_the_parent_never_imports_tensorflow(tmp_path):
         "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules, "
         "'kept': sum(manifest['totals'].values()), 'rejected': len(manifest['rejected'])}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(done.stdout.splitlines()[-1]) == {"tensorflow": False, "kept": 120, "rejected": 3}
     records.load(tmp_path / "out")
 
@@ -290,8 +327,11 @@ def test_outputs_a_reader_can_trust(image_folder, tmp_path):
 def test_fingerprint_only_reads_no_image(image_folder, tmp_path):
     for path in (image_folder / "dots").iterdir():
         path.write_bytes(b"garbage")  # would fail preprocessing; the listing alone is fine
-    result = subprocess.run([sys.executable, "-m", "components.preprocess", "--source", str(image_folder),
-                             "--fingerprint-only"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "components.preprocess", "--source", str(image_folder), "--fingerprint-only"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) == 64
 
@@ -314,8 +354,12 @@ def test_a_sideways_phone_photo_is_stored_upright(image_folder, tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     image.save(image_folder / "dots" / "phone.jpg", exif=exif.tobytes(), quality=95)
     run(image_folder, tmp_path / "out")
-    rows = [row for split in records.SPLITS for row in read_all(tmp_path / "out", split)
-            if row["image/source"] == b"dots/phone.jpg"]
+    rows = [
+        row
+        for split in records.SPLITS
+        for row in read_all(tmp_path / "out", split)
+        if row["image/source"] == b"dots/phone.jpg"
+    ]
     stored = tf.io.decode_jpeg(rows[0]["image/encoded"]).numpy().astype(int)
     # Upright (portrait, stretched to a square): the white half is now on top.
     assert stored[: TINY_SIZE // 2 - 2].mean() > 200 and stored[TINY_SIZE // 2 + 2 :].mean() < 50
@@ -331,8 +375,9 @@ def test_odd_file_names_survive(image_folder, tmp_path):
         source.unlink()
     manifest = run(image_folder, tmp_path / "out")
     assert manifest["rejected"] == []
-    stored = {row["image/source"].decode() for split in records.SPLITS
-              for row in read_all(tmp_path / "out", split)}
+    stored = {
+        row["image/source"].decode() for split in records.SPLITS for row in read_all(tmp_path / "out", split)
+    }
     assert {f"dots/{name}" for name in ODD_NAMES} <= stored
     assert sum(manifest["totals"].values()) == 32
 
@@ -381,19 +426,29 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_run_goes_on(tmp_path):
     keys = sorted(str(path.relative_to(source)) for path in source.rglob("*.jpg"))
     (source / "dots" / "boom.jpg").write_bytes((source / keys[0]).read_bytes())
     keys.insert(25, "dots/boom.jpg")
-    chunks = [keys[start:start + 4] for start in range(0, len(keys), 4)]
+    chunks = [keys[start : start + 4] for start in range(0, len(keys), 4)]
     config = PreprocessConfig(source=source, output=tmp_path / "out", image_size=TINY_SIZE)
     classes = sorted(path.name for path in source.iterdir())
-    results = list(pool.map_chunks(_work_that_dies_on_boom, chunks, 2, preprocess_module._init_worker,
-                                   (str(source), config, classes), crashed=preprocess_module._crashed))
+    results = list(
+        pool.map_chunks(
+            _work_that_dies_on_boom,
+            chunks,
+            2,
+            preprocess_module._init_worker,
+            (str(source), config, classes),
+            crashed=preprocess_module._crashed,
+        )
+    )
     assert [key for key, *_ in results] == keys
     rejected = {key: detail for key, record, detail, _ in results if record is None}
     assert rejected == {
-        "dots/boom.jpg": "crashed the image decoder (its process died while decoding this file)"}
+        "dots/boom.jpg": "crashed the image decoder (its process died while decoding this file)"
+    }
 
 
 def test_a_dangling_link_or_a_file_gone_since_the_listing_is_reported_not_fatal(
-        image_folder, tmp_path, monkeypatch):
+    image_folder, tmp_path, monkeypatch
+):
     (image_folder / "dots" / "link.jpg").symlink_to(tmp_path / "nowhere.jpg")
     vanishing = image_folder / "dots" / "vanishing.jpg"
     vanishing.write_bytes(next((image_folder / "dots").glob("*.jpg")).read_bytes())
@@ -408,9 +463,10 @@ def test_a_dangling_link_or_a_file_gone_since_the_listing_is_reported_not_fatal(
     manifest = run(image_folder, tmp_path / "out")
     reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
     assert reasons == {
-        "dots/link.jpg":
-            "unreadable: dots/link.jpg: No such file or directory (a symbolic link to a missing file)",
-        "dots/vanishing.jpg": "unreadable: dots/vanishing.jpg: No such file or directory"}
+        "dots/link.jpg": "unreadable: dots/link.jpg: No such file or directory "
+        "(a symbolic link to a missing file)",
+        "dots/vanishing.jpg": "unreadable: dots/vanishing.jpg: No such file or directory",
+    }
     assert sum(manifest["totals"].values()) == 32
 
 
@@ -420,8 +476,12 @@ def test_a_class_folder_that_is_a_link_is_read_and_a_link_loop_ends(image_folder
     (image_folder / "dots").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "loop").symlink_to(elsewhere, target_is_directory=True)  # dots/loop -> dots
     manifest = run(image_folder, tmp_path / "out")
-    assert manifest["counts"]["train"]["dots"] + manifest["counts"]["validation"]["dots"] \
-        + manifest["counts"]["test"]["dots"] == 8
+    assert (
+        manifest["counts"]["train"]["dots"]
+        + manifest["counts"]["validation"]["dots"]
+        + manifest["counts"]["test"]["dots"]
+        == 8
+    )
     assert sum(manifest["totals"].values()) == 32
     assert manifest["rejected"] == []
 
@@ -484,9 +544,11 @@ def test_file_names_that_are_not_utf8_are_kept_and_shown_escaped(image_folder, t
     manifest = run(image_folder, tmp_path / "out")
     assert sum(manifest["totals"].values()) == 34
     assert manifest["rejected"] == [
-        {"path": "dots/broken-\\xff.jpg", "reason": "not an image: unrecognised file format"}]
-    sources = {row["image/source"].decode()
-               for split in records.SPLITS for row in read_all(tmp_path / "out", split)}
+        {"path": "dots/broken-\\xff.jpg", "reason": "not an image: unrecognised file format"}
+    ]
+    sources = {
+        row["image/source"].decode() for split in records.SPLITS for row in read_all(tmp_path / "out", split)
+    }
     assert {"dots/caf\\xe9.jpg", "dots/two\nlines.jpg"} <= sources
     assert "broken-\\xff.jpg" in (tmp_path / "out" / preprocess_module.REPORT).read_text()
 
@@ -498,15 +560,20 @@ def test_a_class_folder_name_that_is_not_utf8_is_refused_by_name(image_folder, t
 
 
 def test_class_folders_that_differ_only_in_case_spacing_or_unicode_form_are_warned_about(
-        image_folder, tmp_path, caplog):
-    for name, source in (("Dots", "dots"), ("dots ", "dots"), ("caf\u00e9", "checkerboard"),
-                         ("cafe\u0301", "checkerboard")):
+    image_folder, tmp_path, caplog
+):
+    for name, source in (
+        ("Dots", "dots"),
+        ("dots ", "dots"),
+        ("caf\u00e9", "checkerboard"),
+        ("cafe\u0301", "checkerboard"),
+    ):
         (image_folder / name).mkdir()
         for path in sorted((image_folder / source).glob("*.jpg"))[:2]:
             path.rename(image_folder / name / path.name)
     manifest = run(image_folder, tmp_path / "out", min_images_per_class=1)
     assert {"Dots", "dots", "dots ", "caf\u00e9", "cafe\u0301"} <= set(manifest["classes"])
-    assert ("differ only in case, spacing or Unicode form are separate classes: "
-            "'Dots', 'cafe\\u0301', 'caf\\xe9', 'dots', 'dots '") in caplog.text
-
-
+    assert (
+        "differ only in case, spacing or Unicode form are separate classes: "
+        "'Dots', 'cafe\\u0301', 'caf\\xe9', 'dots', 'dots '"
+    ) in caplog.text

@@ -79,8 +79,11 @@ def server(weights_file):
 
 
 def _published(server, weights_file, md5: str | None = None) -> Published:
-    return Published(weights_file.name, server.url(weights_file.name),
-                     md5 or hashlib.md5(weights_file.read_bytes()).hexdigest())
+    return Published(
+        weights_file.name,
+        server.url(weights_file.name),
+        md5 or hashlib.md5(weights_file.read_bytes()).hexdigest(),
+    )
 
 
 def _closed_port_url() -> str:
@@ -105,8 +108,11 @@ def test_downloaded_once_verified_then_found_in_the_folder_cache(server, weights
 
 def test_a_download_with_the_wrong_md5_is_refused_and_leaves_nothing(server, weights_file, tmp_path):
     published = _published(server, weights_file, md5="0" * 32)
-    with pytest.raises(WeightsError, match=f"MD5 {hashlib.md5(weights_file.read_bytes()).hexdigest()}, "
-                                           f"not the published {'0' * 32}: refusing it"):
+    with pytest.raises(
+        WeightsError,
+        match=f"MD5 {hashlib.md5(weights_file.read_bytes()).hexdigest()}, "
+        f"not the published {'0' * 32}: refusing it",
+    ):
         pretrained.resolve(str(tmp_path / "cache"), tmp_path / "scratch", published)
     assert list((tmp_path / "cache").iterdir()) == []  # no partial file, no bad file
 
@@ -126,8 +132,10 @@ def test_offline_says_in_one_line_which_file_to_put_where(tmp_path):
         pretrained.resolve(str(tmp_path / "cache"), tmp_path / "scratch", published)
     message = str(raised.value)
     assert "\n" not in message
-    assert f"Put {pretrained.IMAGENET_FILE} (MD5 {pretrained.IMAGENET_MD5}, from {published.url}) at " \
-           f"{tmp_path / 'cache' / pretrained.IMAGENET_FILE}" in message
+    assert (
+        f"Put {pretrained.IMAGENET_FILE} (MD5 {pretrained.IMAGENET_MD5}, from {published.url}) at "
+        f"{tmp_path / 'cache' / pretrained.IMAGENET_FILE}" in message
+    )
     assert "--weights none" in message
 
 
@@ -152,28 +160,47 @@ def test_the_default_cache_outlives_the_pod_when_checkpoints_do(monkeypatch, tmp
 
 @pytest.mark.slow
 def test_imagenet_training_fetches_verifies_caches_and_fine_tunes_in_two_phases(
-        server, weights_file, prepared_dataset, tmp_path, monkeypatch):
+    server, weights_file, prepared_dataset, tmp_path, monkeypatch
+):
     from components.train import train
 
     monkeypatch.setattr(pretrained, "IMAGENET", _published(server, weights_file))
-    summary = train(scratch_config(weights="imagenet", weights_cache=str(tmp_path / "cache"),
-                                   data=prepared_dataset, output=tmp_path / "m", epochs=2, head_epochs=1,
-                                   augment=False))
+    summary = train(
+        scratch_config(
+            weights="imagenet",
+            weights_cache=str(tmp_path / "cache"),
+            data=prepared_dataset,
+            output=tmp_path / "m",
+            epochs=2,
+            head_epochs=1,
+            augment=False,
+        )
+    )
     assert (tmp_path / "cache" / weights_file.name).read_bytes() == weights_file.read_bytes()
     history = json.loads((tmp_path / "m" / "history.json").read_text())
     assert [row["phase"] for row in history] == [1, 2]
     assert summary["passes_per_epoch"] == 1  # the update floor is for from-scratch runs only
 
 
-def test_training_offline_fails_before_the_batch_fit_with_the_one_line(prepared_dataset, tmp_path,
-                                                                        monkeypatch):
+def test_training_offline_fails_before_the_batch_fit_with_the_one_line(
+    prepared_dataset, tmp_path, monkeypatch
+):
     from components.train import TrainError, train
 
-    monkeypatch.setattr(pretrained, "IMAGENET", Published(pretrained.IMAGENET_FILE, _closed_port_url(),
-                                                          pretrained.IMAGENET_MD5))
+    monkeypatch.setattr(
+        pretrained,
+        "IMAGENET",
+        Published(pretrained.IMAGENET_FILE, _closed_port_url(), pretrained.IMAGENET_MD5),
+    )
     with pytest.raises(TrainError, match=f"Put {pretrained.IMAGENET_FILE} .* at {tmp_path / 'cache'}/"):
-        train(scratch_config(weights="imagenet", weights_cache=str(tmp_path / "cache"),
-                             data=prepared_dataset, output=tmp_path / "m"))
+        train(
+            scratch_config(
+                weights="imagenet",
+                weights_cache=str(tmp_path / "cache"),
+                data=prepared_dataset,
+                output=tmp_path / "m",
+            )
+        )
     assert not (tmp_path / "m" / "model.keras").exists()
 
 
@@ -183,11 +210,23 @@ def test_run_local_checks_the_weights_before_any_step(tmp_path, monkeypatch, cap
 
     source = make_image_folder(tmp_path / "images")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    monkeypatch.setattr(pretrained, "IMAGENET", Published(pretrained.IMAGENET_FILE, _closed_port_url(),
-                                                          pretrained.IMAGENET_MD5))
+    monkeypatch.setattr(
+        pretrained,
+        "IMAGENET",
+        Published(pretrained.IMAGENET_FILE, _closed_port_url(), pretrained.IMAGENET_MD5),
+    )
     with pytest.raises(SystemExit) as exited:  # --data given: ImageNet weights by default
-        commands.main(["run-local", "--data", str(source), "--workdir", str(tmp_path / "run"),
-                       "--env-file", str(tmp_path / "none.env")])
+        commands.main(
+            [
+                "run-local",
+                "--data",
+                str(source),
+                "--workdir",
+                str(tmp_path / "run"),
+                "--env-file",
+                str(tmp_path / "none.env"),
+            ]
+        )
     assert f"Put {pretrained.IMAGENET_FILE}" in str(exited.value)
     assert str(tmp_path / "keras" / "models" / pretrained.IMAGENET_FILE) in str(exited.value)
     assert not (tmp_path / "run" / "pipeline-root").exists()  # no step started

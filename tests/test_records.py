@@ -82,8 +82,11 @@ def test_zero_byte_shard_is_refused(prepared):
 
 
 def test_shards_roll_over_at_the_target_size(image_folder, tmp_path):
-    manifest = preprocess(PreprocessConfig(source=image_folder, output=tmp_path / "small-shards",
-                                           image_size=TINY_SIZE, shard_size_mb=0.002))
+    manifest = preprocess(
+        PreprocessConfig(
+            source=image_folder, output=tmp_path / "small-shards", image_size=TINY_SIZE, shard_size_mb=0.002
+        )
+    )
     train_shards = manifest["shards"]["train"]
     assert len(train_shards) > 1
     assert sum(s["records"] for s in train_shards) == manifest["totals"]["train"]

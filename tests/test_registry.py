@@ -41,14 +41,19 @@ def test_push_promote_rollback_and_list(s3_registry, tmp_path):
 
     rows = reg.list_versions(s3_registry)
     assert [(r["version"], r["state"], r["production"], r["accuracy"]) for r in rows] == [
-        (1, "complete", False, 0.9), (2, "complete", True, 0.95)]
+        (1, "complete", False, 0.9),
+        (2, "complete", True, 0.95),
+    ]
 
     assert s3_registry.rollback()["version"] == 1
     fetched = tmp_path / "fetched"
     manifest = s3_registry.fetch(s3_registry.production()["version"], fetched)
     assert (fetched / "model_card.md").read_text() == "# model a\n"
-    assert set(manifest["files"]) == {"model_card.md", "saved_model/saved_model.pb",
-                                      "saved_model/variables/variables.data"}
+    assert set(manifest["files"]) == {
+        "model_card.md",
+        "saved_model/saved_model.pb",
+        "saved_model/variables/variables.data",
+    }
     with pytest.raises(reg.RegistryError, match="nothing earlier to roll back"):
         s3_registry.rollback()
 
@@ -61,7 +66,8 @@ def test_versions_are_immutable_and_never_reused(s3_registry, tmp_path):
 
 
 def test_an_upload_failing_half_way_leaves_production_on_the_last_complete_version(
-        s3_registry, tmp_path, monkeypatch):
+    s3_registry, tmp_path, monkeypatch
+):
     good = s3_registry.push(model_folder(tmp_path / "a", "a"), {})
     s3_registry.promote(good)
 
@@ -170,8 +176,12 @@ def test_pipeline_cli_lists_promotes_and_rolls_back(tmp_path):
     repo = Path(__file__).resolve().parent.parent
 
     def cli(*args):
-        return subprocess.run([sys.executable, "pipeline.py", *args, "--registry", str(root),
-                               "--model-name", "flowers"], cwd=repo, capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "pipeline.py", *args, "--registry", str(root), "--model-name", "flowers"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        )
 
     assert cli("promote", "--version", "1").returncode == 0
     promoted = cli("promote", "--version", "3")

@@ -28,8 +28,12 @@ def tiny_model(accumulation: int = 1):
     """2 epochs of 4 updates: with accumulation, of 4 x `accumulation` batches (a per-step batch
     `accumulation` times smaller, as after a step-down)."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    compile_for_training(model, scratch_config(data=Path(), output=Path(), epochs=2).recipe(),
-                         steps_per_epoch=4 * accumulation, accumulation=accumulation)
+    compile_for_training(
+        model,
+        scratch_config(data=Path(), output=Path(), epochs=2).recipe(),
+        steps_per_epoch=4 * accumulation,
+        accumulation=accumulation,
+    )
     model.optimizer.build(model.trainable_variables)
     return model
 
@@ -108,7 +112,7 @@ def test_the_schedule_counts_updates_under_accumulation(accumulation):
     # Keras moves the rate at every batch, so an update's rate is a few batches further along
     # the same curve: between the unaccumulated run's rates at that update and the next.
     for update, rate in enumerate(got):
-        low, high = sorted(expected[update:update + 2])
+        low, high = sorted(expected[update : update + 2])
         assert low - 1e-9 <= rate <= high + 1e-9, (update, rate, expected)
     assert int(accumulated.optimizer.iterations.numpy()) == updates
 
@@ -138,10 +142,12 @@ def test_checkpoints_are_keyed_by_data_and_settings(prepared_dataset, tmp_path):
 
     dataset = records.load(prepared_dataset)
     base = scratch_config(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"))
-    same = scratch_config(data=prepared_dataset, output=tmp_path / "b", checkpoint_dir=str(tmp_path / "c"),
-                       checkpoint_every=7)
-    other = scratch_config(data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"),
-                        epochs=11)
+    same = scratch_config(
+        data=prepared_dataset, output=tmp_path / "b", checkpoint_dir=str(tmp_path / "c"), checkpoint_every=7
+    )
+    other = scratch_config(
+        data=prepared_dataset, output=tmp_path / "a", checkpoint_dir=str(tmp_path / "c"), epochs=11
+    )
     assert run_checkpoint_dir(base, dataset) == run_checkpoint_dir(same, dataset)
     assert run_checkpoint_dir(base, dataset) != run_checkpoint_dir(other, dataset)
     assert run_checkpoint_dir(base, dataset).parent == tmp_path / "c"
@@ -169,9 +175,28 @@ def test_training_killed_by_sigterm_then_sigkill_resumes_to_the_same_end(prepare
 
     per_epoch = -(-records.load(prepared_dataset).count("train") // 2)
     ckpt, out = tmp_path / "ckpt", tmp_path / "model"
-    command = [sys.executable, "-m", "components.train", "--data", str(prepared_dataset),
-               "--output", str(out), "--epochs", "4", "--batch-size", "2", "--checkpoint-every", "3",
-               "--checkpoint-dir", str(ckpt), "--no-augment", "--weights", "none", "--min-updates", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "components.train",
+        "--data",
+        str(prepared_dataset),
+        "--output",
+        str(out),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--no-augment",
+        "--weights",
+        "none",
+        "--min-updates",
+        "0",
+    ]
     logs = [tmp_path / f"run{i}.log" for i in range(3)]
 
     with logs[0].open("w") as log:  # 1: SIGTERM mid-epoch -> a checkpoint at that very step, exit 143
@@ -184,7 +209,8 @@ def test_training_killed_by_sigterm_then_sigkill_resumes_to_the_same_end(prepare
     stopped_at = _newest(ckpt)
     assert stopped_at >= 6
     stop = re.search(r"stopped by SIGTERM at epoch (\d+), step (\d+)", text) or re.search(
-        r"stopped by SIGTERM at the end of epoch (\d+)()", text)
+        r"stopped by SIGTERM at the end of epoch (\d+)()", text
+    )
     assert (int(stop[1]) - 1) * per_epoch + int(stop[2] or per_epoch) == stopped_at
 
     with logs[1].open("w") as log:  # 2: resumes exactly there; then SIGKILL: no chance to save
@@ -218,8 +244,14 @@ def test_checkpoints_in_an_s3_bucket_let_a_new_pod_resume(prepared_dataset, tmp_
     from components.train import train
 
     s3_env.client().make_bucket("training")
-    settings = dict(data=prepared_dataset, epochs=2, batch_size=8, augment=False, checkpoint_every=2,
-                    checkpoint_dir="s3://training/checkpoints")
+    settings = dict(
+        data=prepared_dataset,
+        epochs=2,
+        batch_size=8,
+        augment=False,
+        checkpoint_every=2,
+        checkpoint_dir="s3://training/checkpoints",
+    )
     first = train(scratch_config(output=tmp_path / "pod1", **settings))
     names = sorted(o.object_name for o in s3_env.client().list_objects("training", recursive=True))
     steps = sorted({name.split("/")[2] for name in names if "/step-" in name})
@@ -235,7 +267,8 @@ def test_checkpoints_in_an_s3_bucket_let_a_new_pod_resume(prepared_dataset, tmp_
     assert f"resuming from {steps[-1]}" in caplog.text
     assert second["epochs_trained"] == 2 and second["best_epoch"] == first["best_epoch"]
     assert json.loads((tmp_path / "pod2" / "history.json").read_text()) == json.loads(
-        (tmp_path / "pod1" / "history.json").read_text())
+        (tmp_path / "pod1" / "history.json").read_text()
+    )
 
     with pytest.raises(Exception, match="does not exist"):
         train(scratch_config(output=tmp_path / "pod3", **dict(settings, checkpoint_dir="s3://nope/c")))

@@ -17,10 +17,33 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _run_local(source: Path, workdir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "64",
-         "--resize", "pad", "--batch-size", "16", "--weights", "none", "--min-updates", "0",
-         "--workdir", str(workdir), "--model-name", "patterns",
-         *flags], cwd=REPO, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "pipeline.py",
+            "run-local",
+            "--data",
+            str(source),
+            "--image-size",
+            "64",
+            "--resize",
+            "pad",
+            "--batch-size",
+            "16",
+            "--weights",
+            "none",
+            "--min-updates",
+            "0",
+            "--workdir",
+            str(workdir),
+            "--model-name",
+            "patterns",
+            *flags,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -78,29 +101,59 @@ def test_two_runs_a_good_model_then_a_worse_one_that_must_not_replace_it(tmp_pat
     assert served.returncode == 0, served.stderr[-2000:]
     assert json.loads(served.stdout.strip().splitlines()[-1])[0] in summary["classes"]
 
-    listed = subprocess.run([sys.executable, "pipeline.py", "models", "list", "--registry",
-                             summary["registry"], "--model-name", "patterns"],
-                            cwd=REPO, capture_output=True, text=True)
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "pipeline.py",
+            "models",
+            "list",
+            "--registry",
+            summary["registry"],
+            "--model-name",
+            "patterns",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines()[1].split()[:3] == ["1", "complete", "*"]
 
 
 def test_run_local_with_a_missing_folder_fails_clearly(tmp_path):
     result = subprocess.run(
-        [sys.executable, "pipeline.py", "run-local", "--data", str(tmp_path / "missing"),
-         "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True)
+        [
+            sys.executable,
+            "pipeline.py",
+            "run-local",
+            "--data",
+            str(tmp_path / "missing"),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "is not a folder of class sub-folders" in result.stderr
     assert not (tmp_path / "work" / "run-summary.json").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--image-size", "0"], "error: --image-size must be at least 32 px, got 0"),
-    (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image-size", "0"], "error: --image-size must be at least 32 px, got 0"),
+        (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+    ],
+)
 def test_run_local_refuses_bad_settings_before_starting(tmp_path, flags, message):
-    result = subprocess.run([sys.executable, "pipeline.py", "run-local", "--workdir", str(tmp_path / "w"),
-                             *flags], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "pipeline.py", "run-local", "--workdir", str(tmp_path / "w"), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "w").exists()
@@ -113,9 +166,24 @@ def test_run_local_with_one_class_fails_in_preprocess_and_writes_no_summary(tmp_
     for path in (tmp_path / "images" / "dots").iterdir():
         (source / "dots" / path.name).write_bytes(path.read_bytes())
     result = subprocess.run(
-        [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "32",
-         "--weights", "none", "--workdir", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "pipeline.py",
+            "run-local",
+            "--data",
+            str(source),
+            "--image-size",
+            "32",
+            "--weights",
+            "none",
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1
     output = result.stdout + result.stderr
     assert "only one class (dots)" in output

@@ -21,8 +21,11 @@ def uploaded(s3, tmp_path_factory):
 @pytest.mark.parametrize("scheme", ["s3", "minio"])
 def test_s3_source_gives_the_same_shards_as_the_local_folder(s3_env, uploaded, tmp_path, scheme):
     local = preprocess(PreprocessConfig(source=uploaded, output=tmp_path / "local", image_size=TINY_SIZE))
-    remote = preprocess(PreprocessConfig(source=f"{scheme}://datasets/patterns/v1", output=tmp_path / "s3",
-                                         image_size=TINY_SIZE))
+    remote = preprocess(
+        PreprocessConfig(
+            source=f"{scheme}://datasets/patterns/v1", output=tmp_path / "s3", image_size=TINY_SIZE
+        )
+    )
     assert remote["shards"] == local["shards"]  # same sha256: byte-identical records
     assert remote["rejected"] == local["rejected"]
     assert remote["source"] == f"{scheme}://datasets/patterns/v1"
@@ -73,14 +76,18 @@ def test_unreachable_endpoint(monkeypatch, tmp_path):
         preprocess(PreprocessConfig(source="s3://datasets/x", output=tmp_path / "out"))
 
 
-@pytest.mark.parametrize("raw, host, secure", [
-    ("http://minio-service.kubeflow:9000", "minio-service.kubeflow:9000", False),
-    ("https://s3.example.com", "s3.example.com", True),
-    ("minio.local:9000", "minio.local:9000", True),  # no scheme: TLS by default
-])
+@pytest.mark.parametrize(
+    "raw, host, secure",
+    [
+        ("http://minio-service.kubeflow:9000", "minio-service.kubeflow:9000", False),
+        ("https://s3.example.com", "s3.example.com", True),
+        ("minio.local:9000", "minio.local:9000", True),  # no scheme: TLS by default
+    ],
+)
 def test_endpoint_parsing(raw, host, secure):
-    endpoint = storage.endpoint_from_env({"MINIO_ENDPOINT": raw, "AWS_ACCESS_KEY_ID": "a",
-                                          "AWS_SECRET_ACCESS_KEY": "b"})
+    endpoint = storage.endpoint_from_env(
+        {"MINIO_ENDPOINT": raw, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    )
     assert (endpoint.host, endpoint.secure) == (host, secure)
 
 
@@ -94,11 +101,16 @@ def test_odd_object_names_in_a_bucket(s3_env, s3, tmp_path):
     for index, path in enumerate(sorted((folder / "dots").glob("*.jpg"))):
         path.rename(path.with_name(f"café #{index} with spaces.jpg"))
     s3.upload_folder(folder, "odd-names", "set")
-    manifest = preprocess(PreprocessConfig(source="s3://odd-names/set", output=tmp_path / "out",
-                                           image_size=TINY_SIZE))
+    manifest = preprocess(
+        PreprocessConfig(source="s3://odd-names/set", output=tmp_path / "out", image_size=TINY_SIZE)
+    )
     assert manifest["rejected"] == []
-    assert manifest["counts"]["train"]["dots"] + manifest["counts"]["validation"]["dots"] + manifest[
-        "counts"]["test"]["dots"] == 3
+    assert (
+        manifest["counts"]["train"]["dots"]
+        + manifest["counts"]["validation"]["dots"]
+        + manifest["counts"]["test"]["dots"]
+        == 3
+    )
 
 
 @pytest.fixture
@@ -113,15 +125,21 @@ def gcs(monkeypatch):
 
 def test_gcs_source_contract_with_a_local_json_api_stand_in(gcs, tmp_path):
     folder = make_image_folder(tmp_path / "images", images_per_class=4, broken=True)
-    gcs.buckets["photos"] = {f"sets/v1/{path.relative_to(folder).as_posix()}": path.read_bytes()
-                             for path in folder.rglob("*") if path.is_file()}
+    gcs.buckets["photos"] = {
+        f"sets/v1/{path.relative_to(folder).as_posix()}": path.read_bytes()
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
     local = preprocess(PreprocessConfig(source=folder, output=tmp_path / "local", image_size=TINY_SIZE))
-    remote = preprocess(PreprocessConfig(source="gs://photos/sets/v1", output=tmp_path / "gs",
-                                         image_size=TINY_SIZE))
+    remote = preprocess(
+        PreprocessConfig(source="gs://photos/sets/v1", output=tmp_path / "gs", image_size=TINY_SIZE)
+    )
     assert remote["shards"] == local["shards"]
     assert remote["rejected"] == local["rejected"]
-    assert any(request.startswith("/storage/v1/b/photos/o?") and "prefix=sets%2Fv1%2F" in request
-               for request in gcs.requests)
+    assert any(
+        request.startswith("/storage/v1/b/photos/o?") and "prefix=sets%2Fv1%2F" in request
+        for request in gcs.requests
+    )
 
 
 def test_gcs_missing_bucket_and_empty_prefix(gcs, tmp_path):

@@ -37,8 +37,9 @@ def test_auto_precision_is_float32_without_a_gpu(restore_policy):
 
 def test_from_scratch_speeds_up_batchnorm_and_pretrained_freezes_it(tmp_path):
     scratch = build_model(2, TINY_SIZE, "none")
-    batchnorms = [layer for layer in scratch.layers[1].layers
-                  if isinstance(layer, keras.layers.BatchNormalization)]
+    batchnorms = [
+        layer for layer in scratch.layers[1].layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert batchnorms and all(layer.momentum == 0.9 and layer.trainable for layer in batchnorms)
 
     weights = tmp_path / "backbone.weights.h5"
@@ -46,17 +47,23 @@ def test_from_scratch_speeds_up_batchnorm_and_pretrained_freezes_it(tmp_path):
     pretrained = build_model(2, TINY_SIZE, str(weights))
     for ours, theirs in zip(scratch.layers[1].weights, pretrained.layers[1].weights, strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
-    assert not any(layer.trainable for layer in pretrained.layers[1].layers
-                   if isinstance(layer, keras.layers.BatchNormalization))
+    assert not any(
+        layer.trainable
+        for layer in pretrained.layers[1].layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"epochs": 0}, "--epochs must be at least 1"),
-    ({"batch_size": 0}, "--batch-size must be at least 1"),
-    ({"precision": "fp8"}, "--precision must be one of"),
-    ({"weights": "/no/such/file.h5"}, "/no/such/file.h5 does not exist"),
-    ({"learning_rate": -1.0}, "--learning-rate must be positive"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"precision": "fp8"}, "--precision must be one of"),
+        ({"weights": "/no/such/file.h5"}, "/no/such/file.h5 does not exist"),
+        ({"learning_rate": -1.0}, "--learning-rate must be positive"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, change, message):
     config = scratch_config(data=tmp_path, output=tmp_path / "m", **change)
     with pytest.raises(TrainError, match=message):
@@ -129,8 +136,11 @@ def test_weights_from_an_s3_uri_load_like_the_local_file(tmp_path, s3_env):
 
 def _backbone_weights(model) -> dict[str, np.ndarray]:
     """By layer position (auto-named layers such as normalization_5 differ between models)."""
-    return {f"{index:03d} {layer.name}/{j}": np.asarray(weight).copy()
-            for index, layer in enumerate(model.layers[1].layers) for j, weight in enumerate(layer.weights)}
+    return {
+        f"{index:03d} {layer.name}/{j}": np.asarray(weight).copy()
+        for index, layer in enumerate(model.layers[1].layers)
+        for j, weight in enumerate(layer.weights)
+    }
 
 
 def test_fine_tuning_phases_choose_whole_blocks_and_keep_batchnorm_frozen(tmp_path):
@@ -143,9 +153,19 @@ def test_fine_tuning_phases_choose_whole_blocks_and_keep_batchnorm_frozen(tmp_pa
     assert [w.path for w in model.trainable_weights] == ["probabilities/kernel", "probabilities/bias"]
     set_phase(model, 2, 2)
     trainable = {layer.name for layer in model.layers[1].layers if layer.trainable and layer.weights}
-    assert trainable == {"block6d_expand_conv", "block6d_dwconv", "block6d_se_reduce", "block6d_se_expand",
-                         "block6d_project_conv", "block7a_expand_conv", "block7a_dwconv", "block7a_se_reduce",
-                         "block7a_se_expand", "block7a_project_conv", "top_conv"}
+    assert trainable == {
+        "block6d_expand_conv",
+        "block6d_dwconv",
+        "block6d_se_reduce",
+        "block6d_se_expand",
+        "block6d_project_conv",
+        "block7a_expand_conv",
+        "block7a_dwconv",
+        "block7a_se_reduce",
+        "block7a_se_expand",
+        "block7a_project_conv",
+        "top_conv",
+    }
 
 
 @pytest.mark.slow
@@ -153,9 +173,19 @@ def test_pretrained_training_runs_head_then_top_blocks(prepared_dataset, tmp_pat
     weights = tmp_path / "backbone.weights.h5"
     build_model(4, TINY_SIZE, "none").layers[1].save_weights(str(weights))
     before = _backbone_weights(build_model(4, TINY_SIZE, str(weights)))
-    summary = train(TrainConfig(data=prepared_dataset, output=tmp_path / "m", epochs=3, batch_size=32,
-                                weights=str(weights), head_epochs=1, unfreeze_blocks=2, augment=False,
-                                checkpoint_dir=str(tmp_path / "ckpt")))
+    summary = train(
+        TrainConfig(
+            data=prepared_dataset,
+            output=tmp_path / "m",
+            epochs=3,
+            batch_size=32,
+            weights=str(weights),
+            head_epochs=1,
+            unfreeze_blocks=2,
+            augment=False,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+        )
+    )
     history = json.loads((tmp_path / "m" / "history.json").read_text())
     assert [row["phase"] for row in history] == [1, 2, 2]
     # The final weights (model.keras holds the best epoch's, which may be the head-only one).
@@ -166,8 +196,11 @@ def test_pretrained_training_runs_head_then_top_blocks(prepared_dataset, tmp_pat
     model.load_weights(last / checkpoints.WEIGHTS)
     after = _backbone_weights(model)
     assert [key.split(" ")[0] for key in before] == [key.split(" ")[0] for key in after]
-    changed = {key.split(" ")[1] for (key, old), (_, new) in zip(after.items(), before.items(), strict=True)
-               if not np.array_equal(old, new)}
+    changed = {
+        key.split(" ")[1]
+        for (key, old), (_, new) in zip(after.items(), before.items(), strict=True)
+        if not np.array_equal(old, new)
+    }
     assert changed and all(name.startswith(("block6d", "block7a", "top_conv")) for name in changed), changed
     assert not any("bn" in name for name in changed)  # BatchNorm, moving statistics included
     assert summary["epochs_trained"] == 3

@@ -28,11 +28,14 @@ def test_the_suggested_batch_reaches_the_floor():
         assert too_few_updates(images, batch, 1, epochs, "none") is None or batch == 1
 
 
-@pytest.mark.parametrize("args", [
-    (96, 32, 1, 8, "imagenet"),  # pretrained: fine-tuning needs far fewer
-    (1600, 32, 1, 10, "none"),  # the built-in dataset: 500 updates
-    (96, 8, 1, 24, "none"),  # the measured recipe that learnt: 288 updates
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (96, 32, 1, 8, "imagenet"),  # pretrained: fine-tuning needs far fewer
+        (1600, 32, 1, 10, "none"),  # the built-in dataset: 500 updates
+        (96, 8, 1, 24, "none"),  # the measured recipe that learnt: 288 updates
+    ],
+)
 def test_runs_long_enough_get_no_warning(args):
     assert too_few_updates(*args) is None
 
@@ -47,11 +50,14 @@ def _updates(images: int, batch: int, epochs: int, passes: int) -> int:
     return math.ceil(images * passes / batch) * epochs
 
 
-@pytest.mark.parametrize(("images", "batch", "epochs"), [(96, 32, 8), (112, 32, 10), (40, 16, 3), (7, 32, 1),
-                                                         (199, 1, 1), (150, 8, 24)])
+@pytest.mark.parametrize(
+    ("images", "batch", "epochs"),
+    [(96, 32, 8), (112, 32, 10), (40, 16, 3), (7, 32, 1), (199, 1, 1), (150, 8, 24)],
+)
 def test_the_update_floor_takes_the_fewest_passes_that_reach_it(images, batch, epochs):
-    config = scratch_config(data=Path(), output=Path(), batch_size=batch, epochs=epochs,
-                            min_updates=MIN_SCRATCH_UPDATES)
+    config = scratch_config(
+        data=Path(), output=Path(), batch_size=batch, epochs=epochs, min_updates=MIN_SCRATCH_UPDATES
+    )
     passes = config.passes_per_epoch(images)
     assert _updates(images, batch, epochs, passes) >= MIN_SCRATCH_UPDATES
     assert passes == 1 or _updates(images, batch, epochs, passes - 1) < MIN_SCRATCH_UPDATES
@@ -59,8 +65,9 @@ def test_the_update_floor_takes_the_fewest_passes_that_reach_it(images, batch, e
 
 def test_the_issue_case_gets_nine_passes_an_epoch_and_no_warning():
     """96 training images, batch 32, 8 epochs: 24 updates without the floor, 216 with it."""
-    config = scratch_config(data=Path(), output=Path(), batch_size=32, epochs=8,
-                            min_updates=MIN_SCRATCH_UPDATES)
+    config = scratch_config(
+        data=Path(), output=Path(), batch_size=32, epochs=8, min_updates=MIN_SCRATCH_UPDATES
+    )
     assert config.passes_per_epoch(96) == 9
     assert too_few_updates(96, 32, 1, 8, "none", passes=9) is None
     assert too_few_updates(96, 32, 1, 8, "none", passes=1) is not None
@@ -68,8 +75,16 @@ def test_the_issue_case_gets_nine_passes_an_epoch_and_no_warning():
 
 @pytest.mark.parametrize("settings", [{"weights": "imagenet"}, {"min_updates": 0}, {"epochs": 40}])
 def test_the_floor_leaves_pretrained_off_and_long_enough_runs_alone(settings):
-    config = scratch_config(**{"data": Path(), "output": Path(), "batch_size": 32, "epochs": 8,
-                               "min_updates": MIN_SCRATCH_UPDATES, **settings})
+    config = scratch_config(
+        **{
+            "data": Path(),
+            "output": Path(),
+            "batch_size": 32,
+            "epochs": 8,
+            "min_updates": MIN_SCRATCH_UPDATES,
+            **settings,
+        }
+    )
     assert config.passes_per_epoch(160) == 1  # 40 epochs x 5 = 200 updates: enough
 
 
@@ -80,15 +95,19 @@ def test_a_resumed_epoch_of_several_passes_skips_exactly_what_it_trained_on(prep
     count = dataset.count("train")
 
     def epoch(skip: int = 0, seed: int = 7) -> list[bytes]:
-        return [record.numpy() for record in records.serialized_split(
-            dataset, "train", shuffle_buffer=count, seed=seed, passes=3, skip=skip)]
+        return [
+            record.numpy()
+            for record in records.serialized_split(
+                dataset, "train", shuffle_buffer=count, seed=seed, passes=3, skip=skip
+            )
+        ]
 
     whole = epoch()
     assert len(whole) == 3 * count and whole == epoch()  # the same order on every run
-    passes = [whole[index * count:(index + 1) * count] for index in range(3)]
+    passes = [whole[index * count : (index + 1) * count] for index in range(3)]
     assert all(sorted(one) == sorted(passes[0]) for one in passes)  # each pass: every image once
     assert passes[0] != passes[1] != passes[2]  # each in its own order
-    assert epoch(skip=count + 5) == whole[count + 5:]  # resumed mid second pass
+    assert epoch(skip=count + 5) == whole[count + 5 :]  # resumed mid second pass
     assert epoch(seed=8) != whole
 
 
@@ -107,7 +126,16 @@ def test_training_from_scratch_makes_at_least_min_updates(prepared_dataset, tmp_
 
     monkeypatch.setattr(keras.Model, "fit", counting_fit)
     # 32 training images at a batch of 8 for 2 epochs: 8 updates; a floor of 20 takes 3 passes.
-    summary = train(scratch_config(data=prepared_dataset, output=tmp_path / "m", epochs=2, batch_size=8,
-                                   min_updates=20, augment=False, xla="off"))
+    summary = train(
+        scratch_config(
+            data=prepared_dataset,
+            output=tmp_path / "m",
+            epochs=2,
+            batch_size=8,
+            min_updates=20,
+            augment=False,
+            xla="off",
+        )
+    )
     assert summary["passes_per_epoch"] == 3
     assert steps == [12, 12]

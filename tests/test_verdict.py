@@ -62,8 +62,9 @@ def _outcome(result):
 
 @pytest.mark.parametrize("encoding", ["jpeg", "png"])
 def test_many_at_once_gives_what_one_by_one_gives(tmp_path, encoding):
-    config = PreprocessConfig(source=tmp_path, output=tmp_path / "out", image_size=TINY_SIZE,
-                              encoding=encoding)
+    config = PreprocessConfig(
+        source=tmp_path, output=tmp_path / "out", image_size=TINY_SIZE, encoding=encoding
+    )
     files = _mixed_files()
     one_by_one = []
     for data in files:
@@ -103,26 +104,59 @@ def _jpeg_declaring(frame_marker: int | None = None, precision: int | None = Non
     return bytes(data)
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
-     "unsupported image format HEIF (HEIC, as iPhones save photos)"),
-    (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(64),
-     "not an image: a video or other ISO media file"),
-    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
-     "not an image: unrecognised file format (it looks like an SVG drawing: export it as PNG)"),
-    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n",
-     "not an image: unrecognised file format (it looks like a PDF document)"),
-    (b"PK\x03\x04\x14\x00\x00\x00", "not an image: unrecognised file format (it looks like a ZIP archive"),
-    (b"\xef\xbb\xbf  <!DOCTYPE html><html>404</html>",
-     "not an image: unrecognised file format (it looks like an HTML page)"),
-    (b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00;", "corrupt or truncated image header: a GIF file whose header"),
-    (b"just some text", "not an image: unrecognised file format"),
-    (_jpeg_declaring(precision=12), "unsupported JPEG variant (12-bit samples): TensorFlow"),
-    (_jpeg_declaring(frame_marker=0xC3), "unsupported JPEG variant (lossless): TensorFlow"),
-    (_jpeg_declaring(frame_marker=0xC7, precision=16), "unsupported JPEG variant (lossless, hierarchical, "
-                                                       "16-bit samples)"),
-], ids=["heic", "mov", "svg", "pdf", "zip", "html-with-bom", "gif-without-frames", "text", "jpeg-12-bit",
-        "jpeg-lossless", "jpeg-lossless-hierarchical-16-bit"])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (
+            b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+            "unsupported image format HEIF (HEIC, as iPhones save photos)",
+        ),
+        (
+            b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(64),
+            "not an image: a video or other ISO media file",
+        ),
+        (
+            b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+            "not an image: unrecognised file format (it looks like an SVG drawing: export it as PNG)",
+        ),
+        (
+            b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n",
+            "not an image: unrecognised file format (it looks like a PDF document)",
+        ),
+        (
+            b"PK\x03\x04\x14\x00\x00\x00",
+            "not an image: unrecognised file format (it looks like a ZIP archive",
+        ),
+        (
+            b"\xef\xbb\xbf  <!DOCTYPE html><html>404</html>",
+            "not an image: unrecognised file format (it looks like an HTML page)",
+        ),
+        (
+            b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00;",
+            "corrupt or truncated image header: a GIF file whose header",
+        ),
+        (b"just some text", "not an image: unrecognised file format"),
+        (_jpeg_declaring(precision=12), "unsupported JPEG variant (12-bit samples): TensorFlow"),
+        (_jpeg_declaring(frame_marker=0xC3), "unsupported JPEG variant (lossless): TensorFlow"),
+        (
+            _jpeg_declaring(frame_marker=0xC7, precision=16),
+            "unsupported JPEG variant (lossless, hierarchical, 16-bit samples)",
+        ),
+    ],
+    ids=[
+        "heic",
+        "mov",
+        "svg",
+        "pdf",
+        "zip",
+        "html-with-bom",
+        "gif-without-frames",
+        "text",
+        "jpeg-12-bit",
+        "jpeg-lossless",
+        "jpeg-lossless-hierarchical-16-bit",
+    ],
+)
 def test_a_file_that_is_not_a_usable_image_says_what_it_is(data, reason, tmp_path):
     with pytest.raises(Rejected) as rejection:
         check_and_resize(data, PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE))
@@ -141,15 +175,33 @@ def _encoded(image_format: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("image_format", "options", "reason"), [
-    ("PNG", {}, "truncated image data (PNG): the file ends before the IEND chunk that closes every PNG"),
-    ("GIF", {}, "truncated image data (GIF): the file ends before the trailer byte that closes every GIF"),
-    ("WEBP", {"quality": 80}, "truncated image data (WEBP): the header declares {full:,} bytes and the file "
-                              "has {cut:,}"),
-    ("BMP", {}, "truncated image data (BMP): the header declares {full:,} bytes and the file has {cut:,}"),
-    ("JPEG", {"progressive": True},
-     "truncated image data (JPEG): the file ends before the end-of-image marker that closes every JPEG"),
-])
+@pytest.mark.parametrize(
+    ("image_format", "options", "reason"),
+    [
+        ("PNG", {}, "truncated image data (PNG): the file ends before the IEND chunk that closes every PNG"),
+        (
+            "GIF",
+            {},
+            "truncated image data (GIF): the file ends before the trailer byte that closes every GIF",
+        ),
+        (
+            "WEBP",
+            {"quality": 80},
+            "truncated image data (WEBP): the header declares {full:,} bytes and the file has {cut:,}",
+        ),
+        (
+            "BMP",
+            {},
+            "truncated image data (BMP): the header declares {full:,} bytes and the file has {cut:,}",
+        ),
+        (
+            "JPEG",
+            {"progressive": True},
+            "truncated image data (JPEG): the file ends before the end-of-image marker that closes "
+            "every JPEG",
+        ),
+    ],
+)
 def test_a_file_cut_short_is_called_truncated_with_the_evidence(image_format, options, reason, tmp_path):
     data = _encoded(image_format, **options)
     cut = int(len(data) * 0.6)
@@ -210,4 +262,5 @@ def test_a_gif_whose_frames_add_up_to_too_many_pixels_is_refused_from_its_blocks
         check_and_resize(_gif(11), config)
     assert rejection.value.reason == (
         "too many pixels: more than 10 frames of 100x100, over the cap of 100000 in all (TensorFlow "
-        "decodes every frame of a GIF to take the first)")
+        "decodes every frame of a GIF to take the first)"
+    )

@@ -17,10 +17,12 @@ class TinyTextures(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(names=list(CLASSES)),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(names=list(CLASSES)),
+                }
+            ),
             supervised_keys=("image", "label"),
         )
 
