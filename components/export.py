@@ -485,13 +485,26 @@ def export(config: ExportConfig) -> dict[str, Any]:
             },
             "blessing": evaluation["decision"],
         }
+        # Promoted only over the version evaluate compared against (an evaluation from before
+        # this check has no record of it, and is promoted over whatever serves).
+        seen = evaluation.get("production_seen", model_registry.ANY)
+        promoted = True
         try:
             version = registry.push(config.output, metadata)
             reason = "blessed: " + "; ".join(evaluation["decision"]["reasons"])
-            registry.promote(version, reason)
+            try:
+                registry.promote(version, reason, if_production_is=seen)
+            except model_registry.RegistryMoved as moved:
+                log.warning("%s", moved)
+                promoted = False
         except model_registry.RegistryError as error:
             raise ExportError(f"pushing to the registry failed: {error}") from None
-        info["registry"] = {"uri": config.registry, "model": config.model_name, "version": version}
+        info["registry"] = {
+            "uri": config.registry,
+            "model": config.model_name,
+            "version": version,
+            "promoted": promoted,
+        }
     return info
 
 
@@ -565,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if "registry" in info:
-        print(f"{args.model_name} version {info['registry']['version']} is in production")
+        state = "is in production" if info["registry"]["promoted"] else "is pushed, not promoted"
+        print(f"{args.model_name} version {info['registry']['version']} {state}")
     return 0
 
 

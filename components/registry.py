@@ -9,16 +9,26 @@ Layout under the registry URI (an `s3://` / `minio://` bucket prefix or a local 
 
     <model>/<version>/...              the export folder as written: saved_model/, model_card.md,
                                        evaluation/, optional litert/ and onnx/
+    <model>/<version>/RESERVATION.json written first: the number is taken
     <model>/<version>/MANIFEST.json    written last: every file with its size and sha256, and
                                        the version's metrics; a version without it is incomplete
     <model>/production.json            {"version": N, "history": [...]}: what serves
 
-Versions are integers counted up from 1 and immutable: a push never writes into a version
-that has any object, complete or not (a failed upload leaves an incomplete version, listed as
-such and skipped). The pointer is one object replaced by one PUT (one rename locally), and only
-ever names a complete version, so a reader sees the old model or the new one, never a mix.
-Downloads check every file against the manifest's sha256 and refuse keys that could escape the
-target folder.
+Versions are integers counted up from 1 and immutable: a push first reserves its number with
+`RESERVATION.json`, created only if absent (`If-None-Match: *` on an object store, an exclusive
+hard link in a folder), so two pushes at once get two numbers; the manifest is created the
+same way, last. A failed upload leaves an incomplete version, listed as such and skipped. The
+pointer is one object replaced only if it is still what was read (`If-Match` on its ETag; in a
+folder, under an exclusive lock, by one rename), and only ever names a version whose every file
+was read back against its sha256, so a reader sees the old model or the new one, never a mix,
+and no promotion is lost to another. `promote(if_production_is=N)` promotes only while N serves:
+export uses it with the version evaluate compared against.
+
+Stores without conditional writes (older MinIO releases, some S3 look-alikes) ignore the
+conditions: then two pushes at the same moment can take one number, and the second to write
+its manifest fails with a clear error instead of completing a mix; the pointer falls back to
+last-writer-wins. Downloads check every file against the manifest's sha256 and refuse keys
+that could escape the target folder.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -41,12 +53,22 @@ from components.records import sha256_file
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
+RESERVATION = "RESERVATION.json"  # created first, only if absent: the version number is taken
 POINTER = "production.json"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RegistryError(RuntimeError):
     """The registry cannot do what was asked; the message says why."""
+
+
+class RegistryMoved(RegistryError):
+    """Production is no longer the version a promotion was conditional on."""
+
+
+ANY = object()  # promote(if_production_is=ANY): whatever production is
+RESERVE_ATTEMPTS = 1000
+POINTER_ATTEMPTS = 20
 
 
 def safe_key(key: str) -> str:
@@ -76,7 +98,7 @@ class Version:
 
 class Registry:
     def __init__(self, uri: str, model: str):
-        if not MODEL_NAME.match(model):
+        if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
             raise RegistryError(
                 f"model name {model!r} must be letters, digits, '.', '_' or '-' "
                 "(at most 128, starting with a letter or digit)"
@@ -141,12 +163,15 @@ class Registry:
 
     def push(self, folder: Path, metadata: dict[str, Any]) -> int:
         """Upload every file of `folder` as a new version; the manifest goes last. Returns it."""
+        links = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink())
+        if links:
+            # A link would upload whatever it points at (a link to /etc/passwd was, once).
+            raise RegistryError(f"{folder} holds symbolic links ({', '.join(links[:5])}): refusing to push")
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         if not files:
             raise RegistryError(f"{folder} holds no files to push")
         self._storage(self.folder.check)
-        # Counted from the listing alone: complete or not, a number is never reused.
-        version = max(self._listed(), default=0) + 1
+        version = self._reserve()
         entries = {}
         for path in files:
             key = safe_key(path.relative_to(folder).as_posix())
@@ -167,16 +192,49 @@ class Registry:
             **metadata,
             "files": entries,
         }
-        # Written last: its presence is what makes the version complete.
-        self._storage(
-            self.folder.put_bytes,
+        # Written last: its presence is what makes the version complete. Created, never
+        # replaced: on a store that ignored the reservation's condition, a second pusher of the
+        # same number fails here instead of completing a mix of two models.
+        written = self._storage(
+            self.folder.create_bytes,
             self._key(version, MANIFEST),
             (json.dumps(manifest, indent=2) + "\n").encode(),
         )
+        if not written:
+            raise RegistryError(
+                f"version {version} of {self.model} was completed by another push at the same "
+                f"time: this store ignored the reservation's condition; push again"
+            )
         log.info("%s version %d is complete", self.model, version)
         return version
 
-    def _set_pointer(self, version: int, history: list[int], reason: str) -> dict[str, Any]:
+    def _reserve(self) -> int:
+        """The next free version number, taken atomically: a reservation object created only
+        if absent (`If-None-Match: *` on an object store, an exclusive link in a folder). Two
+        pushes at once get two numbers; a number is never reused, complete or not."""
+        version = max(self._listed(), default=0) + 1
+        for _ in range(RESERVE_ATTEMPTS):
+            claim = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+            if self._storage(self.folder.create_bytes, self._key(version, RESERVATION), claim.encode()):
+                return version
+            version += 1
+        raise RegistryError(
+            f"could not reserve a version of {self.model} in {RESERVE_ATTEMPTS} tries: "
+            "too many pushes at once"
+        )
+
+    def _pointer(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(production pointer or None, the tag a conditional replace compares against)."""
+        found = self._storage(self.folder.get_tagged, self._key(POINTER))
+        if found is None:
+            return None, None
+        try:
+            return json.loads(found[0]), found[1]
+        except ValueError:
+            raise RegistryError(f"{self.uri}/{self._key(POINTER)} is not valid JSON") from None
+
+    def _replace_pointer(self, tag: str | None, version: int, history: list[int], reason: str) -> dict | None:
+        """Write the pointer only if it is still the one read with `tag`; None if it moved."""
         pointer = {
             "model": self.model,
             "version": version,
@@ -185,51 +243,71 @@ class Registry:
             "reason": reason,
         }
         data = (json.dumps(pointer, indent=2) + "\n").encode()
-        self._storage(self.folder.put_bytes, self._key(POINTER), data)
-        return pointer
+        return pointer if self._storage(self.folder.replace_bytes, self._key(POINTER), data, tag) else None
 
-    def promote(self, version: int, reason: str = "promoted by hand") -> dict[str, Any]:
-        """Point production at `version`, which must be complete with every listed file present."""
-        manifest = self.manifest(version)
-        present = set(self._storage(self.folder.names))
-        missing = [key for key in manifest["files"] if self._key(version, key) not in present]
-        if missing:
-            raise RegistryError(
-                f"version {version} of {self.model} lacks {len(missing)} of its files "
-                f"(e.g. {missing[0]}): refusing to promote it"
-            )
-        current = self.production()
-        history = list(current["history"]) if current else []
-        if current and current["version"] == version:
-            log.info("%s version %d is already in production", self.model, version)
-            return current
-        pointer = self._set_pointer(version, history + [version], reason)
-        log.info(
-            "%s production: %s -> %d (%s)",
-            self.model,
-            current["version"] if current else "none",
-            version,
-            reason,
-        )
-        return pointer
+    def verify(self, version: int) -> dict[str, Any]:
+        """The manifest of `version`, after every file it lists was read back and matched its
+        sha256 (not only listed): a version with a missing or altered file is refused."""
+        with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+            try:
+                return self.fetch(version, Path(scratch))
+            except RegistryError as error:
+                raise RegistryError(f"refusing version {version}: {error}") from None
+
+    def promote(
+        self, version: int, reason: str = "promoted by hand", if_production_is: object = ANY
+    ) -> dict[str, Any]:
+        """Point production at `version`, once every file of it matches its manifest's sha256.
+
+        With `if_production_is` (a version number, or None for "no production yet"), only if
+        production is still that version: export passes the version evaluate compared against,
+        so a model is never promoted over one it was not judged against (RegistryMoved).
+        The pointer is replaced only if it is still what was read; a concurrent change is read
+        again, up to POINTER_ATTEMPTS times."""
+        self.verify(version)
+        for _ in range(POINTER_ATTEMPTS):
+            current, tag = self._pointer()
+            serving = current["version"] if current else None
+            if if_production_is is not ANY and serving != if_production_is:
+                raise RegistryMoved(
+                    f"{self.model} production is version {serving} now, not version "
+                    f"{if_production_is} that this model was evaluated against: version {version} "
+                    "is pushed but not promoted; evaluate it again, or promote it by hand"
+                )
+            if serving == version:
+                log.info("%s version %d is already in production", self.model, version)
+                return current
+            history = list(current["history"]) if current else []
+            pointer = self._replace_pointer(tag, version, history + [version], reason)
+            if pointer is not None:
+                log.info("%s production: %s -> %d (%s)", self.model, serving or "none", version, reason)
+                return pointer
+        raise RegistryError(f"{self.model} production kept changing during the promotion: try again")
 
     def rollback(self) -> dict[str, Any]:
         """Point production back at the version that served before the current one."""
-        current = self.production()
-        if current is None:
-            raise RegistryError(f"{self.model} has no production version in {self.uri}: nothing to roll back")
-        history = list(current["history"])
-        if len(history) < 2:
-            raise RegistryError(
-                f"{self.model} version {current['version']} is the first production version: "
-                "there is nothing earlier to roll back to"
+        for _ in range(POINTER_ATTEMPTS):
+            current, tag = self._pointer()
+            if current is None:
+                raise RegistryError(
+                    f"{self.model} has no production version in {self.uri}: nothing to roll back"
+                )
+            history = list(current["history"])
+            if len(history) < 2:
+                raise RegistryError(
+                    f"{self.model} version {current['version']} is the first production version: "
+                    "there is nothing earlier to roll back to"
+                )
+            history.pop()
+            previous = history[-1]
+            self.verify(previous)
+            pointer = self._replace_pointer(
+                tag, previous, history, f"rollback from version {current['version']}"
             )
-        history.pop()
-        previous = history[-1]
-        self.manifest(previous)  # still complete
-        pointer = self._set_pointer(previous, history, f"rollback from version {current['version']}")
-        log.info("%s production: %d -> %d (rollback)", self.model, current["version"], previous)
-        return pointer
+            if pointer is not None:
+                log.info("%s production: %d -> %d (rollback)", self.model, current["version"], previous)
+                return pointer
+        raise RegistryError(f"{self.model} production kept changing during the rollback: try again")
 
     def fetch(self, version: int, target: Path, subfolder: str = "") -> dict[str, Any]:
         """Download `version` (or only `subfolder` of it) into `target`, checking every sha256."""

@@ -26,6 +26,8 @@ if TFDS knows how and it is not there yet.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import logging
@@ -34,7 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -172,8 +174,8 @@ class Endpoint:
     host: str  # host:port
     secure: bool
     access_key: str
-    secret_key: str
-    region: str | None
+    secret_key: str = field(repr=False)  # never in a log line or a traceback's locals
+    region: str | None = None
 
 
 def endpoint_from_env(environ: dict[str, str] | None = None) -> Endpoint:
@@ -337,6 +339,11 @@ class ObjectStoreFolder(ObjectStoreSource):
 
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, or None when there is no such object."""
+        found = self.get_tagged(key)
+        return None if found is None else found[0]
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, ETag) of the object, or None: the tag `replace_bytes` compares against."""
         try:
             response = self.client.get_object(self.bucket, self.object_name(key))
         except S3Error as error:
@@ -346,17 +353,59 @@ class ObjectStoreFolder(ObjectStoreSource):
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise self._explain(error) from None
         try:
-            return response.read()
+            return response.read(), response.headers.get("ETag", "")
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise self._explain(error) from None
         finally:
             response.close()
             response.release_conn()
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write `key` only if no object has it (`If-None-Match: *`, one atomic check on the
+        server); False when one does. Two writers racing for one key: exactly one wins."""
+        return self._conditional_put(key, data, {"If-None-Match": "*"})
+
+    def replace_bytes(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Replace `key` only if it is still the object whose ETag `tag` was read (`If-Match`),
+        or create it only if there was none (`tag` None); False when it changed meanwhile."""
+        return self._conditional_put(key, data, {"If-Match": tag} if tag else {"If-None-Match": "*"})
+
+    def _conditional_put(self, key: str, data: bytes, condition: dict[str, str]) -> bool:
+        # put_object would send the condition as user metadata (X-Amz-Meta-...); the plain
+        # PutObject call sends headers as given.
+        headers = {"Content-Type": "application/octet-stream", **condition}
+        try:
+            self.client._put_object(self.bucket, self.object_name(key), data, headers=headers)
+        except S3Error as error:
+            # 412 when the condition fails; 409 when another conditional write to the key was
+            # in flight at the same moment (S3): either way this writer lost.
+            if error.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise self._explain(error) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._explain(error) from None
+        return True
+
     def check(self) -> None:
         """Fail now, with a clear message, if the bucket is missing or the credentials are refused."""
         if not self._call(self.client.bucket_exists, self.bucket):
             raise StorageError(f"bucket {self.bucket!r} does not exist at {self._where()}")
+
+
+PARTIAL = ".partial"  # a file being written, renamed into place when whole
+LOCK = ".lock"  # taken by every conditional writer of the key beside it
+
+
+@contextlib.contextmanager
+def _local_errors(path: Path) -> Iterator[None]:
+    """A local folder's OSError (permissions, a full disk, a file where a folder should be)
+    as the StorageError every caller handles, naming the path."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as error:
+        raise StorageError(f"{path}: {error.strerror or error}") from None
 
 
 class LocalFolder:
@@ -370,12 +419,28 @@ class LocalFolder:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def _write(self, key: str, write) -> None:
+    def _aside(self, key: str, write) -> Path:
+        """A new file beside `key`'s path, written by `write`: a name of its own, so that two
+        processes writing the same key never write into one file."""
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        write(partial)
-        os.replace(partial, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL)
+            os.close(handle)
+            partial = Path(name)
+            try:
+                write(partial)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            raise StorageError(f"cannot write {target}: {error.strerror or error}") from None
+        return partial
+
+    def _write(self, key: str, write) -> None:
+        partial = self._aside(key, write)
+        with _local_errors(self._path(key)):
+            os.replace(partial, self._path(key))
 
     def put_file(self, key: str, path: Path) -> None:
         self._write(key, lambda partial: shutil.copyfile(path, partial))
@@ -383,28 +448,67 @@ class LocalFolder:
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda partial: partial.write_bytes(data))
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist; False if it does. A hard link of a complete
+        file is created or fails as one step, so the winner's bytes are whole when seen."""
+        partial = self._aside(key, lambda path: path.write_bytes(data))
+        try:
+            os.link(partial, self._path(key))
+            return True
+        except FileExistsError:
+            return False
+        except OSError as error:
+            raise StorageError(f"cannot write {self._path(key)}: {error.strerror or error}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, their sha256) or None: the tag `replace_bytes` compares against."""
+        data = self.get_bytes(key)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def replace_bytes(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Replace `key` only if its bytes still hash to `tag` (or, `tag` None, it is still
+        absent); False otherwise. The read, the check and the rename happen under an exclusive
+        lock on a file beside it, which every writer of the key takes."""
+        target = self._path(key)
+        with _local_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(target.with_name(f".{target.name}{LOCK}"), "a")  # noqa: SIM115 (closed below)
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.get_tagged(key)
+            if (current[1] if current else None) != tag:
+                return False
+            self._write(key, lambda partial: partial.write_bytes(data))
+            return True
+
     def get_file(self, key: str, path: Path) -> None:
         source = self._path(key)
         if not source.is_file():
             raise StorageError(f"{source} does not exist")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
+        with _local_errors(source):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, path)
 
     def get_bytes(self, key: str) -> bytes | None:
         source = self._path(key)
-        return source.read_bytes() if source.is_file() else None
+        with _local_errors(source):
+            return source.read_bytes() if source.is_file() else None
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            path.relative_to(self.root).as_posix()
-            for path in self.root.rglob("*")
-            if path.is_file() and not path.name.endswith(".partial")
-        )
+        with _local_errors(self.root):
+            if not self.root.is_dir():
+                return []
+            return sorted(
+                path.relative_to(self.root).as_posix()
+                for path in self.root.rglob("*")
+                if path.is_file() and not path.name.endswith((PARTIAL, LOCK))
+            )
 
     def remove(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with _local_errors(self._path(key)):
+            self._path(key).unlink(missing_ok=True)
 
     def check(self) -> None:
         if self.root.exists() and not self.root.is_dir():

@@ -53,13 +53,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start() -> S3Server:
+# moto.server's own main, but serving one request at a time. MinIO and S3 apply a conditional
+# write (If-None-Match, If-Match) as one atomic step; moto checks the condition and then
+# writes, and with a thread per request two racing writers can both pass the check. Serialised,
+# moto keeps the guarantee the registry relies on, and the concurrency tests test our code.
+ONE_AT_A_TIME = """
+import os, sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from moto.moto_server.threaded_moto_server import MotoRequestHandler
+os.environ.setdefault("MOTO_PORT", sys.argv[1])
+run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_backend_app),
+           threaded=False, request_handler=MotoRequestHandler)
+"""
+
+
+def start(one_request_at_a_time: bool = False) -> S3Server:
     import boto3
 
     port = _free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    command = (
+        [sys.executable, "-c", ONE_AT_A_TIME, str(port)]
+        if one_request_at_a_time
+        else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        command,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

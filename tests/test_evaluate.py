@@ -92,6 +92,7 @@ def test_evaluates_a_trained_model(trained_model, prepared_dataset, tmp_path):
     assert 0.0 <= metrics["accuracy"] <= metrics["top_3_accuracy"] <= 1.0
     assert 0.0 <= metrics["expected_calibration_error"] <= 1.0
     assert written["decision"]["blessed"] == result["decision"]["blessed"]
+    assert "production_seen" not in written  # no registry, nothing to be conditional on
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Confusion matrix" in report and "data:image/png;base64," in report
     assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
@@ -127,6 +128,8 @@ def test_production_is_scored_through_its_serving_signature_on_the_same_images(
     result = evaluate(config)
     production = result["production"]
     assert production["version"] == 1
+    # What export's promotion is conditional on: production as evaluate found it.
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["production_seen"] == 1
     assert production["metrics"]["confusion_matrix"] == result["candidate"]["confusion_matrix"]
     assert production["metrics"]["accuracy"] == result["candidate"]["accuracy"]
     assert [c["check"] for c in result["decision"]["checks"]] == [

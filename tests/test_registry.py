@@ -160,7 +160,7 @@ def test_local_folder_registry_and_cli(tmp_path, capsys):
 
 
 def test_bad_model_names_are_refused(tmp_path):
-    for name in ("../x", "a/b", "", ".hidden"):
+    for name in ("../x", "a/b", "", ".hidden", "flowers\n", "flowers\nproduction"):
         with pytest.raises(reg.RegistryError, match="model name"):
             reg.Registry(str(tmp_path), name)
 
@@ -195,3 +195,47 @@ def test_pipeline_cli_lists_promotes_and_rolls_back(tmp_path):
     assert "*" not in rows["2"] and "*" not in rows["3"]
     refused = cli("rollback")
     assert refused.returncode == 2 and "nothing earlier to roll back" in refused.stderr
+
+
+def test_promote_reads_every_file_back_against_its_sha256(tmp_path):
+    """Present is not enough: an altered file keeps the version out of production."""
+    root = tmp_path / "registry"
+    registry = reg.Registry(str(root), "m")
+    registry.promote(registry.push(model_folder(tmp_path / "a", "a"), {}))
+    second = registry.push(model_folder(tmp_path / "b", "b"), {})
+    (root / "m" / str(second) / "saved_model" / "saved_model.pb").write_bytes(b"graph altered")
+    with pytest.raises(reg.RegistryError, match="refusing version 2: .* does not match its manifest"):
+        registry.promote(second)
+    assert registry.production()["version"] == 1
+
+
+def test_a_symbolic_link_in_the_folder_is_never_pushed(tmp_path):
+    folder = model_folder(tmp_path / "a", "a")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the registry")
+    (folder / "saved_model" / "assets").mkdir()
+    (folder / "saved_model" / "assets" / "vocab.txt").symlink_to(secret)
+    registry = reg.Registry(str(tmp_path / "registry"), "m")
+    with pytest.raises(reg.RegistryError, match=r"symbolic links \(saved_model/assets/vocab.txt\)"):
+        registry.push(folder, {})
+    assert registry.versions() == []
+
+
+def test_a_local_registry_that_cannot_be_written_is_a_registry_error(tmp_path):
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "m").write_text("a file where the model's folder goes")
+    registry = reg.Registry(str(tmp_path / "registry"), "m")
+    with pytest.raises(reg.RegistryError, match="registry/m"):
+        registry.push(model_folder(tmp_path / "a", "a"), {})
+
+
+def test_the_endpoint_s_repr_never_shows_the_secret_key():
+    endpoint = storage.endpoint_from_env(
+        {
+            "AWS_ENDPOINT_URL": "http://minio:9000",
+            "AWS_ACCESS_KEY_ID": "ak",
+            "AWS_SECRET_ACCESS_KEY": "s3cr3t-v4lue",
+        }
+    )
+    assert endpoint.secret_key == "s3cr3t-v4lue"
+    assert "s3cr3t" not in repr(endpoint) and "s3cr3t" not in str(endpoint)
