@@ -12,8 +12,10 @@ Authentication, never from a command-line value (it would show in `ps` and shell
     KFP_COOKIE                a session cookie from the central dashboard, e.g.
                               "authservice_session=..." (Dex / oauth2-proxy installs)
 
-Every submit uploads the compiled pipeline as a new version of one named pipeline (created on
-first use), so the KFP UI keeps the history and a schedule always runs the newest version.
+Every submit and `schedule apply` uploads the compiled pipeline as a new version of one named
+pipeline (created on first use), so the KFP UI keeps the history. KFP pins a recurring run to
+the version it was created with, so each upload also re-points this pipeline's schedules in
+the experiment at the new version (`repoint_schedules`): a schedule always runs the newest.
 """
 
 from __future__ import annotations
@@ -248,6 +250,7 @@ def submit(conn: Connection, config: SubmitConfig) -> dict[str, Any]:
     kfp_client = client(conn)
     pipeline_id, version_id = upload_version(kfp_client, config.package, config.pipeline_name, conn.namespace)
     experiment = experiment_id(kfp_client, config.experiment, conn.namespace)
+    repointed = repoint_schedules(kfp_client, experiment, conn.namespace, pipeline_id, version_id)
     try:
         run = kfp_client.run_pipeline(
             experiment_id=experiment,
@@ -265,6 +268,7 @@ def submit(conn: Connection, config: SubmitConfig) -> dict[str, Any]:
         "version_id": version_id,
         "experiment_id": experiment,
         "state": run.state,
+        "repointed_schedules": repointed,
     }
     if config.wait:
         result["state"] = follow(kfp_client, run.run_id, config.poll_seconds, config.timeout_seconds)
@@ -407,6 +411,51 @@ def _recurring_runs(kfp_client, experiment: str, namespace: str) -> list:
         raise explain(error, "listing recurring runs") from None
 
 
+def repoint_schedules(
+    kfp_client, experiment: str, namespace: str, pipeline_id: str, version_id: str
+) -> list[str]:
+    """Point every recurring run of `pipeline_id` in the experiment at `version_id`; their names.
+
+    The API has no update for a recurring run: each is created again with its own name,
+    trigger, parameters, concurrency, catch-up and enabled state, then the old one deleted
+    (created first: a failure leaves the old schedule running, never none)."""
+    moved = []
+    for old in _recurring_runs(kfp_client, experiment, namespace):
+        reference = old.pipeline_version_reference
+        if (
+            reference is None
+            or reference.pipeline_id != pipeline_id
+            or reference.pipeline_version_id == version_id
+        ):
+            continue
+        trigger = old.trigger
+        cron = trigger.cron_schedule.cron if trigger and trigger.cron_schedule else None
+        interval = (
+            trigger.periodic_schedule.interval_second if trigger and trigger.periodic_schedule else None
+        )
+        try:
+            kfp_client.create_recurring_run(
+                experiment_id=experiment,
+                job_name=old.display_name,
+                cron_expression=cron,
+                interval_second=int(interval) if interval else None,  # int64 arrives as a string
+                max_concurrency=int(old.max_concurrency or 1),
+                no_catchup=bool(old.no_catchup),
+                params=(old.runtime_config.parameters if old.runtime_config else None) or {},
+                pipeline_id=pipeline_id,
+                version_id=version_id,
+                enabled=old.status != "DISABLED",
+            )
+            kfp_client.delete_recurring_run(old.recurring_run_id)
+        except kfp_server_api.ApiException as error:
+            raise explain(
+                error, f"re-pointing the schedule {old.display_name!r} at the new version"
+            ) from None
+        log.info("schedule %s now runs the new pipeline version %s", old.display_name, version_id)
+        moved.append(old.display_name)
+    return moved
+
+
 def apply_schedule(conn: Connection, config: ScheduleConfig) -> dict[str, Any]:
     """Create the recurring run `name`, replacing one of that name (never a second copy)."""
     if bool(config.cron) == bool(config.every):
@@ -445,7 +494,9 @@ def apply_schedule(conn: Connection, config: ScheduleConfig) -> dict[str, Any]:
         created.recurring_run_id,
         f"cron {cron} UTC ({note})" if cron else f"every {seconds} s",
     )
+    repointed = repoint_schedules(kfp_client, experiment, conn.namespace, pipeline_id, version_id)
     return {
+        "repointed_schedules": repointed,
         "recurring_run_id": created.recurring_run_id,
         "cron_utc": cron,
         "interval_second": seconds,

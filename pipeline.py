@@ -395,16 +395,20 @@ def build_pipeline(
                                       registry=registry, model_name=model_name, min_accuracy=min_accuracy,
                                       margin=margin, max_class_drop=max_class_drop), "evaluate")
         evaluated.set_retry(num_retries=1, backoff_duration="60s")  # a registry read that timed out
+        # Evaluate and export read and write the registry: never replayed from KFP's cache (a
+        # cached evaluate would repeat last week's blessing after a rollback).
+        evaluated.set_caching_options(False)
         # 4. export: only a blessed model is exported, verified, pushed and made production
         # (evaluate's single return value, `Output`: kfp.local 2.17.3 resolves a condition on a
         # task output only under that name, and silently skips the branch for any other.)
         with dsl.If(evaluated.outputs["Output"] == True, name="blessed"):  # noqa: E712 (KFP condition)
             # No retry: a push that half-failed leaves an incomplete version, and a retry would
             # push a second copy; the next scheduled run is the retry.
-            place(export_op(model=trained.outputs["model"], dataset=prepared.outputs["dataset"],
-                            evaluation=evaluated.outputs["evaluation"], formats=export_formats,
-                            registry=registry, model_name=model_name,
-                            run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "export")
+            exported = place(export_op(model=trained.outputs["model"], dataset=prepared.outputs["dataset"],
+                                       evaluation=evaluated.outputs["evaluation"], formats=export_formats,
+                                       registry=registry, model_name=model_name,
+                                       run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "export")
+            exported.set_caching_options(False)
         return Outputs(blessed=evaluated.outputs["Output"], evaluation=evaluated.outputs["evaluation"],
                        evaluation_report=evaluated.outputs["report"])
     # fmt: on

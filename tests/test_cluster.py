@@ -169,6 +169,41 @@ def test_contract_schedule_apply_replaces_instead_of_duplicating(kfp_api):
     assert missing.returncode == 2 and "no schedule named 'weekly'" in missing.stderr
 
 
+def test_contract_submit_re_points_the_pipeline_s_schedules_at_the_new_version(kfp_api):
+    """KFP pins a recurring run to the version it was created with: after a submit, every
+    schedule of this pipeline runs the version just uploaded, each otherwise as it was."""
+    where = ["--host", kfp_api.url, "--namespace", "team-a"]
+    weekly = [
+        "schedule",
+        "apply",
+        "weekly",
+        *where,
+        "--param",
+        "source=minio://data/a",
+        "--cron",
+        "0 3 * * 1",
+    ]
+    assert cli(*weekly).returncode == 0
+    hourly = ["schedule", "apply", "hourly", *where, "--param", "source=minio://data/b", "--every", "1h"]
+    assert cli(*hourly).returncode == 0
+    assert cli("schedule", "pause", "hourly", *where).returncode == 0
+    before = {r["display_name"]: r for r in kfp_api.state.recurring.values()}
+
+    submitted = cli("submit", *where, "--param", "source=minio://data/c")
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    (pipeline_id,) = kfp_api.state.pipelines
+    newest = kfp_api.state.versions[pipeline_id][-1]["pipeline_version_id"]
+    after = {r["display_name"]: r for r in kfp_api.state.recurring.values()}
+    assert sorted(after) == ["hourly", "weekly"]  # still one of each
+    for name, schedule in after.items():
+        assert schedule["pipeline_version_reference"]["pipeline_version_id"] == newest
+        assert schedule["recurring_run_id"] != before[name]["recurring_run_id"]
+        for kept in ("trigger", "runtime_config", "no_catchup", "status"):
+            assert schedule[kept] == before[name][kept], (name, kept)
+    assert after["hourly"]["status"] == "DISABLED"  # a paused schedule stays paused
+    assert "now runs the new pipeline version" in submitted.stderr
+
+
 def test_contract_schedule_converts_the_time_zone_to_utc(kfp_api):
     result = cli(
         "schedule",

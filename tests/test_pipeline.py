@@ -389,6 +389,15 @@ def test_preprocess_is_cached_by_the_data_fingerprint_taken_fresh_each_run(spec)
     }
 
 
+def test_evaluate_and_export_are_never_replayed_from_the_cache(spec):
+    """They read and write the registry: a cached evaluate would repeat last week's blessing
+    after a rollback, a cached export would skip the push."""
+    tasks = _tasks(spec)
+    assert tasks["evaluate"]["cachingOptions"] == {}
+    assert tasks["export"]["cachingOptions"] == {}
+    assert tasks["train"]["cachingOptions"] == {"enableCache": True}
+
+
 def test_no_canary_credential_reaches_the_yaml(tmp_path):
     """Compiled with credentials in the environment, as on a developer's laptop."""
     import os
