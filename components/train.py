@@ -129,7 +129,9 @@ class TrainConfig:
     # auto: on a GPU, probe for the largest per-step batch up to batch_size (components.batchfit)
     # and reach batch_size by gradient accumulation; off: batch_size per step, as given.
     batch_fit: str = "auto"
-    batch_fit_cache: str = ""  # "" = <checkpoint dir>/batch-fit.json, else ~/.cache/...
+    # "" = <checkpoint dir>/batch-fit.json (kept in the bucket for a bucket prefix), else
+    # ~/.cache/efficientnet-retrain/batch-fit.json
+    batch_fit_cache: str = ""
     # XLA compilation of the training step: auto = Keras' choice (on for a GPU, off on a CPU,
     # where it measured 5x slower: bench/RESULTS.md), on, off.
     xla: str = "auto"
@@ -628,6 +630,36 @@ def _checkpointer(save, every: int, state: checkpoints.TrainingState, train_imag
     return Checkpointer()
 
 
+BATCH_FIT_CACHE = "batch-fit.json"
+
+
+def _remote_checkpoint_root(config: TrainConfig) -> str:
+    """The bucket prefix of --checkpoint-dir, or "": where the batch-fit cache is kept between
+    pods, beside the runs' checkpoints (a pod's own ~/.cache is gone with it)."""
+    return config.checkpoint_dir.rstrip("/") if is_remote(config.checkpoint_dir) else ""
+
+
+def _pull_fit_cache(remote: str, cache_file: Path) -> None:
+    try:
+        data = storage.open_folder(remote).get_bytes(BATCH_FIT_CACHE)
+    except storage.StorageError as error:
+        raise TrainError(f"cannot read the batch-fit cache in {remote}: {error}") from None
+    if data is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_bytes(data)
+        log.info("batch-fit cache from %s/%s", remote, BATCH_FIT_CACHE)
+
+
+def _push_fit_cache(cache_file: Path, remote: str) -> None:
+    if not cache_file.is_file():
+        return
+    try:
+        storage.open_folder(remote).put_bytes(BATCH_FIT_CACHE, cache_file.read_bytes())
+    except storage.StorageError as error:
+        # The fit itself stands; the next run only probes again.
+        log.warning("could not keep the batch-fit cache in %s: %s", remote, error)
+
+
 @dataclass
 class _Run:
     """A prepared run: what `_prepare_run` resolved, and the model it builds or resumes."""
@@ -711,6 +743,8 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, ru
     )
     if run.gpu is not None:
         batchfit.record_out_of_memory(run.cache_file, run.gpu, run.probe_spec, state.step_batch)
+        if remote := "" if run.config.batch_fit_cache else _remote_checkpoint_root(run.config):
+            _push_fit_cache(run.cache_file, remote)
     del model
 
     gc.collect()
@@ -798,10 +832,13 @@ def _prepare_run(config: TrainConfig) -> _Run:
     cache_file = (
         Path(config.batch_fit_cache)
         if config.batch_fit_cache
-        else checkpoint_dir.parent / "batch-fit.json"
-        if config.checkpoint_dir and not is_remote(config.checkpoint_dir)
+        else checkpoint_dir.parent / BATCH_FIT_CACHE
+        if config.checkpoint_dir
         else batchfit.default_cache_file()
     )
+    fit_cache_remote = "" if config.batch_fit_cache else _remote_checkpoint_root(config)
+    if fit_cache_remote:
+        _pull_fit_cache(fit_cache_remote, cache_file)
     probe_spec = batchfit.ProbeSpec(
         image_size=dataset.image_size,
         precision=precision,
@@ -815,6 +852,8 @@ def _prepare_run(config: TrainConfig) -> _Run:
             largest = batchfit.largest_batch(config.batch_size, probe_spec, gpu, cache_file)
         except batchfit.BatchFitError as error:
             raise TrainError(str(error)) from None
+        if fit_cache_remote:
+            _push_fit_cache(cache_file, fit_cache_remote)
         batch_plan = batchfit.plan(config.batch_size, largest)
     else:
         batch_plan = batchfit.plan(config.batch_size, config.batch_size)

@@ -139,3 +139,27 @@ def test_training_from_scratch_makes_at_least_min_updates(prepared_dataset, tmp_
     )
     assert summary["passes_per_epoch"] == 3
     assert steps == [12, 12]
+
+
+def test_the_batch_fit_cache_is_kept_beside_the_checkpoints_in_the_bucket(s3_env, tmp_path):
+    """A scheduled run's pod is gone next week, and its ~/.cache with it: the fit found on the
+    GPU goes to the bucket and the next pod starts from it instead of probing again."""
+    from components import train
+
+    s3_env.client().make_bucket("ckpt")
+    config = scratch_config(data=tmp_path, output=tmp_path / "out", checkpoint_dir="s3://ckpt/runs")
+    remote = train._remote_checkpoint_root(config)
+    assert remote == "s3://ckpt/runs"
+    assert (
+        train._remote_checkpoint_root(scratch_config(data=tmp_path, output=tmp_path, checkpoint_dir="/mnt"))
+        == ""
+    )
+    first = tmp_path / "pod-1" / "batch-fit.json"
+    train._pull_fit_cache(remote, first)  # nothing there yet: nothing written
+    assert not first.exists()
+    first.parent.mkdir()
+    first.write_text('{"gpu-key": {"largest": 96}}\n')
+    train._push_fit_cache(first, remote)
+    second = tmp_path / "pod-2" / "batch-fit.json"
+    train._pull_fit_cache(remote, second)
+    assert second.read_text() == first.read_text()
