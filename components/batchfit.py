@@ -184,10 +184,17 @@ def peak_memory_mib() -> float | None:
         return None
 
 
+# A full disk (or quota) is also reported as "resource exhausted" by TensorFlow: it must not
+# halve the batch and record a false fit.
+DISK_FULL = ("No space left on device", "Disk quota exceeded", "ENOSPC", "EDQUOT")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """TF's ResourceExhaustedError, JAX's RESOURCE_EXHAUSTED runtime error, or an allocator's
-    "out of memory" message."""
+    "out of memory" message; never a full disk."""
     text = f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError) or any(marker in text for marker in DISK_FULL):
+        return False
     return type(error).__name__ == "ResourceExhaustedError" or any(
         marker in text for marker in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM when")
     )

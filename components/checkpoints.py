@@ -23,6 +23,7 @@ and still continue with its Adam moments, step counter and loss scale.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -95,23 +96,83 @@ def restore_optimizer(optimizer, arrays: list, saved_accumulation: int = 1, accu
         variable.assign(value)
 
 
+class DiskFullError(CheckpointError):
+    """Too little free space to write a checkpoint: checked before writing, because a weights
+    file that hits a full disk can take the process down (h5py) with no message."""
+
+
+# h5 headers, state.json and a rounding margin: what a checkpoint holds beyond its arrays.
+OVERHEAD_BYTES = 8 * 1024 * 1024
+
+
+def needed_bytes(directory: Path, model) -> int:
+    """What the next checkpoint will take: the newest one's size when there is one (the same
+    model), else its arrays' size; 10% on top, plus the overhead."""
+    previous = complete(directory)
+    if previous:
+        size = sum(path.stat().st_size for path in previous[-1].iterdir() if path.is_file())
+    else:
+        size = sum(np.asarray(w).nbytes for w in model.get_weights()) + sum(
+            a.nbytes for a in optimizer_arrays(model.optimizer)
+        )
+    return int(size * 1.1) + OVERHEAD_BYTES
+
+
+def ensure_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise DiskFullError(
+            f"not enough free space for a checkpoint in {directory}: {needed / 2**20:,.0f} MiB "
+            f"needed, {free / 2**20:,.0f} MiB free; free some space, or give --checkpoint-dir a "
+            "larger volume, and run again to resume from the last checkpoint"
+        )
+
+
+def remove_stale_partials(directory: Path) -> None:
+    """Folders of saves that were killed half-way: never complete, never read, only space."""
+    for stale in directory.glob(".step-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _sync_folder(directory: Path) -> None:
+    """fsync the folder itself, so that a rename in it survives a power loss."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def save(directory: Path, model, state: TrainingState) -> Path:
-    """Write a checkpoint for `state` atomically; drop all but the newest KEEP."""
+    """Write a checkpoint for `state` atomically; drop all but the newest KEEP.
+
+    DiskFullError, before anything is written, when the volume lacks the space; a write that
+    fails anyway (the disk filled meanwhile) removes its partial folder and raises the same."""
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(directory)
+    ensure_space(directory, needed_bytes(directory, model))
     final = directory / f"step-{state.global_step:09d}"
     partial = directory / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    model.save_weights(partial / WEIGHTS)
-    np.savez(partial / OPTIMIZER, *optimizer_arrays(model.optimizer))
-    state.files = {name: sha256_file(partial / name) for name in (WEIGHTS, OPTIMIZER)}
-    (partial / STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
-    for path in (partial / WEIGHTS, partial / OPTIMIZER, partial / STATE):
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        partial.mkdir()
+        model.save_weights(partial / WEIGHTS)
+        np.savez(partial / OPTIMIZER, *optimizer_arrays(model.optimizer))
+        state.files = {name: sha256_file(partial / name) for name in (WEIGHTS, OPTIMIZER)}
+        (partial / STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
+        for path in (partial / WEIGHTS, partial / OPTIMIZER, partial / STATE):
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"the disk filled while writing a checkpoint in {directory}: {error}"
+            ) from None
+        raise
     if final.exists():  # the same step saved again (a SIGTERM right after a periodic save)
         shutil.rmtree(final)
     partial.rename(final)
+    _sync_folder(directory)
     for old in complete(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

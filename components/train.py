@@ -1037,6 +1037,8 @@ def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
                     shuffle=False,  # tf.data shuffles (above); Keras would only warn that it cannot
                     verbose=0,
                 )
+            except checkpoints.DiskFullError as error:
+                raise TrainError(str(error)) from None
             except Exception as error:
                 if not batchfit.is_out_of_memory(error):
                     raise
@@ -1054,6 +1056,10 @@ def _train_epochs(run: _Run, model, state: checkpoints.TrainingState):
             if score is not None and (state.best_val_accuracy is None or score > state.best_val_accuracy):
                 state.best_val_accuracy, state.best_epoch = score, state.epoch + 1
                 partial = best_weights.with_name(".best.partial.weights.h5")
+                try:
+                    checkpoints.ensure_space(checkpoint_dir, checkpoints.needed_bytes(checkpoint_dir, model))
+                except checkpoints.DiskFullError as error:
+                    raise TrainError(str(error)) from None
                 model.save_weights(partial)
                 partial.replace(best_weights)
             row["phase"] = config.phase(state.epoch)

@@ -76,6 +76,59 @@ def test_only_the_two_newest_are_kept_and_a_partial_one_is_ignored(tmp_path):
     assert state.global_step == 6
 
 
+def test_a_full_disk_is_refused_before_writing_with_the_space_needed(tmp_path, monkeypatch):
+    """Contract test (no disk is filled here): the free space the volume reports decides. A
+    weights file that hits a full disk can take the process down with no message, so the
+    check comes first; the checkpoints already there stay usable."""
+    model = tiny_model()
+    checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=2))
+    needed = checkpoints.needed_bytes(tmp_path, model)
+    usage = checkpoints.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage._replace(free=needed - 1))
+    with pytest.raises(
+        checkpoints.DiskFullError, match=rf"in {re.escape(str(tmp_path))}: .* MiB needed, .* MiB free"
+    ):
+        checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=4))
+    assert not list(tmp_path.glob(".*partial"))
+    _, state = checkpoints.load_latest(tmp_path, lambda state: tiny_model())
+    assert state.global_step == 2
+
+
+def test_a_disk_that_fills_during_the_save_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    model = tiny_model()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.np, "savez", no_space)
+    with pytest.raises(checkpoints.DiskFullError, match="the disk filled while writing a checkpoint"):
+        checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_partial_folders_are_removed_by_the_next_save(tmp_path):
+    model = tiny_model()
+    stale = tmp_path / ".step-000000007.partial"
+    stale.mkdir(parents=True)
+    (stale / checkpoints.WEIGHTS).write_bytes(b"x" * 1000)
+    checkpoints.save(tmp_path, model, checkpoints.TrainingState(global_step=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002"]
+
+
+def test_a_full_disk_is_not_taken_for_running_out_of_gpu_memory():
+    from components.batchfit import is_out_of_memory
+
+    class ResourceExhaustedError(Exception):  # TF's class name, as is_out_of_memory reads it
+        pass
+
+    assert is_out_of_memory(ResourceExhaustedError("OOM when allocating tensor with shape[256,112,112,32]"))
+    assert not is_out_of_memory(ResourceExhaustedError("/ckpt/model.weights.h5; No space left on device"))
+    assert not is_out_of_memory(OSError(28, "No space left on device"))
+
+
 def test_optimizer_state_survives_a_change_of_accumulation(tmp_path):
     model = tiny_model()
     fit_steps(model, 5)
