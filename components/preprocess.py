@@ -22,6 +22,7 @@ staging folder that is renamed at the end, the `_COMPLETE` marker written last.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -69,7 +70,10 @@ class PreprocessConfig:
     shard_size_mb: float = 100.0  # target per shard (TF guidance: 100-200 MB)
     # Pillow's own decompression-bomb threshold: a 218 KB PNG can decode to 675 MB.
     max_pixels: int = 89_478_485
-    workers: int = 0  # processes decoding images; 0 = one per CPU core
+    workers: int = 0  # processes decoding images; 0 = one per CPU the pod may use
+    # Seconds one file may take in a worker before the worker is stopped and the file rejected
+    # as timed out (a decoder that spins never stalls the step); 0 = no limit.
+    file_timeout: float = 60.0
     # Smallest accepted side in px. Low-resolution datasets (32 px icons, CIFAR-like crops)
     # are legitimate, so by default only degenerate 1-pixel-wide strips are refused.
     min_side: int = 2
@@ -103,6 +107,8 @@ class PreprocessConfig:
             raise PreprocessError("--shard-size-mb must be positive")
         if self.workers < 0:
             raise PreprocessError("--workers must be 0 (all cores) or more")
+        if self.file_timeout < 0:
+            raise PreprocessError("--file-timeout must be 0 (no limit) or more seconds")
         if self.min_side < 1:
             raise PreprocessError("--min-side must be at least 1")
 
@@ -360,9 +366,26 @@ def _work(keys: list[str]) -> list[WorkResult]:
     return results
 
 
+# What one worker may use at its peak: TensorFlow itself (~0.5 GB) and the largest decode the
+# pixel cap lets through (a 9000x9000 transparent PNG peaked at 3 GB).
+WORKER_MEMORY_BYTES = 3 * 2**30
+
+
 def _resolved_workers(config: PreprocessConfig, files: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    wanted = config.workers or cores
+    """Worker processes: as asked, else one per CPU the pod may use (the cgroup's quota, not
+    the node's cores), no more than its memory limit holds, and not more than the files need."""
+    cpus = pool.cpu_budget()
+    memory = pool.memory_budget()
+    wanted = config.workers or max(1, math.floor(cpus))
+    if memory is not None and memory // WORKER_MEMORY_BYTES < wanted:
+        log.info(
+            "%d worker(s), not %d: the memory limit of %.1f GiB holds %.0f GiB per worker",
+            max(1, memory // WORKER_MEMORY_BYTES),
+            wanted,
+            memory / 2**30,
+            WORKER_MEMORY_BYTES / 2**30,
+        )
+        wanted = max(1, memory // WORKER_MEMORY_BYTES)
     # Each worker imports TensorFlow and traces its graph (~2.5 s of CPU): not worth it for a
     # handful of files.
     return max(1, min(wanted, math.ceil(files / 100)))
@@ -379,18 +402,42 @@ def _process_all(
     workers = _resolved_workers(config, len(keys))
     chunks = [keys[start : start + CHUNK] for start in range(0, len(keys), CHUNK)]
     if workers == 1:
-        _init_worker(source_uri, config, classes)
+        # In this process (a few hundred files at most): no worker to stop, so no time limit.
+        try:
+            _init_worker(source_uri, config, classes)
+        except (ImportError, storage.StorageError) as error:
+            raise PreprocessError(f"cannot start decoding: {type(error).__name__}: {error}") from None
         for chunk in chunks:
             yield from _work(chunk)
         return
     log.info("decoding with %d worker processes", workers)
-    yield from pool.map_chunks(
-        _work, chunks, workers, _init_worker, (source_uri, config, classes), crashed=_crashed
-    )
+    limits = pool.Limits(item_seconds=config.file_timeout)
+    try:
+        yield from pool.map_chunks(
+            _work,
+            chunks,
+            workers,
+            _init_worker,
+            (source_uri, config, classes),
+            crashed=_crashed,
+            timed_out=functools.partial(_timed_out, config.file_timeout),
+            limits=limits,
+        )
+    except pool.WorkerStartError as error:
+        raise PreprocessError(f"the worker processes cannot start: {error}") from None
 
 
 def _crashed(key: str) -> WorkResult:
     return key, None, "crashed the image decoder (its process died while decoding this file)", None
+
+
+def _timed_out(seconds: float, key: str) -> WorkResult:
+    return (
+        key,
+        None,
+        f"timed out: decoding took more than {seconds:g} s (--file-timeout); its worker was stopped",
+        None,
+    )
 
 
 SPILL_BUCKETS = 16  # records are spilled by digest prefix: memory holds 1/16 of the data at once
@@ -730,7 +777,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.max_pixels,
         help="refuse images with more pixels than this (decompression bombs)",
     )
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="0 = one per CPU core")
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="0 = one per CPU the pod or machine may use"
+    )
+    parser.add_argument(
+        "--file-timeout",
+        type=float,
+        default=defaults.file_timeout,
+        help="seconds one file may take before it is rejected as timed out; 0 = no limit",
+    )
     parser.add_argument(
         "--min-side",
         type=int,

@@ -250,6 +250,12 @@ def check_and_resize(data: bytes, rules: ImageRules) -> tuple[bytes, str, tuple[
             pixels, encoded = run(tf.constant(data))
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
             failure = error
+        except (tf.errors.ResourceExhaustedError, MemoryError) as error:
+            # This file's decode did not fit in memory: it is refused, the run goes on.
+            raise Rejected(
+                f"too large to decode in the memory available ({width}x{height} {image_format}): "
+                f"{_tf_message(error) if isinstance(error, tf.errors.OpError) else 'MemoryError'}"
+            ) from None
     if failure is not None:
         raise Rejected(_decode_failure(image_format, data, failure)) from None
     damage = [line.strip() for line in printed if line.strip().startswith(DAMAGED_JPEG_WARNINGS)]
@@ -367,7 +373,7 @@ def check_and_resize_many(datas: list[bytes], rules: ImageRules) -> list[Checked
         with _native_stderr().capture() as printed:
             try:
                 pixels, encoded = run(tf.constant([datas[index] for index, _ in passed]))
-            except tf.errors.OpError:  # which file, and why: the one-by-one pass says
+            except (tf.errors.OpError, MemoryError):  # which file, and why: the one-by-one pass says
                 pixels = encoded = None
         if encoded is not None and not any(line.strip() for line in printed):
             pixels, encoded = pixels.numpy(), encoded.numpy()

@@ -446,6 +446,22 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_run_goes_on(tmp_path):
     }
 
 
+def test_workers_that_cannot_import_tensorflow_stop_the_step_with_the_cause(tmp_path, monkeypatch):
+    """Not every file "crashed the image decoder", one line naming what is missing. The spawned
+    workers take this process's sys.path, on which a tensorflow that fails to import comes
+    first (this process imported the real one long ago)."""
+    broken = tmp_path / "broken-site"
+    (broken / "tensorflow").mkdir(parents=True)
+    (broken / "tensorflow" / "__init__.py").write_text(
+        "raise ImportError('libtensorflow_cc.so.2: cannot open')\n"
+    )
+    monkeypatch.syspath_prepend(str(broken))
+    source = make_image_folder(tmp_path / "images", images_per_class=30)  # 120 files: 2 workers
+    with pytest.raises(PreprocessError, match="worker processes cannot start: ImportError: libtensorflow_cc"):
+        run(source, tmp_path / "out", workers=2)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_dangling_link_or_a_file_gone_since_the_listing_is_reported_not_fatal(
     image_folder, tmp_path, monkeypatch
 ):
