@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -148,10 +149,17 @@ def source_fingerprint(source: str, tfds_data_dir: str = "") -> str:
         opened.close()
 
 
+# Control characters and Unicode line breaks: a file name holding one would write raw lines
+# into the log and a heading into report.md.
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
 def printable(key: str) -> str:
-    """`key` as UTF-8 text: a local file name that is not UTF-8 (an archive made on an old
-    Windows, say) with its undecodable bytes written as \\xNN escapes."""
-    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """`key` as one line of UTF-8 text: a local file name that is not UTF-8 (an archive made on
+    an old Windows, say) with its undecodable bytes written as \\xNN escapes, and control
+    characters (a newline in a file name) as \\xNN or \\uNNNN escapes."""
+    text = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _folded(name: str) -> str:
@@ -166,21 +174,27 @@ def list_source(source: storage.Source) -> SourceListing:
         objects = source.list()
     except storage.StorageError as error:
         raise PreprocessError(str(error)) from None
+    if getattr(source, "skipped", None):
+        log.info(
+            "skipped hidden or tool metadata folder(s) at the top of %s, not read as classes: %s",
+            source.uri,
+            ", ".join(sorted(printable(name) for name in source.skipped)),
+        )
     stray = [o.key for o in objects if "/" not in o.key]
     if stray:
         log.warning(
             "ignoring %d file(s) directly under %s (only class sub-folders are read): %s",
             len(stray),
             source.uri,
-            ", ".join(stray[:5]),
+            ", ".join(printable(key) for key in stray[:5]),
         )
     objects = [o for o in objects if "/" in o.key]
     classes = sorted({class_of(o.key) for o in objects})
     unnamed = [shown for name in classes if (shown := printable(name)) != name]
     if unnamed:
         raise PreprocessError(
-            f"class folder name(s) not valid UTF-8 in {source.uri}: {', '.join(unnamed)}; "
-            "rename them (class names are stored as UTF-8 text)"
+            f"class folder name(s) not valid UTF-8 or holding control characters in {source.uri}: "
+            f"{', '.join(unnamed)}; rename them (class names are stored as one line of UTF-8 text)"
         )
     folded = Counter(_folded(name) for name in classes)
     alike = [name for name in classes if folded[_folded(name)] > 1]
@@ -681,6 +695,14 @@ def _histogram(short_sides: list[int]) -> dict[str, int]:
     return counts
 
 
+def _code(text: str) -> str:
+    """`text` as inline Markdown code that nothing in it can break out of: a "|" would end a
+    table cell, a backtick the code span."""
+    text = text.replace("|", "\\|")
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
 def render_report(manifest: dict[str, Any]) -> str:
     """A Markdown page a person reads before trusting the data (KFP shows it as a Markdown artifact)."""
     classes = manifest["classes"]
@@ -719,7 +741,7 @@ def render_report(manifest: dict[str, Any]) -> str:
             "Identical pixels with different labels. All are kept; keep each in one class.",
             "",
         ]
-        lines += [f"- {' = '.join(f'`{path}`' for path in group)}" for group in conflicts[:REPORT_EXAMPLES]]
+        lines += [f"- {' = '.join(_code(path) for path in group)}" for group in conflicts[:REPORT_EXAMPLES]]
         if len(conflicts) > REPORT_EXAMPLES:
             more = len(conflicts) - REPORT_EXAMPLES
             lines.append(f"- ... {more} more in `manifest.json` (label_conflicts)")
@@ -729,7 +751,7 @@ def render_report(manifest: dict[str, Any]) -> str:
         lines += ["| reason | files | examples |", "|---|---:|---|"]
         for reason, count in manifest["rejected_by_reason"].items():
             examples = [r["path"] for r in manifest["rejected"] if reason_kind(r["reason"]) == reason][:3]
-            lines.append(f"| {reason} | {count} | " + ", ".join(f"`{e}`" for e in examples) + " |")
+            lines.append(f"| {reason} | {count} | " + ", ".join(_code(e) for e in examples) + " |")
         lines += ["", "Every rejected file with its full reason: `rejected.json`."]
     lines += ["", "## Original image sizes (short side, px)", "", "| short side | images |", "|---|---:|"]
     lines += [f"| {label} | {count} |" for label, count in manifest["short_side_histogram"].items()]

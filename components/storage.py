@@ -107,6 +107,7 @@ class LocalSource:
     def __init__(self, root: Path):
         self.root = root
         self.uri = str(root)
+        self.skipped: set[str] = set()  # hidden and metadata folders at the top, not read
 
     @property
     def worker_uri(self) -> str:
@@ -147,6 +148,8 @@ class LocalSource:
             raise StorageError(f"cannot list folder {folder}: {error.strerror or error}") from None
         for entry in entries:
             if _skipped_name(entry.name):
+                if folder == self.root and entry.is_dir():
+                    self.skipped.add(entry.name)
                 continue
             path = Path(entry.path)
             if entry.is_dir():  # follows a link
@@ -229,6 +232,7 @@ class _BucketSource:
         self.uri = uri
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
+        self.skipped: set[str] = set()  # hidden and metadata folders at the top, not read
 
     @property
     def worker_uri(self) -> str:
@@ -243,6 +247,11 @@ class _BucketSource:
 
     def object_name(self, key: str) -> str:
         return self.list_prefix + key
+
+    def note_skipped(self, key: str) -> None:
+        first, _, rest = key.partition("/")
+        if rest and _skipped_name(first):
+            self.skipped.add(first)
 
     def listed(self, found: list[SourceObject], where: str = "") -> list[SourceObject]:
         if not found:
@@ -285,7 +294,9 @@ class ObjectStoreSource(_BucketSource):
                 if item.is_dir or item.object_name.endswith("/"):
                     continue  # folder markers some tools create
                 key = item.object_name[len(prefix) :]
-                if not _skipped(key):
+                if _skipped(key):
+                    self.note_skipped(key)
+                else:
                     found.append(
                         SourceObject(key=key, size=int(item.size or 0), etag=(item.etag or "").strip('"'))
                     )
@@ -542,7 +553,9 @@ class GCSSource(_BucketSource):
         try:
             for blob in self.client.list_blobs(self.bucket, prefix=prefix):
                 key = blob.name[len(prefix) :]
-                if key and not blob.name.endswith("/") and not _skipped(key):
+                if key and _skipped(key):
+                    self.note_skipped(key)
+                elif key and not blob.name.endswith("/"):
                     found.append(
                         SourceObject(key=key, size=int(blob.size or 0), etag=blob.etag or blob.md5_hash or "")
                     )

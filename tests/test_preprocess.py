@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -382,6 +383,35 @@ def test_odd_file_names_survive(image_folder, tmp_path):
     assert sum(manifest["totals"].values()) == 32
 
 
+def test_a_file_name_with_a_newline_cannot_forge_log_lines_or_report_headings(image_folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    (image_folder / "dots" / "evil\n# Forged heading\nrejected nothing.jpg").write_bytes(b"not an image")
+    (image_folder / "dots" / "pipe|and`tick.jpg").write_bytes(b"not an image either")
+    manifest = run(image_folder, tmp_path / "out")
+    paths = sorted(entry["path"] for entry in manifest["rejected"])
+    assert paths == ["dots/evil\\n# Forged heading\\nrejected nothing.jpg", "dots/pipe|and`tick.jpg"]
+    report = (tmp_path / "out" / preprocess_module.REPORT).read_text()
+    assert not any(line.startswith("# Forged") for line in report.splitlines())
+    row = next(line for line in report.splitlines() if line.startswith("| not an image"))
+    assert row.count(" | ") == 2  # the "|" in the name did not open a fourth cell
+    assert "`` dots/pipe\\|and`tick.jpg ``" in row
+    assert not any(record.getMessage().count("\n") for record in caplog.records)
+
+
+def test_hidden_and_metadata_folders_at_the_top_are_named_when_skipped(image_folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    for folder in (".git/objects", "__MACOSX/dots"):
+        (image_folder / folder).mkdir(parents=True)
+        (image_folder / folder / "a.jpg").write_bytes(
+            next((image_folder / "dots").glob("*.jpg")).read_bytes()
+        )
+    manifest = run(image_folder, tmp_path / "out")
+    assert manifest["classes"] == sorted(
+        p.name for p in image_folder.iterdir() if not p.name.startswith((".", "_"))
+    )
+    assert "not read as classes: .git, __MACOSX" in caplog.text
+
+
 def test_markdown_report_tells_counts_rejections_and_sizes(image_folder, tmp_path):
     (image_folder / "dots" / "junk.jpg").write_bytes(b"junk")
     Image.new("RGB", (300, 600)).save(image_folder / "dots" / "big.png")
@@ -565,13 +595,16 @@ def test_file_names_that_are_not_utf8_are_kept_and_shown_escaped(image_folder, t
     sources = {
         row["image/source"].decode() for split in records.SPLITS for row in read_all(tmp_path / "out", split)
     }
-    assert {"dots/caf\\xe9.jpg", "dots/two\nlines.jpg"} <= sources
+    # Escaped as the non-UTF-8 bytes are: a source is one line wherever it is shown.
+    assert {"dots/caf\\xe9.jpg", "dots/two\\nlines.jpg"} <= sources
     assert "broken-\\xff.jpg" in (tmp_path / "out" / preprocess_module.REPORT).read_text()
 
 
 def test_a_class_folder_name_that_is_not_utf8_is_refused_by_name(image_folder, tmp_path):
     (image_folder / "dots").rename(bytes(image_folder).decode("utf-8", "surrogateescape") + "/d\udcf6ts")
-    with pytest.raises(PreprocessError, match=r"not valid UTF-8 in .*: d\\xf6ts; rename them"):
+    with pytest.raises(
+        PreprocessError, match=r"not valid UTF-8 or holding control characters in .*: d\\xf6ts; rename them"
+    ):
         run(image_folder, tmp_path / "out")
 
 
