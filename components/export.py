@@ -80,23 +80,45 @@ class ExportConfig:
     # kernel choices.
     tolerance: float = 1e-4
     latency_runs: int = 20  # timed calls per batch size, after one warm-up call
+    # The served model refuses an image whose header declares more pixels than this (width x
+    # height x GIF frames) before decoding it, as preprocess does: one decompression bomb
+    # must not take a model server down.
+    max_pixels: int = imaging.MAX_PIXELS
+    max_images: int = 256  # images per request; more is refused before any is decoded
 
 
 def write_saved_model(
-    model, classes: list[str], image_size: int, path: Path, resize_policy: str = "stretch"
+    model,
+    classes: list[str],
+    image_size: int,
+    path: Path,
+    resize_policy: str = "stretch",
+    max_pixels: int = imaging.MAX_PIXELS,
+    max_images: int = 256,
 ) -> None:
     import keras
     import tensorflow as tf
 
     class_names = tf.constant(classes)
 
+    def one(encoded):
+        with tf.control_dependencies([imaging.check_pixels(encoded, max_pixels)]):
+            return tf.cast(imaging.decode_and_resize(encoded, image_size, resize_policy), tf.float32)
+
     def serve(image_bytes):
+        count = tf.debugging.Assert(
+            tf.size(image_bytes) <= max_images,
+            [
+                "request refused: more images than the cap of",
+                max_images,
+                "per request:",
+                tf.size(image_bytes),
+            ],
+        )
+        with tf.control_dependencies([count]):
+            image_bytes = tf.identity(image_bytes)
         images = tf.map_fn(
-            lambda encoded: tf.cast(
-                imaging.decode_and_resize(encoded, image_size, resize_policy), tf.float32
-            ),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+            one, image_bytes, fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32)
         )
         probabilities = tf.cast(model(images, training=False), tf.float32)
         return {
@@ -382,7 +404,15 @@ def export(config: ExportConfig) -> dict[str, Any]:
     if config.output.exists():
         shutil.rmtree(config.output)  # a re-run must not mix files of two exports
     config.output.mkdir(parents=True)
-    write_saved_model(model, classes, image_size, config.output / SAVED_MODEL, resize_policy)
+    write_saved_model(
+        model,
+        classes,
+        image_size,
+        config.output / SAVED_MODEL,
+        resize_policy,
+        max_pixels=config.max_pixels,
+        max_images=config.max_images,
+    )
     log.info("wrote SavedModel to %s", config.output / SAVED_MODEL)
     if "litert" in config.formats:
         write_litert(model, config.output / "litert" / "model.tflite")
@@ -446,6 +476,8 @@ def export(config: ExportConfig) -> dict[str, Any]:
         "input": INPUT_NAME,
         "outputs": ["probabilities", "labels"],
         "formats": list(config.formats),
+        "max_pixels": config.max_pixels,
+        "max_images_per_request": config.max_images,
         "verification": verification,
     }
     (config.output / SAVED_MODEL / INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -538,6 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", default="")
     parser.add_argument("--verify-examples", type=int, default=defaults.verify_examples)
     parser.add_argument("--tolerance", type=float, default=defaults.tolerance)
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=defaults.max_pixels,
+        help="the served model refuses an image declaring more pixels (width x height x GIF frames)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=defaults.max_images,
+        help="the served model's cap on images per request",
+    )
     parser.add_argument("--latency-runs", type=int, default=defaults.latency_runs)
     subcommands = parser.add_subparsers(dest="command")
     verify = subcommands.add_parser("verify", help="reload an export and compare (internal)")
@@ -575,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                 verify_examples=args.verify_examples,
                 tolerance=args.tolerance,
                 latency_runs=args.latency_runs,
+                max_pixels=args.max_pixels,
+                max_images=args.max_images,
             )
         )
     if "registry" in info:

@@ -226,3 +226,149 @@ def resize(image, size: int, policy: str = "stretch"):
 
 def decode_and_resize(encoded, size: int, policy: str = "stretch"):
     return resize(decode(encoded, target_size=size), size, policy)
+
+
+# Pillow's decompression-bomb threshold: a 218 KB PNG can decode to 675 MB. Preprocess refuses
+# more (PreprocessConfig.max_pixels) and the served model does too (ExportConfig.max_pixels).
+MAX_PIXELS = 89_478_485
+
+
+def header_size(encoded, max_pixels: int = MAX_PIXELS):
+    """(width, height, frames) of an encoded image from its header alone, in TensorFlow ops, so
+    that the serving signature can refuse a decompression bomb before decoding it: JPEG (its
+    SOF), PNG (IHDR), BMP (the DIB header), WebP (VP8, VP8L or VP8X) and GIF (the logical
+    screen, and its image blocks counted without decoding, only as far as it takes to exceed
+    `max_pixels`). (0, 0, 1)
+    for anything else, which the decoder then refuses on its own. int64 scalars."""
+    import tensorflow as tf
+
+    head = tf.cast(
+        tf.io.decode_raw(tf.strings.substr(tf.strings.join([encoded, "\0" * 32]), 0, 32), tf.uint8), tf.int64
+    )
+
+    def le(at, width):
+        return tf.add_n([head[at + i] * (256**i) for i in range(width)])
+
+    def be(at, width):
+        return tf.add_n([head[at + i] * (256 ** (width - 1 - i)) for i in range(width)])
+
+    def signed32(value):
+        return tf.where(value >= 2**31, 2**32 - value, value)  # |two's complement|: BMP heights
+
+    def starts(magic: bytes, at: int = 0):
+        return tf.strings.substr(encoded, at, len(magic)) == magic
+
+    one = tf.constant(1, tf.int64)
+
+    def jpeg():
+        shape = tf.cast(tf.io.extract_jpeg_shape(encoded), tf.int64)
+        return shape[1], shape[0], one
+
+    def png():
+        return be(16, 4), be(20, 4), one
+
+    def bmp():
+        core = le(14, 4) == 12  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        return (
+            tf.where(core, le(18, 2), signed32(le(18, 4))),
+            tf.where(core, le(20, 2), signed32(le(22, 4))),
+            one,
+        )
+
+    def webp():
+        vp8x, vp8l = starts(b"VP8X", 12), starts(b"VP8L", 12)
+        bits = le(21, 4)
+        width = tf.where(vp8x, le(24, 3) + 1, tf.where(vp8l, bits % 16384 + 1, le(26, 2) % 16384))
+        height = tf.where(vp8x, le(27, 3) + 1, tf.where(vp8l, bits // 16384 % 16384 + 1, le(28, 2) % 16384))
+        return width, height, one
+
+    def gif():
+        width, height = le(6, 2), le(8, 2)
+        return width, height, gif_frames(encoded, max_pixels // tf.maximum(width * height, 1) + 1)
+
+    def other():
+        return tf.constant(0, tf.int64), tf.constant(0, tf.int64), one
+
+    return tf.case(
+        [
+            (starts(b"\xff\xd8\xff"), jpeg),
+            (starts(b"\x89PNG\r\n\x1a\n"), png),
+            (tf.logical_or(starts(b"GIF87a"), starts(b"GIF89a")), gif),
+            (tf.logical_and(starts(b"RIFF"), starts(b"WEBP", 8)), webp),
+            (starts(b"BM"), bmp),
+        ],
+        default=other,
+        exclusive=True,
+    )
+
+
+def gif_frames(encoded, stop_after):
+    """Image blocks in a GIF, from its block structure alone, counting no further than
+    `stop_after`: what `verdict` counts in Python, as TF ops. TensorFlow's decoder expands every
+    frame to take the first, so a few hundred KB of one-colour frames is a memory bomb."""
+    import tensorflow as tf
+
+    data = tf.cast(tf.io.decode_raw(encoded, tf.uint8), tf.int64)
+    size = tf.size(data, out_type=tf.int64)
+
+    def byte(at):
+        at = tf.cast(at, tf.int64)
+        return tf.where(
+            at < size, tf.gather(data, tf.minimum(at, tf.maximum(size - 1, 0))), tf.constant(0, tf.int64)
+        )
+
+    def skip_sub_blocks(at):
+        at = tf.while_loop(
+            lambda at: tf.logical_and(at < size, byte(at) > 0), lambda at: [at + byte(at) + 1], [at]
+        )
+        return at[0] + 1 if isinstance(at, list) else at + 1
+
+    def step(at, frames, done):
+        block = byte(at)
+
+        def image():
+            packed = byte(at + 9)
+            table = tf.where(
+                packed >= 128, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), packed % 8), 0
+            )
+            return skip_sub_blocks(at + 10 + table + 1), frames + 1, done
+
+        def extension():
+            return skip_sub_blocks(at + 2), frames, done
+
+        def end():
+            return at, frames, tf.constant(True)
+
+        return tf.case([(block == 0x2C, image), (block == 0x21, extension)], default=end, exclusive=True)
+
+    screen = byte(10)
+    start = 13 + tf.where(screen >= 128, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), screen % 8), 0)
+    _, frames, _ = tf.while_loop(
+        lambda at, frames, done: tf.logical_and(
+            tf.logical_and(at < size, frames < stop_after), tf.logical_not(done)
+        ),
+        step,
+        [start, tf.constant(0, tf.int64), tf.constant(False)],
+    )
+    return frames
+
+
+def check_pixels(encoded, max_pixels: int):
+    """An op that fails (InvalidArgumentError) when the image's header declares more than
+    `max_pixels` pixels (width x height x frames), before anything is decoded."""
+    import tensorflow as tf
+
+    width, height, frames = header_size(encoded, max_pixels)
+    total = width * height * frames
+    return tf.debugging.Assert(
+        total <= max_pixels,
+        [
+            "image refused before decoding: width, height and frames (GIF) multiply to more than the cap of",
+            max_pixels,
+            "pixels:",
+            width,
+            height,
+            frames,
+        ],
+        summarize=8,
+    )

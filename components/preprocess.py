@@ -70,7 +70,7 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     shard_size_mb: float = 100.0  # target per shard (TF guidance: 100-200 MB)
     # Pillow's own decompression-bomb threshold: a 218 KB PNG can decode to 675 MB.
-    max_pixels: int = 89_478_485
+    max_pixels: int = imaging.MAX_PIXELS
     workers: int = 0  # processes decoding images; 0 = one per CPU the pod may use
     # Seconds one file may take in a worker before the worker is stopped and the file rejected
     # as timed out (a decoder that spins never stalls the step); 0 = no limit.

@@ -109,6 +109,57 @@ def test_saved_model_serves_raw_jpeg_and_png_of_any_size(exported, tmp_path):
     assert set(served["labels"]) <= set(info["classes"])
 
 
+def test_the_served_model_refuses_decompression_bombs_before_decoding(exported, tmp_path):
+    """Each bomb is refused with the guard's message in a fresh interpreter whose memory stays
+    small; an ordinary image in the next request is still served, and the caps are in
+    export_info.json. Time and memory per bomb: bench/serving_guard.py."""
+    from tests.test_imaging import _gif_of, _png_header
+
+    output, info = exported
+    recorded = json.loads((output / "export_info.json").read_text())
+    assert (recorded["max_pixels"], recorded["max_images_per_request"]) == (89_478_485, 256)
+    ordinary = io.BytesIO()
+    Image.new("RGB", (120, 80), 128).save(ordinary, format="JPEG")
+    bombs = {
+        "png-23000": _png_header(23000, 23000),
+        "png-12000": _png_header(12000, 12000),
+        "gif": _gif_of(40, 2000),
+    }
+    np.save(tmp_path / "bombs.npy", np.array(list(bombs.values()), dtype=object), allow_pickle=True)
+    script = textwrap.dedent(f"""
+        import json, resource
+        import numpy as np, tensorflow as tf
+        serve = tf.saved_model.load({str(output)!r}).signatures["serving_default"]
+        ordinary = tf.constant([{ordinary.getvalue()!r}])
+        serve(image_bytes=ordinary)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        answers = []
+        for bomb in np.load({str(tmp_path / "bombs.npy")!r}, allow_pickle=True):
+            try:
+                serve(image_bytes=tf.constant([bomb]))
+                answers.append("served")
+            except tf.errors.InvalidArgumentError as error:
+                answers.append(" ".join(error.message.split()))
+        too_many = tf.constant([{ordinary.getvalue()!r}] * 257)
+        try:
+            serve(image_bytes=too_many)
+            answers.append("served")
+        except tf.errors.InvalidArgumentError as error:
+            answers.append(" ".join(error.message.split()))
+        labels = serve(image_bytes=ordinary)["labels"].numpy().tolist()
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(json.dumps({{"answers": answers, "grown_kib": grown, "labels": len(labels)}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all("image refused before decoding" in answer for answer in served["answers"][:3]), served
+    assert "more images than the cap of" in served["answers"][3]
+    assert served["labels"] == 1
+    # Decoding the smallest of them (12000 x 12000 RGBA) would take 550 MB for its pixels alone.
+    assert served["grown_kib"] < 200 * 1024, served
+
+
 def test_export_without_a_trained_model_is_a_clear_error(prepared_dataset, tmp_path):
     with pytest.raises(ExportError, match="holds no model.keras"):
         export(ExportConfig(model=tmp_path / "missing", data=prepared_dataset, output=tmp_path / "out"))

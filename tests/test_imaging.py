@@ -146,3 +146,64 @@ def test_an_animated_webp_is_refused_with_an_error_not_a_crash(tmp_path):
     # A still WebP still decodes (one with alpha is served in test_export).
     still = imaging.decode(tf.constant(encode(Image.fromarray(quadrants()), "WEBP", lossless=True)))
     np.testing.assert_array_equal(still.numpy(), quadrants())
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _header_cases() -> dict[str, bytes]:
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    frames = [Image.new("RGB", (53, 37), (index * 20, 0, 0)) for index in range(6)]
+    return {
+        "jpeg": _encoded(photo, "JPEG"),
+        "jpeg-progressive": _encoded(photo, "JPEG", progressive=True),
+        "png": _encoded(photo, "PNG"),
+        "png-rgba": _encoded(photo.convert("RGBA"), "PNG"),
+        "bmp": _encoded(photo, "BMP"),
+        "bmp-rgba": _encoded(photo.convert("RGBA"), "BMP"),
+        "webp-lossy": _encoded(photo, "WEBP", quality=80),
+        "webp-lossless": _encoded(photo, "WEBP", lossless=True),
+        "webp-alpha": _encoded(photo.convert("RGBA"), "WEBP", quality=80),
+        "gif": _encoded(photo, "GIF"),
+        "gif-animated": _encoded(photo, "GIF", save_all=True, append_images=frames),
+    }
+
+
+@pytest.mark.parametrize("name", list(_header_cases()))
+def test_the_header_size_in_tf_ops_is_what_pillow_reads(name):
+    """The serving guard reads sizes with TF string ops; Pillow (preprocess's guard) is the
+    reference for every format the signature accepts."""
+    data = _header_cases()[name]
+    with Image.open(io.BytesIO(data)) as image:
+        expected = (*image.size, getattr(image, "n_frames", 1) if image.format == "GIF" else 1)
+    assert tuple(int(value) for value in imaging.header_size(tf.constant(data))) == expected
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR declaring `width` x `height`, and no pixel data: what a
+    decompression bomb shows before its few hundred KB of zlib expand into gigabytes."""
+    import struct
+    import zlib
+
+    body = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def _gif_of(frames: int, size: int) -> bytes:
+    images = [Image.new("P", (size, size), index % 200) for index in range(frames)]
+    return _encoded(images[0], "GIF", save_all=True, append_images=images[1:])
+
+
+def test_the_pixel_check_refuses_what_declares_too_many_pixels_before_decoding():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image refused before decoding"):
+        imaging.check_pixels(tf.constant(_png_header(23000, 23000)), imaging.MAX_PIXELS)
+    imaging.check_pixels(tf.constant(_png_header(9000, 9000)), imaging.MAX_PIXELS)  # 81 MP: under
+    bomb = _gif_of(30, 2000)  # 30 frames of 4 MP: 120 MP, each frame decoded
+    assert int(imaging.header_size(tf.constant(bomb), max_pixels=10**12)[2]) == 30
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image refused before decoding"):
+        imaging.check_pixels(tf.constant(bomb), imaging.MAX_PIXELS)
+    # Counting stops once the cap is passed: 22 frames of 4 MP fit under 89.5 MP, the 23rd not.
+    assert int(imaging.header_size(tf.constant(bomb))[2]) == 23
