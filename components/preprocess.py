@@ -22,6 +22,7 @@ staging folder that is renamed at the end, the `_COMPLETE` marker written last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -81,6 +82,10 @@ class PreprocessConfig:
     # JPEGs whose scan data libjpeg reports as corrupt while still decoding them (part of the
     # picture grey or garbled) are refused unless this is set.
     allow_damaged: bool = False
+    # A file whose decoding would take more memory than this (MB, estimated from its header)
+    # is refused instead of taking the worker, or the pod, down; 0 = the pod's memory limit
+    # shared among the workers, or no limit where there is none.
+    max_decode_mb: int = 0
     # Where a tfds: source is prepared (a volume or gs:// path); "" = TFDS's default folder.
     tfds_data_dir: str = ""
 
@@ -108,6 +113,8 @@ class PreprocessConfig:
             raise PreprocessError("--shard-size-mb must be positive")
         if self.workers < 0:
             raise PreprocessError("--workers must be 0 (all cores) or more")
+        if self.max_decode_mb < 0:
+            raise PreprocessError("--max-decode-mb must be 0 (from the memory limit) or more")
         if self.file_timeout < 0:
             raise PreprocessError("--file-timeout must be 0 (no limit) or more seconds")
         if self.min_side < 1:
@@ -405,6 +412,23 @@ def _resolved_workers(config: PreprocessConfig, files: int) -> int:
     return max(1, min(wanted, math.ceil(files / 100)))
 
 
+# What a worker holds before any image: Python, TensorFlow and its traced graph.
+WORKER_BASE_BYTES = 600 * 2**20
+
+
+def _with_decode_budget(config: PreprocessConfig, workers: int) -> PreprocessConfig:
+    """`config` with max_decode_mb from the pod's memory limit when it was left at 0: each
+    worker's share, less what a worker holds before any image (at least 256 MB)."""
+    memory = pool.memory_budget()
+    if config.max_decode_mb or memory is None:
+        return config
+    share = max(256, (memory // workers - WORKER_BASE_BYTES) // 2**20)
+    log.info(
+        "each worker may decode files of up to about %d MB (the memory limit, %d worker(s))", share, workers
+    )
+    return dataclasses.replace(config, max_decode_mb=share)
+
+
 # Files per unit of work: one TF call decodes them all (check_and_resize_many).
 CHUNK = 16
 
@@ -414,6 +438,7 @@ def _process_all(
 ) -> Iterator[WorkResult]:
     """Every file's result, in the order of `keys` whatever the number of workers."""
     workers = _resolved_workers(config, len(keys))
+    config = _with_decode_budget(config, workers)
     chunks = [keys[start : start + CHUNK] for start in range(0, len(keys), CHUNK)]
     if workers == 1:
         # In this process (a few hundred files at most): no worker to stop, so no time limit.
@@ -801,6 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workers", type=int, default=defaults.workers, help="0 = one per CPU the pod or machine may use"
+    )
+    parser.add_argument(
+        "--max-decode-mb",
+        type=int,
+        default=defaults.max_decode_mb,
+        help="refuse a file whose decoding would take more memory (MB); 0 = from the memory limit",
     )
     parser.add_argument(
         "--file-timeout",

@@ -39,6 +39,7 @@ class ImageRules(Protocol):
     max_pixels: int  # width x height (x frames, for a GIF) over this is refused unread
     min_side: int  # px
     allow_damaged: bool  # keep JPEGs that decode only with libjpeg's corruption warnings
+    max_decode_mb: int  # refuse a file whose decoding would take more memory; 0 = no limit
 
 
 class Rejected(Exception):
@@ -71,6 +72,8 @@ def check_header(data: bytes, rules: ImageRules) -> tuple[str, int, int]:
     try:
         with Image.open(io.BytesIO(data)) as header:  # reads the header only, no pixels
             image_format, (width, height) = header.format, header.size
+            alpha = header.mode in ALPHA_MODES or "transparency" in header.info
+            deep = header.mode.startswith("I")  # 16-bit samples
     except Image.DecompressionBombError as error:
         raise Rejected(f"too many pixels: {error}") from None
     except UnidentifiedImageError:
@@ -88,15 +91,50 @@ def check_header(data: bytes, rules: ImageRules) -> tuple[str, int, int]:
         raise Rejected(f"too many pixels: {width}x{height} is over the cap of {rules.max_pixels}")
     if min(width, height) < rules.min_side:
         raise Rejected(f"too small: {width}x{height}, a side under --min-side {rules.min_side} px")
+    frames = 1
     if image_format == "GIF":
         most = rules.max_pixels // (width * height)  # frames that fit under the cap
-        if _gif_frames(data, stop_after=most + 1) > most:
+        frames = _gif_frames(data, stop_after=most + 1)
+        if frames > most:
             raise Rejected(
                 f"too many pixels: more than {most} frames of {width}x{height}, over the "
                 f"cap of {rules.max_pixels} in all (TensorFlow decodes every frame of a "
                 "GIF to take the first)"
             )
+    if rules.max_decode_mb:
+        needed = decode_bytes(image_format, width, height, frames, alpha, deep, rules.image_size)
+        if needed > rules.max_decode_mb * 2**20:
+            raise Rejected(
+                f"too large to decode in the memory a worker has here: {width}x{height} {image_format}"
+                f"{' with transparency' if alpha else ''} takes about {needed / 2**20:,.0f} MB, over "
+                f"{rules.max_decode_mb:,} MB (--max-decode-mb; the pod's memory limit sets it)"
+            )
     return image_format, width, height
+
+
+# Modes whose decoding carries an alpha channel, composited onto white at full size.
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Bytes per pixel at the peak of decode + composite + resize, measured on a 9000x9000 PNG
+# (bench/RESULTS.md, issue 18): 1,982 MB with transparency (the float32 compositing at full
+# size is most of it), 325 MB for the decode and area resize alone.
+ALPHA_BYTES_PER_PIXEL = 25
+PLAIN_BYTES_PER_PIXEL = 5
+
+
+def decode_bytes(
+    image_format: str, width: int, height: int, frames: int, alpha: bool, deep: bool, image_size: int
+) -> int:
+    """About how much memory decoding one file takes at its peak, from its header: what the
+    per-worker budget is checked against. A JPEG is decoded at 1/2, 1/4 or 1/8 scale when it is
+    far larger than the target (imaging.decode); every frame of a GIF is decoded."""
+    pixels = width * height
+    if image_format == "JPEG":
+        ratio = max(r for r in imaging.JPEG_RATIOS if min(width, height) // r >= image_size or r == 1)
+        return pixels // (ratio * ratio) * PLAIN_BYTES_PER_PIXEL
+    if image_format == "GIF":
+        return pixels * (3 * frames + PLAIN_BYTES_PER_PIXEL)
+    per_pixel = ALPHA_BYTES_PER_PIXEL if alpha else PLAIN_BYTES_PER_PIXEL
+    return pixels * per_pixel * (2 if deep else 1)
 
 
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF"}

@@ -492,6 +492,24 @@ def test_workers_that_cannot_import_tensorflow_stop_the_step_with_the_cause(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_in_a_pod_with_a_memory_limit_a_file_too_large_to_decode_is_refused_not_fatal(
+    image_folder, tmp_path, monkeypatch, caplog
+):
+    """Contract test of the cgroup reading (tests/test_pool.py reads real files): with 856 MB
+    for one worker, 256 MB is left for a file; a 4000x4000 transparent PNG (about 380 MB to
+    decode and composite) is refused by its header, the rest of the run goes on."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(pool, "memory_budget", lambda: 856 * 2**20)
+    big = io.BytesIO()
+    Image.new("RGBA", (4000, 4000), (0, 0, 0, 0)).save(big, format="PNG")
+    (image_folder / "dots" / "huge-cutout.png").write_bytes(big.getvalue())
+    manifest = run(image_folder, tmp_path / "out")
+    assert [entry["path"] for entry in manifest["rejected"]] == ["dots/huge-cutout.png"]
+    assert manifest["rejected"][0]["reason"].startswith("too large to decode in the memory a worker has here")
+    assert "each worker may decode files of up to about 256 MB" in caplog.text
+    assert sum(manifest["totals"].values()) == 32
+
+
 def test_a_dangling_link_or_a_file_gone_since_the_listing_is_reported_not_fatal(
     image_folder, tmp_path, monkeypatch
 ):
