@@ -191,24 +191,30 @@ class ProductionModel:
         return probabilities[:, self.columns]
 
 
-def load_production(
-    config: EvaluateConfig, classes: list[str]
-) -> tuple[ProductionModel | None, str, Path | None]:
-    """(production model or None, a note saying what was compared, its temporary folder)."""
+@dataclass
+class Production:
+    """What evaluate found in the registry: the model to score (None when there is none or it
+    cannot be scored on these labels), a note saying so, the version that served when it
+    looked (export promotes only if production is still that one), and its scratch folder."""
+
+    model: ProductionModel | None
+    note: str
+    seen: int | None = None
+    folder: Path | None = None
+
+
+def load_production(config: EvaluateConfig, classes: list[str]) -> Production:
     if not config.registry:
-        return None, "no registry given: judged by the thresholds alone", None
+        return Production(None, "no registry given: judged by the thresholds alone")
     try:
         fetched = registry.fetch_production(config.registry, config.model_name)
     except registry.RegistryError as error:
         raise EvaluateError(f"cannot read the production model from the registry: {error}") from None
     if fetched is None:
-        return (
+        return Production(
             None,
-            (
-                f"{config.model_name} has no production version in {config.registry} yet (first run): "
-                "judged by the thresholds alone"
-            ),
-            None,
+            f"{config.model_name} has no production version in {config.registry} yet (first run): "
+            "judged by the thresholds alone",
         )
     folder, manifest = fetched
     production = ProductionModel(folder, manifest, classes)
@@ -218,8 +224,9 @@ def load_production(
             f"the test data has {classes}: it cannot be scored on these labels, so the candidate is "
             "judged by the thresholds alone"
         )
-        return None, note, folder
-    return production, f"production version {production.version}, scored on the same test images", folder
+        return Production(None, note, production.version, folder)
+    note = f"production version {production.version}, scored on the same test images"
+    return Production(production, note, production.version, folder)
 
 
 def predict(
@@ -311,7 +318,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if dataset.count(config.split) == 0:
         raise EvaluateError(f"split {config.split!r} of {config.data} is empty: nothing to evaluate")
 
-    production, note, scratch = load_production(config, dataset.classes)
+    found = load_production(config, dataset.classes)
+    production, note, scratch = found.model, found.note, found.folder
     try:
         labels, probabilities, baseline, sources = predict(
             model, production, dataset, config.split, config.batch_size
@@ -349,6 +357,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "registry": config.registry,
         "data_fingerprint": dataset.manifest.get("fingerprint"),
     }
+    if config.registry:
+        evaluation["production_seen"] = found.seen  # None: no production when evaluate looked
 
     config.output.mkdir(parents=True, exist_ok=True)
     png = report.confusion_png(candidate["confusion_matrix"], dataset.classes)

@@ -160,6 +160,49 @@ def test_the_served_model_refuses_decompression_bombs_before_decoding(exported, 
     assert served["grown_kib"] < 200 * 1024, served
 
 
+def test_export_does_not_promote_over_a_production_it_was_not_evaluated_against(
+    exported, trained_model, prepared_dataset, tmp_path, monkeypatch
+):
+    """Evaluate compared the candidate with version 1; another run made version 2 production
+    before this export: the candidate is pushed, production stays at 2, and it says so.
+    The tiny model's blessing is not the subject (8 test images): the decision is made
+    blessed, everything else is the real evaluate, export and registry."""
+    from components import blessing
+    from components.evaluate import EvaluateConfig, evaluate
+    from components.registry import Registry
+
+    decide = blessing.decide
+    monkeypatch.setattr(
+        blessing, "decide", lambda *args, **kwargs: decide(*args, **kwargs) | {"blessed": True}
+    )
+
+    servable, _ = exported
+    root = str(tmp_path / "registry")
+    registry = Registry(root, "tiny")
+    registry.promote(registry.push(servable.parent, {}))
+    evaluation = tmp_path / "evaluation"
+    result = evaluate(
+        EvaluateConfig(
+            model=trained_model, data=prepared_dataset, output=evaluation, registry=root, model_name="tiny"
+        )
+    )
+    assert result["production_seen"] == 1
+    registry.promote(registry.push(servable.parent, {}))  # another run, meanwhile
+    info = export(
+        ExportConfig(
+            model=trained_model,
+            data=prepared_dataset,
+            output=tmp_path / "servable",
+            evaluation=evaluation,
+            registry=root,
+            model_name="tiny",
+            latency_runs=1,
+        )
+    )
+    assert info["registry"] == {"uri": root, "model": "tiny", "version": 3, "promoted": False}
+    assert registry.production()["version"] == 2
+
+
 def test_export_without_a_trained_model_is_a_clear_error(prepared_dataset, tmp_path):
     with pytest.raises(ExportError, match="holds no model.keras"):
         export(ExportConfig(model=tmp_path / "missing", data=prepared_dataset, output=tmp_path / "out"))
