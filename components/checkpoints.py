@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -112,9 +113,9 @@ def needed_bytes(directory: Path, model) -> int:
     if previous:
         size = sum(path.stat().st_size for path in previous[-1].iterdir() if path.is_file())
     else:
-        size = sum(np.asarray(w).nbytes for w in model.get_weights()) + sum(
-            a.nbytes for a in optimizer_arrays(model.optimizer)
-        )
+        # From the variables' shapes and types: no copy of the arrays just to count them.
+        variables = [*model.weights, *(v for v in model.optimizer.variables if not _is_accumulator(v))]
+        size = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
     return int(size * 1.1) + OVERHEAD_BYTES
 
 

@@ -42,6 +42,13 @@ class Limits:
     start_seconds: float = 120.0  # allowed on top for a fresh worker to start (TF's import)
     heartbeat_seconds: float = 30.0  # a log line this often while nothing finishes
 
+    def deadline(self, since: float, items: int, fresh: bool) -> float:
+        """When `items` started at `since` (monotonic) are out of time; inf without a limit.
+        A `fresh` worker also gets its start-up allowance."""
+        if not self.item_seconds:
+            return float("inf")
+        return since + self.item_seconds * items + (self.start_seconds if fresh else 0.0)
+
 
 # In each worker: why its initializer failed, if it did.
 _START_FAILURE: list[str] = []
@@ -135,11 +142,7 @@ def map_chunks(
                     in_flight.append((chunks[submitted], future))
                     submitted += 1
                 chunk, future = in_flight[0]
-                deadline = (
-                    head_since + limits.item_seconds * len(chunk) + (limits.start_seconds if fresh else 0.0)
-                    if limits.item_seconds
-                    else float("inf")
-                )
+                deadline = limits.deadline(head_since, len(chunk), fresh)
                 results = _result(future, deadline, limits, len(in_flight))
             except _Lost as lost:
                 _kill(executor)
@@ -178,12 +181,7 @@ def _one_item_per_task(
     fresh = True
     try:
         for item in items:
-            started = time.monotonic()
-            deadline = (
-                started + limits.item_seconds + (limits.start_seconds if fresh else 0.0)
-                if limits.item_seconds
-                else float("inf")
-            )
+            deadline = limits.deadline(time.monotonic(), 1, fresh)
             future = executor.submit(_run, work, [item])
             try:
                 yield from _result(future, deadline, limits, 1)

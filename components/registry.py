@@ -114,11 +114,15 @@ class Registry:
         return "/".join([self.model, *map(str, parts)])
 
     def _get_json(self, key: str) -> dict[str, Any] | None:
-        data = self._storage(self.folder.get_bytes, key)
-        if data is None:
-            return None
+        return self._get_tagged_json(key)[0]
+
+    def _get_tagged_json(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(parsed object or None, the tag a conditional replace compares against)."""
+        found = self._storage(self.folder.get_tagged, key)
+        if found is None:
+            return None, None
         try:
-            return json.loads(data)
+            return json.loads(found[0]), found[1]
         except ValueError:
             raise RegistryError(f"{self.uri}/{key} is not valid JSON") from None
 
@@ -159,7 +163,7 @@ class Registry:
         return manifest
 
     def production(self) -> dict[str, Any] | None:
-        return self._get_json(self._key(POINTER))
+        return self._pointer()[0]
 
     def push(self, folder: Path, metadata: dict[str, Any]) -> int:
         """Upload every file of `folder` as a new version; the manifest goes last. Returns it."""
@@ -224,14 +228,8 @@ class Registry:
         )
 
     def _pointer(self) -> tuple[dict[str, Any] | None, str | None]:
-        """(production pointer or None, the tag a conditional replace compares against)."""
-        found = self._storage(self.folder.get_tagged, self._key(POINTER))
-        if found is None:
-            return None, None
-        try:
-            return json.loads(found[0]), found[1]
-        except ValueError:
-            raise RegistryError(f"{self.uri}/{self._key(POINTER)} is not valid JSON") from None
+        """(production pointer or None, its tag)."""
+        return self._get_tagged_json(self._key(POINTER))
 
     def _replace_pointer(self, tag: str | None, version: int, history: list[int], reason: str) -> dict | None:
         """Write the pointer only if it is still the one read with `tag`; None if it moved."""
@@ -261,12 +259,10 @@ class Registry:
 
         With `if_production_is` (a version number, or None for "no production yet"), only if
         production is still that version: export passes the version evaluate compared against,
-        so a model is never promoted over one it was not judged against (RegistryMoved).
-        The pointer is replaced only if it is still what was read; a concurrent change is read
-        again, up to POINTER_ATTEMPTS times."""
+        so a model is never promoted over one it was not judged against (RegistryMoved)."""
         self.verify(version)
-        for _ in range(POINTER_ATTEMPTS):
-            current, tag = self._pointer()
+
+        def change(current: dict[str, Any] | None) -> tuple[int, list[int], str] | None:
             serving = current["version"] if current else None
             if if_production_is is not ANY and serving != if_production_is:
                 raise RegistryMoved(
@@ -276,18 +272,15 @@ class Registry:
                 )
             if serving == version:
                 log.info("%s version %d is already in production", self.model, version)
-                return current
-            history = list(current["history"]) if current else []
-            pointer = self._replace_pointer(tag, version, history + [version], reason)
-            if pointer is not None:
-                log.info("%s production: %s -> %d (%s)", self.model, serving or "none", version, reason)
-                return pointer
-        raise RegistryError(f"{self.model} production kept changing during the promotion: try again")
+                return None
+            return version, (list(current["history"]) if current else []) + [version], reason
+
+        return self._move_pointer("promotion", change)
 
     def rollback(self) -> dict[str, Any]:
         """Point production back at the version that served before the current one."""
-        for _ in range(POINTER_ATTEMPTS):
-            current, tag = self._pointer()
+
+        def change(current: dict[str, Any] | None) -> tuple[int, list[int], str]:
             if current is None:
                 raise RegistryError(
                     f"{self.model} has no production version in {self.uri}: nothing to roll back"
@@ -299,15 +292,26 @@ class Registry:
                     "there is nothing earlier to roll back to"
                 )
             history.pop()
-            previous = history[-1]
-            self.verify(previous)
-            pointer = self._replace_pointer(
-                tag, previous, history, f"rollback from version {current['version']}"
-            )
+            self.verify(history[-1])
+            return history[-1], history, f"rollback from version {current['version']}"
+
+        return self._move_pointer("rollback", change)
+
+    def _move_pointer(self, doing: str, change) -> dict[str, Any]:
+        """Read the pointer, ask `change` where it should point ((version, history, reason), or
+        None to leave it), and replace it only if it is still what was read; a concurrent
+        change is read again, up to POINTER_ATTEMPTS times."""
+        for _ in range(POINTER_ATTEMPTS):
+            current, tag = self._pointer()
+            target = change(current)
+            if target is None:
+                return current
+            pointer = self._replace_pointer(tag, *target)
             if pointer is not None:
-                log.info("%s production: %d -> %d (rollback)", self.model, current["version"], previous)
+                old = current["version"] if current else "none"
+                log.info("%s production: %s -> %d (%s)", self.model, old, target[0], target[2])
                 return pointer
-        raise RegistryError(f"{self.model} production kept changing during the rollback: try again")
+        raise RegistryError(f"{self.model} production kept changing during the {doing}: try again")
 
     def fetch(self, version: int, target: Path, subfolder: str = "") -> dict[str, Any]:
         """Download `version` (or only `subfolder` of it) into `target`, checking every sha256."""

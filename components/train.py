@@ -633,10 +633,12 @@ def _checkpointer(save, every: int, state: checkpoints.TrainingState, train_imag
 BATCH_FIT_CACHE = "batch-fit.json"
 
 
-def _remote_checkpoint_root(config: TrainConfig) -> str:
-    """The bucket prefix of --checkpoint-dir, or "": where the batch-fit cache is kept between
-    pods, beside the runs' checkpoints (a pod's own ~/.cache is gone with it)."""
-    return config.checkpoint_dir.rstrip("/") if is_remote(config.checkpoint_dir) else ""
+def _fit_cache_remote(config: TrainConfig) -> str:
+    """The bucket prefix of --checkpoint-dir when the batch-fit cache is kept there between
+    pods, beside the runs' checkpoints (a pod's own ~/.cache is gone with it), else ""."""
+    if config.batch_fit_cache or not is_remote(config.checkpoint_dir):
+        return ""
+    return config.checkpoint_dir.rstrip("/")
 
 
 def _pull_fit_cache(remote: str, cache_file: Path) -> None:
@@ -743,7 +745,7 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, ru
     )
     if run.gpu is not None:
         batchfit.record_out_of_memory(run.cache_file, run.gpu, run.probe_spec, state.step_batch)
-        if remote := "" if run.config.batch_fit_cache else _remote_checkpoint_root(run.config):
+        if remote := _fit_cache_remote(run.config):
             _push_fit_cache(run.cache_file, remote)
     del model
 
@@ -836,7 +838,7 @@ def _prepare_run(config: TrainConfig) -> _Run:
         if config.checkpoint_dir
         else batchfit.default_cache_file()
     )
-    fit_cache_remote = "" if config.batch_fit_cache else _remote_checkpoint_root(config)
+    fit_cache_remote = _fit_cache_remote(config)
     if fit_cache_remote:
         _pull_fit_cache(fit_cache_remote, cache_file)
     probe_spec = batchfit.ProbeSpec(

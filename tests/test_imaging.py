@@ -148,27 +148,21 @@ def test_an_animated_webp_is_refused_with_an_error_not_a_crash(tmp_path):
     np.testing.assert_array_equal(still.numpy(), quadrants())
 
 
-def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 def _header_cases() -> dict[str, bytes]:
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
     frames = [Image.new("RGB", (53, 37), (index * 20, 0, 0)) for index in range(6)]
     return {
-        "jpeg": _encoded(photo, "JPEG"),
-        "jpeg-progressive": _encoded(photo, "JPEG", progressive=True),
-        "png": _encoded(photo, "PNG"),
-        "png-rgba": _encoded(photo.convert("RGBA"), "PNG"),
-        "bmp": _encoded(photo, "BMP"),
-        "bmp-rgba": _encoded(photo.convert("RGBA"), "BMP"),
-        "webp-lossy": _encoded(photo, "WEBP", quality=80),
-        "webp-lossless": _encoded(photo, "WEBP", lossless=True),
-        "webp-alpha": _encoded(photo.convert("RGBA"), "WEBP", quality=80),
-        "gif": _encoded(photo, "GIF"),
-        "gif-animated": _encoded(photo, "GIF", save_all=True, append_images=frames),
+        "jpeg": encode(photo, "JPEG"),
+        "jpeg-progressive": encode(photo, "JPEG", progressive=True),
+        "png": encode(photo, "PNG"),
+        "png-rgba": encode(photo.convert("RGBA"), "PNG"),
+        "bmp": encode(photo, "BMP"),
+        "bmp-rgba": encode(photo.convert("RGBA"), "BMP"),
+        "webp-lossy": encode(photo, "WEBP", quality=80),
+        "webp-lossless": encode(photo, "WEBP", lossless=True),
+        "webp-alpha": encode(photo.convert("RGBA"), "WEBP", quality=80),
+        "gif": encode(photo, "GIF"),
+        "gif-animated": encode(photo, "GIF", save_all=True, append_images=frames),
     }
 
 
@@ -194,7 +188,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 def _gif_of(frames: int, size: int) -> bytes:
     images = [Image.new("P", (size, size), index % 200) for index in range(frames)]
-    return _encoded(images[0], "GIF", save_all=True, append_images=images[1:])
+    return encode(images[0], "GIF", save_all=True, append_images=images[1:])
 
 
 def test_the_pixel_check_refuses_what_declares_too_many_pixels_before_decoding():

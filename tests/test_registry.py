@@ -16,10 +16,10 @@ def models_bucket(s3):
     s3.client().make_bucket("models")
 
 
-def model_folder(root: Path, marker: str) -> Path:
+def model_folder(root: Path, marker: str, repeat: int = 1000) -> Path:
     (root / "saved_model" / "variables").mkdir(parents=True)
     (root / "saved_model" / "saved_model.pb").write_bytes(b"graph " + marker.encode())
-    (root / "saved_model" / "variables" / "variables.data").write_bytes(marker.encode() * 1000)
+    (root / "saved_model" / "variables" / "variables.data").write_bytes(marker.encode() * repeat)
     (root / "model_card.md").write_text(f"# model {marker}\n")
     return root
 

@@ -13,6 +13,7 @@ import pytest
 
 from components import registry as reg
 from tests import s3_server
+from tests.test_registry import model_folder
 
 PUSHERS = 6
 
@@ -24,14 +25,6 @@ def s3():
     yield server
     server.process.kill()
     server.process.wait()
-
-
-def model_folder(root: Path, marker: str) -> Path:
-    (root / "saved_model" / "variables").mkdir(parents=True)
-    (root / "saved_model" / "saved_model.pb").write_bytes(b"graph " + marker.encode())
-    (root / "saved_model" / "variables" / "variables.data").write_bytes(marker.encode() * 20_000)
-    (root / "model_card.md").write_text(f"# model {marker}\n")
-    return root
 
 
 def push_and_promote(uri: str, model: str, folder: str, marker: str, start: str, results) -> None:
@@ -54,7 +47,8 @@ def run_concurrently(uri: str, model: str, tmp_path: Path, env: dict[str, str]) 
     processes = []
     for index in range(PUSHERS):
         marker = f"run{index}"
-        folder = model_folder(tmp_path / marker, marker)
+        # Larger files: uploads that take long enough to overlap.
+        folder = model_folder(tmp_path / marker, marker, repeat=20_000)
         process = context.Process(
             target=push_and_promote, args=(uri, model, str(folder), marker, str(start), results)
         )

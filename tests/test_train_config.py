@@ -148,11 +148,14 @@ def test_the_batch_fit_cache_is_kept_beside_the_checkpoints_in_the_bucket(s3_env
 
     s3_env.client().make_bucket("ckpt")
     config = scratch_config(data=tmp_path, output=tmp_path / "out", checkpoint_dir="s3://ckpt/runs")
-    remote = train._remote_checkpoint_root(config)
+    remote = train._fit_cache_remote(config)
     assert remote == "s3://ckpt/runs"
+    named = scratch_config(
+        data=tmp_path, output=tmp_path, checkpoint_dir="s3://ckpt/runs", batch_fit_cache="/c.json"
+    )
+    assert train._fit_cache_remote(named) == ""  # a cache file named by hand stays where it was named
     assert (
-        train._remote_checkpoint_root(scratch_config(data=tmp_path, output=tmp_path, checkpoint_dir="/mnt"))
-        == ""
+        train._fit_cache_remote(scratch_config(data=tmp_path, output=tmp_path, checkpoint_dir="/mnt")) == ""
     )
     first = tmp_path / "pod-1" / "batch-fit.json"
     train._pull_fit_cache(remote, first)  # nothing there yet: nothing written

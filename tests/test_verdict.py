@@ -14,6 +14,7 @@ from components import imaging, verdict
 from components.preprocess import PreprocessConfig
 from components.verdict import Rejected, check_and_resize, check_and_resize_many
 from tests.conftest import TINY_SIZE, damaged_jpeg, make_image_folder
+from tests.test_imaging import encode
 
 
 def test_a_broken_jpeg_that_pillow_tolerates_is_called_corrupt_not_unsupported(tmp_path):
@@ -269,7 +270,7 @@ def test_a_gif_whose_frames_add_up_to_too_many_pixels_is_refused_from_its_blocks
 def test_a_file_whose_decoding_would_not_fit_the_memory_budget_is_refused_from_its_header(tmp_path):
     """The budget a worker has (from the pod's memory limit) against the file's own header:
     refused before decoding, with the estimate; with no budget, decoded as before."""
-    transparent = _encoded_image(Image.new("RGBA", (2000, 2000), (0, 0, 0, 0)), "PNG")
+    transparent = encode(Image.new("RGBA", (2000, 2000), (0, 0, 0, 0)), "PNG")
     tight = PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE, max_decode_mb=50)
     with pytest.raises(
         Rejected, match=r"too large to decode in the memory a worker has here: 2000x2000 PNG with "
@@ -286,9 +287,3 @@ def test_the_decode_estimate_follows_what_the_decoder_does():
     assert verdict.decode_bytes("PNG", 9000, 9000, 1, True, False, 224) == 81_000_000 * 25
     # Every frame of a GIF is decoded to take the first.
     assert verdict.decode_bytes("GIF", 100, 100, 10, False, False, 224) == 10_000 * (30 + 5)
-
-
-def _encoded_image(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
