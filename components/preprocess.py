@@ -387,8 +387,9 @@ def _work(keys: list[str]) -> list[WorkResult]:
     return results
 
 
-# What one worker may use at its peak: TensorFlow itself (~0.5 GB) and the largest decode the
-# pixel cap lets through (a 9000x9000 transparent PNG peaked at 3 GB).
+# What one worker may use at its peak: TensorFlow itself (~0.85 GB warm, bench/serving_guard.py)
+# and a large decode under the pixel cap (a 9000x9000 transparent PNG: 2,059 MB more,
+# bench/decode_memory.py; the issue reported 3 GB for one).
 WORKER_MEMORY_BYTES = 3 * 2**30
 
 
