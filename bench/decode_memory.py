@@ -1,10 +1,12 @@
 """Where the memory of decoding one large transparent PNG goes: the decode alone, the decode and
-an area resize, and the product's full path (`imaging.decode_and_resize`: decode, alpha
-composited onto white at full size in float32, resize), each in a fresh process.
+an area resize, the product's path (`imaging.decode_and_resize`: resized premultiplied, a band
+of rows at a time, then composited onto white) and its baseline, the path before issue 18
+(`imaging.decode` composites at full size in float32, then `imaging.resize`), each in a fresh
+process.
 
     .venv/bin/python bench/decode_memory.py [--size 9000]
 
-Resident memory is sampled every 5 ms during the call, above the warm process (the graph
+Resident memory is sampled every 5 ms during the call, above the warm process (both graphs
 traced and run once on a small image). Figures in bench/RESULTS.md (issue 18).
 """
 
@@ -31,11 +33,13 @@ def rss_mb():
 
 mode, size = sys.argv[1], int(sys.argv[2])
 data = tf.constant(png_bomb(size))
-full = tf.function(lambda e: imaging.decode_and_resize(e, 224),
-                   input_signature=[tf.TensorSpec([], tf.string)])
+spec = [tf.TensorSpec([], tf.string)]
+product = tf.function(lambda e: imaging.decode_and_resize(e, 224), input_signature=spec)
+baseline = tf.function(lambda e: imaging.resize(imaging.decode(e, 224), 224), input_signature=spec)
 small = io.BytesIO()
 Image.new("RGBA", (300, 200), (0, 0, 0, 0)).save(small, format="PNG")
-full(tf.constant(small.getvalue()))
+product(tf.constant(small.getvalue()))
+baseline(tf.constant(small.getvalue()))
 before, peak, done = rss_mb(), [0.0], threading.Event()
 
 def sample():
@@ -50,8 +54,10 @@ if mode == "decode":
     tf.io.decode_image(data, channels=0, expand_animations=False)
 elif mode == "decode+area resize":
     tf.image.resize(tf.io.decode_image(data, channels=0, expand_animations=False), [224, 224], method="area")
+elif mode.startswith("composited at full size"):
+    baseline(data)
 else:
-    full(data)
+    product(data)
 seconds = time.perf_counter() - started
 done.set()
 sampler.join()
@@ -63,7 +69,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=9000, help="side of the square RGBA PNG, px")
     args = parser.parse_args()
-    for mode in ("decode", "decode+area resize", "decode_and_resize (the product)"):
+    modes = (
+        "decode",
+        "decode+area resize",
+        "composited at full size, then resized (the baseline)",
+        "decode_and_resize (the product)",
+    )
+    for mode in modes:
         result = subprocess.run(
             [sys.executable, "-c", MEASURE, mode, str(args.size), str(REPO)], capture_output=True, text=True
         )

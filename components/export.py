@@ -86,6 +86,20 @@ class ExportConfig:
     max_pixels: int = imaging.MAX_PIXELS
     max_images: int = 256  # images per request; more is refused before any is decoded
 
+    def __post_init__(self) -> None:
+        # Caught here, not in the exported graph: a cap of 0 would make a model that refuses
+        # every request, found only once it serves.
+        for flag, value, least in (
+            ("--max-pixels", self.max_pixels, 1),
+            ("--max-images", self.max_images, 1),
+            ("--verify-examples", self.verify_examples, 1),
+            ("--latency-runs", self.latency_runs, 0),
+        ):
+            if value < least:
+                raise ExportError(f"{flag} must be {least} or more, got {value}")
+        if not self.tolerance > 0:
+            raise ExportError(f"--tolerance must be positive, got {self.tolerance}")
+
 
 def write_saved_model(
     model,
@@ -202,11 +216,12 @@ def _percentiles(seconds: list[float], batch: int) -> dict[str, float]:
     }
 
 
-def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str, Any]:
+def verify_exports(folder: Path, examples: Path, latency_runs: int, max_images: int) -> dict[str, Any]:
     """Load each exported format with its own runtime and compare with the expected outputs.
 
     Runs in the fresh process (`verify` subcommand): nothing the export step built in memory
-    is reachable from here, only the files.
+    is reachable from here, only the files. Requests hold at most `max_images`, the served
+    model's own cap.
     """
     import tensorflow as tf
 
@@ -219,9 +234,12 @@ def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str,
 
     loaded = tf.saved_model.load(str(folder / SAVED_MODEL))
     serve = loaded.signatures["serving_default"]
-    outputs = serve(**{INPUT_NAME: tf.constant(encoded, dtype=tf.string)})
-    probabilities = outputs["probabilities"].numpy()
-    labels = [label.decode() for label in outputs["labels"].numpy()]
+    answers = [
+        serve(**{INPUT_NAME: tf.constant(encoded[start : start + max_images], dtype=tf.string)})
+        for start in range(0, len(encoded), max_images)
+    ]
+    probabilities = np.concatenate([answer["probabilities"].numpy() for answer in answers])
+    labels = [label.decode() for answer in answers for label in answer["labels"].numpy()]
     result: dict[str, Any] = {
         "examples": int(len(expected)),
         "max_abs_difference": float(np.abs(probabilities - expected).max()),
@@ -233,7 +251,7 @@ def verify_exports(folder: Path, examples: Path, latency_runs: int) -> dict[str,
 
     # CPU latency of the whole serving path (decode, resize, network) on raw bytes.
     latency = []
-    for batch in LATENCY_BATCHES:
+    for batch in sorted({min(batch, max_images) for batch in LATENCY_BATCHES}):
         inputs = tf.constant([encoded[i % len(encoded)] for i in range(batch)], dtype=tf.string)
         serve(**{INPUT_NAME: inputs})  # warm-up: the first call traces and plans
         times = []
@@ -446,6 +464,8 @@ def export(config: ExportConfig) -> dict[str, Any]:
                 str(examples),
                 "--latency-runs",
                 str(config.latency_runs),
+                "--max-images",
+                str(config.max_images),
             ],
             capture_output=True,
             text=True,
@@ -588,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--folder", type=Path, required=True)
     verify.add_argument("--examples", type=Path, required=True)
     verify.add_argument("--latency-runs", type=int, default=defaults.latency_runs)
+    verify.add_argument("--max-images", type=int, default=defaults.max_images)
     return parser
 
 
@@ -600,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "verify":
-        print(json.dumps(verify_exports(args.folder, args.examples, args.latency_runs)))
+        print(json.dumps(verify_exports(args.folder, args.examples, args.latency_runs, args.max_images)))
         return 0
     missing = [flag for flag in ("model", "data", "output") if getattr(args, flag) is None]
     if missing:

@@ -24,14 +24,23 @@ JPEG_RATIOS = (1, 2, 4, 8)  # the reduced-size decodings libjpeg offers
 def decode(encoded, target_size: int | None = None):
     """Encoded bytes (scalar string tensor) -> uint8 RGB tensor of shape [H, W, 3], upright.
 
-    Grayscale, palette, 16-bit and CMYK come out as 8-bit RGB; alpha is composited onto white;
-    an animated GIF gives its first frame; a JPEG's EXIF orientation is applied (phone photos
-    store pixels sideways and say so only in EXIF).
+    Grayscale, palette, 16-bit and CMYK come out as 8-bit RGB; alpha is composited onto white
+    (here at full size: `decode_and_resize` composites after resizing, which is what preprocess
+    and the served model run); an animated GIF gives its first frame; a JPEG's EXIF
+    orientation is applied (phone photos store pixels sideways and say so only in EXIF).
 
     With `target_size`, a JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8
     scale inside libjpeg (the largest reduction that keeps the short side >= target_size):
     a 12-megapixel photo bound for 224 px then costs a fraction of a full decode.
     """
+    image = _to_rgb(decode_channels(encoded, target_size))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def decode_channels(encoded, target_size: int | None = None):
+    """`decode` without the colour conversion: uint8 [H, W, C], C = 1 (gray), 2 (gray and
+    alpha), 3 (RGB) or 4 (RGBA), as the file stores it (palette and 16-bit made 8-bit)."""
     import tensorflow as tf
 
     is_jpeg = tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff"
@@ -59,11 +68,10 @@ def decode(encoded, target_size: int | None = None):
         # it with an error instead, so that one such upload cannot take a model server down.
         still = tf.debugging.Assert(tf.logical_not(_is_animated_webp(encoded)), [ANIMATED_WEBP])
         with tf.control_dependencies([still]):
-            image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
-        return _to_rgb(image)
+            return tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
 
     image = tf.cond(is_jpeg, _jpeg, _other)
-    image.set_shape([None, None, 3])
+    image.set_shape([None, None, None])
     return image
 
 
@@ -181,14 +189,16 @@ PAD_VALUE = 0  # black bars for "pad", as letterboxing usually is
 
 
 def resize(image, size: int, policy: str = "stretch"):
-    """uint8 [H, W, 3] -> uint8 [size, size, 3].
+    """uint8 [H, W, C] -> uint8 RGB [size, size, 3], for C = 1 (gray), 2 (gray and alpha),
+    3 (RGB) or 4 (RGBA): what `decode_channels` gives.
 
     stretch: scale each axis to `size` (keeps all content, distorts the aspect ratio);
     pad:     scale the long side to `size`, centre, fill the rest with PAD_VALUE;
     crop:    scale the short side to `size`, keep the centre square.
     Area averaging when shrinking, antialiased bilinear otherwise: a large photo shrunk to
     224 px keeps its detail instead of aliasing. Rounded back to uint8 so that resizing a
-    square image already at `size` is the identity.
+    square image already at `size` is the identity. Gray becomes RGB after resizing, and alpha
+    is composited onto white after resizing too (see `_resize_premultiplied`).
     """
     import tensorflow as tf
 
@@ -205,12 +215,24 @@ def resize(image, size: int, policy: str = "stretch"):
     # antialiased bilinear takes 2.1 ms (one core, bench/preprocess.py). Enlarging (or one
     # axis each way): antialiased bilinear, where area averaging would give blocky pixels.
     shrinking = tf.reduce_all(target <= tf.shape(image)[:2])
+
+    def scaled(pixels, to):
+        return tf.cond(
+            shrinking,
+            lambda: tf.image.resize(pixels, to, method="area"),
+            lambda: tf.image.resize(pixels, to, method="bilinear", antialias=True),
+        )
+
+    channels = tf.shape(image)[-1]
     resized = tf.cond(
-        shrinking,
-        lambda: tf.image.resize(image, target, method="area"),
-        lambda: tf.image.resize(image, target, method="bilinear", antialias=True),
+        tf.logical_or(tf.equal(channels, 2), tf.equal(channels, 4)),
+        lambda: _resize_premultiplied(image, target, scaled),
+        lambda: scaled(image, target),
     )
     resized = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+    resized = tf.cond(
+        tf.shape(resized)[-1] == 1, lambda: tf.tile(resized, [1, 1, 3]), lambda: resized[..., :3]
+    )
     if policy == "pad":
         offset = (size - target) // 2
         resized = tf.pad(
@@ -224,8 +246,45 @@ def resize(image, size: int, policy: str = "stretch"):
     return tf.ensure_shape(resized, [size, size, 3])
 
 
+# Rows of a transparent image made float at a time: about 4 MiB of float32 RGBA per band.
+BAND_PIXELS = 2**18
+
+
+def _resize_premultiplied(image, target, scaled):
+    """uint8 [H, W, C+1] (colour then alpha) -> float32 [h, w, C], composited onto white.
+
+    Compositing is affine in premultiplied colour (colour x alpha) and alpha, and both resize
+    filters are linear with weights summing to 1, so resizing the premultiplied image and
+    compositing the small result gives the pixels of compositing first, without ever holding
+    the full-size image in float32 (16 bytes a pixel: 1.3 GB for a 9000 x 9000 PNG, where its
+    decoded bytes are 324 MB). Both filters are separable: rows are premultiplied and resized
+    across a band at a time, and the narrow result is then resized down its columns."""
+    import tensorflow as tf
+
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    rows = tf.maximum(BAND_PIXELS // width, 1)
+    bands = (height + rows - 1) // rows
+
+    def across(index, done):
+        band = tf.cast(image[index * rows : (index + 1) * rows], tf.float32)
+        alpha = band[..., -1:] / 255.0
+        premultiplied = tf.concat([band[..., :-1] * alpha, alpha], axis=-1)
+        return index + 1, done.write(index, scaled(premultiplied, [tf.shape(band)[0], target[1]]))
+
+    _, done = tf.while_loop(
+        lambda index, _: index < bands,
+        across,
+        [
+            tf.constant(0),
+            tf.TensorArray(tf.float32, size=bands, infer_shape=False, element_shape=[None, None, None]),
+        ],
+    )
+    resized = scaled(done.concat(), target)
+    return resized[..., :-1] + ALPHA_BACKGROUND * (1.0 - resized[..., -1:])
+
+
 def decode_and_resize(encoded, size: int, policy: str = "stretch"):
-    return resize(decode(encoded, target_size=size), size, policy)
+    return resize(decode_channels(encoded, target_size=size), size, policy)
 
 
 # Pillow's decompression-bomb threshold: a 218 KB PNG can decode to 675 MB. Preprocess refuses

@@ -112,12 +112,12 @@ def check_header(data: bytes, rules: ImageRules) -> tuple[str, int, int]:
     return image_format, width, height
 
 
-# Modes whose decoding carries an alpha channel, composited onto white at full size.
+# Modes whose decoding carries an alpha channel (composited onto white after resizing).
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# Bytes per pixel at the peak of decode + composite + resize, measured on a 9000x9000 PNG
-# (bench/RESULTS.md, issue 18): 1,982 MB with transparency (the float32 compositing at full
-# size is most of it), 325 MB for the decode and area resize alone.
-ALPHA_BYTES_PER_PIXEL = 25
+# Bytes per pixel at the peak of decode + resize (+ composite), with a margin: measured on a
+# 9000x9000 RGBA PNG (bench/decode_memory.py, bench/RESULTS.md): 325 MB for the decode and an
+# area resize (4.0 a pixel), 374 MB for the whole path with its bands of float rows (4.6).
+ALPHA_BYTES_PER_PIXEL = 6
 PLAIN_BYTES_PER_PIXEL = 5
 
 
@@ -474,8 +474,7 @@ def _decode_resize_encode_one(image_size: int, policy: str, encoding: str, jpeg_
     import tensorflow as tf
 
     def one(data):
-        decoded = imaging.decode(data, target_size=image_size)
-        pixels = imaging.resize(decoded, image_size, policy)
+        pixels = imaging.decode_and_resize(data, image_size, policy)
         if encoding == "png":
             return pixels, tf.io.encode_png(pixels)
         return pixels, tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)

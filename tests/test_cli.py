@@ -33,3 +33,27 @@ def test_a_bucket_url_where_a_local_path_is_expected_is_refused(module, argv, ca
 )
 def test_local_paths_pass(value):
     assert local_path(value) == Path(value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--max-pixels", "0"), ("--max-images", "0"), ("--verify-examples", "0"), ("--tolerance", "0")],
+)
+def test_export_refuses_a_cap_that_would_make_a_model_refuse_every_request(flag, value, tmp_path, caplog):
+    """Checked before anything loads: a served model with a cap of 0 refuses every image, and
+    nothing would say so until it serves."""
+    from components import export
+
+    argv = [
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "x"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([*argv, flag, value])
+    assert exit_info.value.code == 2
+    assert f"error: {flag} must be" in caplog.text
+    assert not (tmp_path / "x").exists()

@@ -56,6 +56,27 @@ def test_latency_is_measured_at_batch_1_and_32(exported):
         assert row["p50_ms_per_image"] == pytest.approx(row["p50_ms"] / row["batch"], abs=1e-3)
 
 
+def test_a_model_capped_under_the_verification_batch_is_verified_in_requests_it_accepts(
+    trained_model, prepared_dataset, tmp_path
+):
+    """--max-images 4: the 64-example verification and the latency batch go in requests of at
+    most 4 images (a request of 32 would be refused by the model's own cap)."""
+    info = export(
+        ExportConfig(
+            model=trained_model,
+            data=prepared_dataset,
+            output=tmp_path / "capped",
+            latency_runs=1,
+            max_images=4,
+        )
+    )
+    verification = info["verification"]
+    assert verification["passed"] and verification["examples"] > 4
+    assert [row["batch"] for row in verification["latency"]["batches"]] == [1, 4]
+    recorded = json.loads((tmp_path / "capped" / SAVED_MODEL / "export_info.json").read_text())
+    assert recorded["max_images_per_request"] == 4
+
+
 def test_model_card_describes_the_model(exported, prepared_dataset):
     output, info = exported
     card = (output.parent / "model_card.md").read_text()

@@ -55,6 +55,43 @@ def test_alpha_is_composited_onto_white():
     assert decoded[9, 0].tolist() == [255, 255, 255]
 
 
+def composited_first(pixels: np.ndarray) -> np.ndarray:
+    """Alpha composited onto white at full size, unrounded: the reference for compositing late."""
+    colour, alpha = pixels[..., :-1].astype(np.float32), pixels[..., -1:].astype(np.float32) / 255
+    return np.repeat(colour * alpha + 255 * (1 - alpha), 3 // colour.shape[-1], axis=-1)
+
+
+@pytest.mark.parametrize("policy", imaging.RESIZE_POLICIES)
+@pytest.mark.parametrize(
+    ("height", "width", "channels"), [(300, 200, 4), (64, 64, 2), (37, 1000, 4), (9, 20, 4)]
+)
+def test_transparency_composited_after_resizing_gives_the_pixels_of_compositing_first(
+    monkeypatch, policy, height, width, channels
+):
+    """Resized premultiplied, a band of rows at a time (a few rows per band here, so that many
+    bands are joined), then composited: the full-size float image is never made, and the pixels
+    are those of compositing first and resizing the float result, to float rounding (an output
+    exactly half-way between two levels may round either way)."""
+    monkeypatch.setattr(imaging, "BAND_PIXELS", 3 * width)
+    rng = np.random.default_rng(height * width)
+    pixels = rng.integers(0, 256, (height, width, channels)).astype(np.uint8)
+    pixels[..., -1][rng.random((height, width)) < 0.3] = 0  # fully transparent holes
+    for size in (8, 32, 224):  # shrinking, mixed, enlarging
+        late = imaging.resize(tf.constant(pixels), size, policy).numpy().astype(int)
+        first = imaging.resize(tf.constant(composited_first(pixels)), size, policy).numpy().astype(int)
+        assert late.shape == (size, size, 3)
+        assert np.abs(late - first).max() <= 1
+        assert (late != first).mean() < 0.005
+
+
+def test_a_gray_image_becomes_rgb_after_resizing_with_the_same_pixels():
+    gray = np.random.default_rng(1).integers(0, 256, (50, 70, 1)).astype(np.uint8)
+    for size in (16, 128):
+        resized = imaging.resize(tf.constant(gray), size).numpy()
+        expected = imaging.resize(tf.constant(np.repeat(gray, 3, axis=-1)), size).numpy()
+        np.testing.assert_array_equal(resized, expected)
+
+
 def test_gray_with_alpha_16_bit_palette_cmyk_and_gif_become_rgb():
     gray_alpha = np.stack([np.full((4, 4), 10, np.uint8), np.full((4, 4), 128, np.uint8)], axis=-1)
     cases = {

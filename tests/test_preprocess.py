@@ -496,12 +496,12 @@ def test_in_a_pod_with_a_memory_limit_a_file_too_large_to_decode_is_refused_not_
     image_folder, tmp_path, monkeypatch, caplog
 ):
     """Contract test of the cgroup reading (tests/test_pool.py reads real files): with 856 MB
-    for one worker, 256 MB is left for a file; a 4000x4000 transparent PNG (about 380 MB to
-    decode and composite) is refused by its header, the rest of the run goes on."""
+    for one worker, 256 MB is left for a file; a 7000x7000 transparent PNG (about 290 MB to
+    decode, resize and composite) is refused by its header, the rest of the run goes on."""
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(pool, "memory_budget", lambda: 856 * 2**20)
     big = io.BytesIO()
-    Image.new("RGBA", (4000, 4000), (0, 0, 0, 0)).save(big, format="PNG")
+    Image.new("RGBA", (7000, 7000), (0, 0, 0, 0)).save(big, format="PNG")
     (image_folder / "dots" / "huge-cutout.png").write_bytes(big.getvalue())
     manifest = run(image_folder, tmp_path / "out")
     assert [entry["path"] for entry in manifest["rejected"]] == ["dots/huge-cutout.png"]

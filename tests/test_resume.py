@@ -109,6 +109,45 @@ def test_a_disk_that_fills_during_the_save_leaves_no_partial_folder(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MiB volume (tmpfs) that the test fills with real files."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Take all but `leave` bytes of the volume with a real file."""
+    free = checkpoints.shutil.disk_usage(disk).free
+    subprocess.run(["fallocate", "-l", str(free - leave), str(disk / f"filler-{free}")], check=True)
+
+
+def test_on_a_really_full_volume_the_save_is_refused_and_the_last_checkpoint_stays(small_disk, monkeypatch):
+    """A real volume filled with a real file: the check before writing refuses with the space
+    needed; then with the check bypassed and not one byte left, the write's own ENOSPC (from
+    HDF5) is a DiskFullError too, no partial folder stays, and the last checkpoint loads."""
+    model = tiny_model()
+    folder = small_disk / "checkpoints"
+    checkpoints.save(folder, model, checkpoints.TrainingState(global_step=2))
+    fill(small_disk, leave=4 * 2**20)
+    with pytest.raises(checkpoints.DiskFullError, match=r"8 MiB needed, 4 MiB free"):
+        checkpoints.save(folder, model, checkpoints.TrainingState(global_step=4))
+    fill(small_disk, leave=0)
+    monkeypatch.setattr(checkpoints, "ensure_space", lambda directory, needed: None)
+    with pytest.raises(checkpoints.DiskFullError, match="the disk filled while writing a checkpoint"):
+        checkpoints.save(folder, model, checkpoints.TrainingState(global_step=6))
+    assert [path.name for path in folder.iterdir()] == ["step-000000002"]
+    _, state = checkpoints.load_latest(folder, lambda state: tiny_model())
+    assert state.global_step == 2
+
+
 def test_stale_partial_folders_are_removed_by_the_next_save(tmp_path):
     model = tiny_model()
     stale = tmp_path / ".step-000000007.partial"

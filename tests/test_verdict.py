@@ -271,7 +271,7 @@ def test_a_file_whose_decoding_would_not_fit_the_memory_budget_is_refused_from_i
     """The budget a worker has (from the pod's memory limit) against the file's own header:
     refused before decoding, with the estimate; with no budget, decoded as before."""
     transparent = encode(Image.new("RGBA", (2000, 2000), (0, 0, 0, 0)), "PNG")
-    tight = PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE, max_decode_mb=50)
+    tight = PreprocessConfig(source="", output=tmp_path, image_size=TINY_SIZE, max_decode_mb=20)
     with pytest.raises(
         Rejected, match=r"too large to decode in the memory a worker has here: 2000x2000 PNG with "
     ):
@@ -283,7 +283,8 @@ def test_the_decode_estimate_follows_what_the_decoder_does():
     # A JPEG far larger than the target is decoded at 1/8 scale inside libjpeg.
     assert verdict.decode_bytes("JPEG", 6000, 4000, 1, False, False, 224) == 6000 * 4000 // 64 * 5
     assert verdict.decode_bytes("JPEG", 6000, 4000, 1, False, False, 4000) == 6000 * 4000 * 5
-    # Transparency is composited at full size in float32: the measured 25 bytes a pixel.
-    assert verdict.decode_bytes("PNG", 9000, 9000, 1, True, False, 224) == 81_000_000 * 25
+    # RGBA decodes to 4 bytes a pixel, plus the float bands of the premultiplied resize.
+    assert verdict.decode_bytes("PNG", 9000, 9000, 1, True, False, 224) == 81_000_000 * 6
+    assert verdict.decode_bytes("PNG", 9000, 9000, 1, False, False, 224) == 81_000_000 * 5
     # Every frame of a GIF is decoded to take the first.
     assert verdict.decode_bytes("GIF", 100, 100, 10, False, False, 224) == 10_000 * (30 + 5)
