@@ -14,7 +14,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[cpu,onnx,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,onnx,serve,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install the pinned dependencies
@@ -66,7 +66,8 @@ lock: $(STAMP) ## re-pin docker/requirements-{cpu,gpu}.txt after a change to pyp
 	$(BIN)/python docker/lock.py
 
 wheels: $(STAMP) ## fill docker/wheels/ for offline image builds (on a machine that reaches PyPI)
-	$(BIN)/pip wheel --no-deps --quiet -r docker/requirements-cpu.txt -r docker/requirements-gpu.txt -w docker/wheels
+	$(BIN)/pip wheel --no-deps --quiet -r docker/requirements-cpu.txt -w docker/wheels
+	$(BIN)/pip wheel --no-deps --quiet -r docker/requirements-gpu.txt -w docker/wheels
 
 COMPOSE = docker compose -p efficientnet-retrain --env-file .env -f docker/compose.yaml
 local-up: ## start MinIO for run-docker (reads .env: cp .env.example .env first)

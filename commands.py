@@ -422,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(".env"),
         help="read unset variables (S3 endpoint, credentials, bucket) from this file, if it exists",
     )
+    # Listed here for --help; main() hands its flags to components.serve's own parser.
+    commands.add_parser(
+        "serve",
+        add_help=False,
+        help="serve the registry's production model over HTTP (V1 protocol), following promotions",
+    )
     for name, text in (
         ("promote", "point a model's production at a complete registry version"),
         ("rollback", "point a model's production back at the version before"),
@@ -443,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        import components.serve as serve_step
+
+        return serve_step.main(argv[1:], prog=f"{parser.prog} serve")
     args = parser.parse_args(argv)
 
     configure_logging()

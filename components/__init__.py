@@ -10,5 +10,6 @@ backend (KERAS_BACKEND is read once, at import). Loaded lazily, `--help`, `pipel
 compile`, the preprocess parent process (which only routes records: bench/RESULTS.md) and
 every CLI's argument errors stay instant. The onnx extra (tf2onnx, onnx, onnxruntime) is
 imported where `export --formats onnx` needs it, because it is optional and may be absent.
+`commands.py` imports `components.serve` (KServe's model server, 1.4 s) only for `serve`.
 tests/test_imports.py holds both rules.
 """

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAVORS = {"cpu": "cpu,onnx", "gpu": "gpu"}
+FLAVORS = {"cpu": "cpu,onnx,serve", "gpu": "gpu"}
 OWN_NAME = "efficientnet-retrain"
 log = logging.getLogger("lock")
 

@@ -90,33 +90,34 @@ def ensure_base_image() -> None:
 
 def ensure_wheels() -> Path:
     """docker/wheels filled from both lock files (what `make wheels` does; pip reuses the wheels
-    already in the folder, so reruns are quick)."""
+    already in the folder, so reruns are quick). One pip call per lock file: the two images may
+    pin different versions of a package (psutil: 5.x under KServe in the CPU image, 7.x in the
+    GPU image), which one resolution would refuse; `flavor_wheels` picks each image's own."""
     wheels = REPO / "docker" / "wheels"
-    # No pip cache: the wheel folder is the cache, and a second 3.4 GB copy can fill the disk.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--quiet",
-            "--no-cache-dir",
-            "-r",
-            str(REPO / "docker" / "requirements-cpu.txt"),
-            "-r",
-            str(REPO / "docker" / "requirements-gpu.txt"),
-            "-w",
-            str(wheels),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode:
-        raise RuntimeError(
-            f"pip wheel into {wheels} failed (exit {result.returncode}; "
-            f"{free_gib(wheels):.1f} GiB free there):\n{result.stderr[-3000:]}"
+    for flavor in ("cpu", "gpu"):
+        # No pip cache: the wheel folder is the cache, and a second 3.4 GB copy can fill the disk.
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--quiet",
+                "--no-cache-dir",
+                "-r",
+                str(REPO / "docker" / f"requirements-{flavor}.txt"),
+                "-w",
+                str(wheels),
+            ],
+            capture_output=True,
+            text=True,
         )
+        if result.returncode:
+            raise RuntimeError(
+                f"pip wheel of requirements-{flavor}.txt into {wheels} failed (exit {result.returncode}; "
+                f"{free_gib(wheels):.1f} GiB free there):\n{result.stderr[-3000:]}"
+            )
     return wheels
 
 

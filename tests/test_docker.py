@@ -356,6 +356,46 @@ def test_a_step_failing_in_its_container_fails_the_run_with_its_reason(built, s3
     assert not (tmp_path / "run" / "run-summary.json").exists()
 
 
+def test_the_cpu_image_serves_the_production_model_and_follows_a_promotion(built, tmp_path):
+    """`python3 -m components.serve` in the CPU image (KServe's server, host network), a
+    registry folder mounted read-only: real HTTP requests answered by version 1, then by
+    version 2 once it is promoted from outside the container."""
+    import time
+
+    from components import registry as reg
+    from tests.test_serve import Client, free_port, image, push_version
+
+    registry = reg.Registry(str(tmp_path / "registry"), "pets")
+    registry.promote(push_version(registry, 0, tmp_path))
+    push_version(registry, 1, tmp_path)
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the image's user
+    server = Client(free_port(), "pets")
+    name = f"serve-{server.port}"
+    docker_harness.docker(
+        "run", "-d", "--rm", "--name", name, "--network", "host",
+        "-v", f"{tmp_path / 'registry'}:/registry:ro", built.cpu,
+        "python3", "-m", "components.serve", "--registry", "/registry", "--model-name", "pets",
+        "--port", str(server.port), "--poll-seconds", "0.5",
+    )  # fmt: skip
+    try:
+        try:
+            server.wait_ready()
+        except AssertionError:
+            raise AssertionError(docker_harness.docker("logs", name, check=False).stderr[-3000:]) from None
+        status, body, version = server.predict([image()])
+        assert (status, version) == (200, "1"), body
+        assert body["predictions"][0]["labels"] == "cat"
+        registry.promote(2)
+        deadline = time.monotonic() + 60
+        while version != "2" and time.monotonic() < deadline:
+            status, body, version = server.predict([image()])
+            assert status == 200, body
+        assert body["predictions"][0]["labels"] == "dog"
+    finally:
+        docker_harness.docker("rm", "-f", name, check=False)
+
+
 def test_build_stage_install_trusts_the_ca_folder(tmp_path):
     """docker/pip-install.sh (the Dockerfile's install) online, as behind a TLS-inspecting proxy:
     this machine's egress is re-signed by its own CA, which containers do not trust by default.

@@ -91,3 +91,78 @@ def test_minio_matches_what_the_pipeline_expects():
     container = objects[("Deployment", "minio")]["spec"]["template"]["spec"]["containers"][0]
     secrets = {env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"]}
     assert secrets == {pipeline.Cluster().secret_name}
+
+
+# KServe's InferenceService is a custom resource, outside kubernetes-validate's schemas: its
+# v1beta1 schema is taken from KServe's own CRD (the "source" inside says which commit).
+ISVC_SCHEMA = Path(__file__).resolve().parent / "schemas" / "inferenceservice-v1beta1.json.gz"
+INFERENCE_SERVICE = MANIFESTS / "serving" / "inferenceservice.yaml"
+
+
+def strict(schema):
+    """The CRD schema refusing fields it does not name, as `kubectl apply --validate=strict`
+    does (a structural schema alone would drop a misspelt field without a word)."""
+    if isinstance(schema, dict):
+        schema = {key: strict(value) for key, value in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    return schema
+
+
+def validate_inference_service(obj: dict) -> None:
+    import gzip
+    import json
+
+    import jsonschema
+
+    schema = json.loads(gzip.decompress(ISVC_SCHEMA.read_bytes()))["openAPIV3Schema"]
+    jsonschema.validate(obj, strict(schema))
+
+
+def test_the_inference_service_is_valid_for_kserves_v1beta1_schema():
+    (service,) = yaml.safe_load_all(INFERENCE_SERVICE.read_text())
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    validate_inference_service(service)
+
+
+def test_the_inference_service_runs_our_server_with_the_pipelines_credentials_and_routes():
+    """What the schema cannot know: the command is components.serve with flags it accepts,
+    the readiness probe is the V1 route of the model it serves, the secret is the pipeline's."""
+    from components.serve import build_parser
+    from pipeline import Cluster
+
+    (service,) = yaml.safe_load_all(INFERENCE_SERVICE.read_text())
+    (container,) = service["spec"]["predictor"]["containers"]
+    assert container["command"] == ["python3", "-m", "components.serve"]
+    args = build_parser().parse_args(container["args"])
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": f"/v1/models/{args.model_name}",
+        "port": args.port,
+    }
+    assert container["ports"][0]["containerPort"] == args.port
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    cluster = Cluster()
+    assert secrets == {
+        "AWS_ACCESS_KEY_ID": {"name": cluster.secret_name, "key": cluster.secret_access_key_key},
+        "AWS_SECRET_ACCESS_KEY": {"name": cluster.secret_name, "key": cluster.secret_secret_key_key},
+    }
+
+
+def test_the_inference_service_check_refuses_a_misspelt_field_and_a_wrong_type():
+    import jsonschema
+
+    (service,) = yaml.safe_load_all(INFERENCE_SERVICE.read_text())
+    service["spec"]["predictor"]["containers"][0]["imagee"] = "x"
+    with pytest.raises(jsonschema.ValidationError, match="imagee"):
+        validate_inference_service(service)
+    (service,) = yaml.safe_load_all(INFERENCE_SERVICE.read_text())
+    service["spec"]["predictor"]["minReplicas"] = "one"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_inference_service(service)
