@@ -1,6 +1,7 @@
-"""The command line of `python pipeline.py`: compile, run-local, submit, schedule, doctor, and
-the registry's models list / promote / rollback. Each command parses its flags and calls one
-function of `pipeline`, `local_run`, `cluster` or `components.registry`."""
+"""The command line of `python pipeline.py`: compile, run-local, submit, schedule, doctor, serve,
+and the registry's models list / prune, promote, rollback. Each command parses its flags and
+calls one function of `pipeline`, `local_run`, `cluster`, `components.registry` or
+`components.serve`."""
 
 from __future__ import annotations
 
@@ -435,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text)
         if name == "models":
-            command.add_argument("action", choices=("list",))
+            command.add_argument("action", choices=("list", "prune"))
+            command.add_argument("--keep", type=int, default=None, help="prune: how many of the newest stay")
+            command.add_argument("--apply", action="store_true", help="prune: remove (default: only print)")
         command.add_argument(
             "--registry",
             required=True,
@@ -467,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         return run_doctor(parser, args)
     if args.command in ("promote", "rollback", "models"):
-        args.command = "list" if args.command == "models" else args.command
+        if args.command == "models":
+            args.command = args.action
+            if args.action == "prune" and args.keep is None:
+                parser.error("models prune needs --keep N")
         with exit_on_user_error(registry.RegistryError):
             return registry.run_command(args)
 

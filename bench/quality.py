@@ -62,6 +62,7 @@ VARIANTS = {
     "lr-3e-3": ("--learning-rate", "3e-3"),
     "lr-3e-4": ("--learning-rate", "3e-4"),
     "updates-800": ("--min-updates", "800"),
+    "updates-1600": ("--min-updates", "1600"),
     "no-augment": ("--no-augment",),
 }
 

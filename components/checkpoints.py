@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 KEEP = 2
 WEIGHTS, OPTIMIZER, STATE = "model.weights.h5", "optimizer.npz", "state.json"
+# Written into a run's folder when its model is saved: from then on its checkpoints are only
+# space, removed when the next run starts on the same checkpoint root. Not at once: a KFP retry
+# of a run whose pod died after training, before its outputs were uploaded, resumes from them.
+FINISHED = "FINISHED.json"
 
 
 class CheckpointError(RuntimeError):
@@ -287,6 +291,44 @@ class RemoteMirror:
         ]
         for name in sorted(stale, key=lambda n: not n.endswith(STATE)):  # unmark complete first
             self.folder.remove(name)
+
+
+def mark_finished(directory: Path | RemoteMirror) -> None:
+    marker = (json.dumps({"finished": True}) + "\n").encode()
+    if isinstance(directory, RemoteMirror):
+        directory.folder.put_bytes(FINISHED, marker)
+    else:
+        (directory / FINISHED).write_bytes(marker)
+
+
+def remove_finished_runs(root: Path | str, current: str) -> list[str]:
+    """The run folders under a checkpoint root (a volume path, or an S3-compatible prefix as a
+    string) whose
+    run finished, but `current`: removed. Returns their names. Other runs' folders (still
+    training, or killed) and anything else there (weights, caches) are left alone."""
+    if isinstance(root, Path):
+        finished = sorted(
+            folder.name
+            for folder in (root.iterdir() if root.is_dir() else ())
+            if folder.is_dir() and folder.name != current and (folder / FINISHED).is_file()
+        )
+        for name in finished:
+            shutil.rmtree(root / name, ignore_errors=True)
+        return finished
+    remote = storage.ObjectStoreFolder(root.rstrip("/"))
+    names = remote.names()
+    finished = sorted(
+        {name.split("/")[0] for name in names if name.count("/") == 1 and name.endswith("/" + FINISHED)}
+        - {current}
+    )
+    for run in finished:
+        # The marker last: a removal cut short is finished on the next start.
+        owned = sorted(
+            (n for n in names if n.startswith(run + "/")), key=lambda n: n.endswith("/" + FINISHED)
+        )
+        for name in owned:
+            remote.remove(name)
+    return finished
 
 
 def pull_folder(uri: str, directory: Path) -> int:

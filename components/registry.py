@@ -333,6 +333,70 @@ class Registry:
         return manifest
 
 
+# An incomplete version younger than this may be a push still uploading: never pruned.
+STALE_PUSH_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Pruning:
+    remove: dict[int, str]  # version -> why it goes
+    keep: dict[int, str]  # version -> why it stays
+
+
+def plan_pruning(registry: Registry, keep: int, now: float | None = None) -> Pruning:
+    """Which versions `prune --keep N` removes: every complete version but the newest `keep`,
+    the production version and the last `keep` versions of production's history (where a
+    rollback goes), and incomplete versions (failed pushes) reserved more than a day ago."""
+    if keep < 1:
+        raise RegistryError(f"--keep must be 1 or more, got {keep}")
+    now = time.time() if now is None else now
+    pointer = registry.production()
+    serving = pointer["version"] if pointer else None
+    history = pointer.get("history", []) if pointer else []
+    listed = registry._listed()
+    complete = sorted(number for number, done in listed.items() if done)
+    kept: dict[int, str] = {}
+    for number in complete[-keep:]:
+        kept[number] = f"one of the newest {keep}"
+    for number in history[-keep:]:
+        kept.setdefault(number, "in production's recent history (a rollback may return to it)")
+    if serving is not None:
+        kept[serving] = "production"
+    removed: dict[int, str] = {}
+    for number, done in sorted(listed.items()):
+        if number in kept:
+            continue
+        if done:
+            removed[number] = f"older than the newest {keep}"
+            continue
+        claim = registry._get_json(registry._key(number, RESERVATION)) or {}
+        age = now - float(claim.get("time", now))
+        if age > STALE_PUSH_SECONDS:
+            removed[number] = f"incomplete (a push that did not finish, {age / 3600:.0f} h ago)"
+        else:
+            kept[number] = "incomplete, maybe a push still uploading"
+    return Pruning(remove=removed, keep=kept)
+
+
+def prune(registry: Registry, plan: Pruning) -> None:
+    """Remove the versions of `plan`: the manifest first (the version reads as incomplete from
+    then on, never as complete with files missing), the reservation last. Production is read
+    again just before each version goes, and one that has become production is left alone."""
+    for number in sorted(plan.remove):
+        current = registry.production()
+        if current and current["version"] == number:
+            log.warning("%s version %d became production meanwhile: kept", registry.model, number)
+            continue
+        prefix = registry._key(number) + "/"
+        names = [name for name in registry._storage(registry.folder.names) if name.startswith(prefix)]
+        first = [prefix + MANIFEST] if prefix + MANIFEST in names else []
+        last = [prefix + RESERVATION] if prefix + RESERVATION in names else []
+        middle = [name for name in names if name not in (*first, *last)]
+        for name in [*first, *middle, *last]:
+            registry._storage(registry.folder.remove, name)
+        log.info("%s version %d removed (%s)", registry.model, number, plan.remove[number])
+
+
 def list_versions(registry: Registry) -> list[dict[str, Any]]:
     """One row per version: number, state, date, headline metrics, and whether it serves."""
     current = registry.production()
@@ -382,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("promote", "point production at a complete version"),
         ("rollback", "point production back at the version before it"),
         ("fetch", "download a version, checking every file's sha256"),
+        ("prune", "remove old versions (dry run unless --apply); never production or its recent history"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument(
@@ -393,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "fetch":
             command.add_argument("--version", type=int, default=None, help="default: production")
             command.add_argument("--output", type=Path, required=True)
+        if name == "prune":
+            command.add_argument(
+                "--keep", type=int, required=True, help="how many of the newest versions stay"
+            )
+            command.add_argument("--apply", action="store_true", help="remove them (default: only print)")
     return parser
 
 
@@ -407,6 +477,16 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "rollback":
         pointer = registry.rollback()
         print(f"{args.model} production: version {pointer['version']}")
+    elif args.command == "prune":
+        plan = plan_pruning(registry, args.keep)
+        for number, why in sorted(plan.keep.items()):
+            print(f"keep    version {number}: {why}")
+        for number, why in sorted(plan.remove.items()):
+            print(f"{'remove' if args.apply else 'would remove'} version {number}: {why}")
+        if args.apply:
+            prune(registry, plan)
+        elif plan.remove:
+            print("dry run: nothing removed; add --apply to remove them")
     elif args.command == "fetch":
         version = args.version
         if version is None:

@@ -404,6 +404,8 @@ class ObjectStoreFolder(ObjectStoreSource):
 
 
 PARTIAL = ".partial"  # a file being written, renamed into place when whole
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 LOCK = ".lock"  # taken by every conditional writer of the key beside it
 
 
@@ -437,6 +439,9 @@ class LocalFolder:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL)
+            # mkstemp's 0600 would make a registry folder unreadable to anyone else: a model
+            # server in a container, a colleague. A file as open() would create it instead.
+            os.fchmod(handle, 0o666 & ~_UMASK)
             os.close(handle)
             partial = Path(name)
             try:
@@ -518,8 +523,14 @@ class LocalFolder:
             )
 
     def remove(self, key: str) -> None:
-        with _local_errors(self._path(key)):
-            self._path(key).unlink(missing_ok=True)
+        """Remove one file, then its folders left empty (as an object store has no folders)."""
+        path = self._path(key)
+        with _local_errors(path):
+            path.unlink(missing_ok=True)
+            for parent in path.parents:
+                if parent == self.root or not parent.is_relative_to(self.root) or any(parent.iterdir()):
+                    break
+                parent.rmdir()
 
     def check(self) -> None:
         if self.root.exists() and not self.root.is_dir():

@@ -633,6 +633,20 @@ def _checkpointer(save, every: int, state: checkpoints.TrainingState, train_imag
 BATCH_FIT_CACHE = "batch-fit.json"
 
 
+def _remove_finished_runs(config: TrainConfig, checkpoint_dir: Path) -> None:
+    """Earlier runs' checkpoints on the same root, once their runs finished: only space now."""
+    remote = is_remote(config.checkpoint_dir)
+    root = config.checkpoint_dir.rstrip("/") if remote else checkpoint_dir.parent
+    try:
+        gone = checkpoints.remove_finished_runs(root, checkpoint_dir.name)
+    except storage.StorageError as error:
+        raise TrainError(f"cannot use --checkpoint-dir {config.checkpoint_dir}: {error}") from None
+    if gone:
+        log.info(
+            "removed the checkpoints of %d finished run(s) from %s: %s", len(gone), root, ", ".join(gone)
+        )
+
+
 def _fit_cache_remote(config: TrainConfig) -> str:
     """The bucket prefix of --checkpoint-dir when the batch-fit cache is kept there between
     pods, beside the runs' checkpoints (a pod's own ~/.cache is gone with it), else ""."""
@@ -805,6 +819,8 @@ def _prepare_run(config: TrainConfig) -> _Run:
         raise TrainError(f"{config.data} has no training images")
 
     checkpoint_dir = run_checkpoint_dir(config, dataset)
+    if config.checkpoint_dir:
+        _remove_finished_runs(config, checkpoint_dir)
     # Before the batch-fit probes, which take minutes: an offline machine learns now.
     weights = resolve_weights(config, checkpoint_dir)
     compile_cache = compilation_cache(config, checkpoint_dir, memory_limit) if backend == "jax" else None
@@ -1103,7 +1119,8 @@ def _finish(
     run: _Run, model, state: checkpoints.TrainingState, epoch_logger, seconds: float
 ) -> dict[str, Any]:
     """The best epoch's weights saved as `model.keras`, the checkpoints of a finished local run
-    removed, and the summary written (`train_config.json`, `history.json`) and returned."""
+    removed (on a --checkpoint-dir, marked finished: the next run there removes them), and the
+    summary written (`train_config.json`, `history.json`) and returned."""
     import keras
 
     config = run.config
@@ -1113,6 +1130,10 @@ def _finish(
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights)
     model.save(config.output / "model.keras")
+    try:
+        checkpoints.mark_finished(run.mirror or run.checkpoint_dir)
+    except (OSError, storage.StorageError) as error:  # the model is saved: only cleanup is lost
+        log.warning("could not mark the checkpoints of this finished run for removal: %s", error)
     if not config.checkpoint_dir or run.mirror is not None:
         # Inside the model artifact they would triple its size; a finished run needs none.
         shutil.rmtree(run.checkpoint_dir.parent, ignore_errors=True)

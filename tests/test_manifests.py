@@ -166,3 +166,13 @@ def test_the_inference_service_check_refuses_a_misspelt_field_and_a_wrong_type()
     service["spec"]["predictor"]["minReplicas"] = "one"
     with pytest.raises(jsonschema.ValidationError):
         validate_inference_service(service)
+
+
+def test_the_artifact_expiry_job_runs_the_lifecycle_command_with_flags_it_accepts():
+    from components.lifecycle import build_parser
+
+    (job,) = yaml.safe_load_all((MANIFESTS / "examples" / "artifact-expiry-job.yaml").read_text())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python3", "-m", "components.lifecycle"]
+    args = build_parser().parse_args(container["args"])
+    assert args.days == 30 and args.protect and not args.show

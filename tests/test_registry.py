@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,88 @@ def test_the_endpoint_s_repr_never_shows_the_secret_key():
     )
     assert endpoint.secret_key == "s3cr3t-v4lue"
     assert "s3cr3t" not in repr(endpoint) and "s3cr3t" not in str(endpoint)
+
+
+def registry_of_many(registry: reg.Registry, tmp_path: Path) -> None:
+    """Versions 1-8; production went 2 -> 5 -> 3 (so history [2, 5, 3]); version 9 is a
+    push that failed a day and a half ago, version 10 one still uploading."""
+    for number in range(1, 9):
+        registry.push(model_folder(tmp_path / str(number), str(number), repeat=10), {})
+    for number in (2, 5, 3):
+        registry.promote(number)
+    for number, hours in ((9, 36), (10, 0)):
+        claim = {"pid": 1, "host": "elsewhere", "time": time.time() - hours * 3600}
+        registry.folder.put_bytes(registry._key(number, reg.RESERVATION), json.dumps(claim).encode())
+        registry.folder.put_bytes(registry._key(number, "saved_model", "saved_model.pb"), b"half")
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_prune_keeps_the_newest_production_and_its_history_and_removes_the_rest(where, tmp_path, request):
+    if where == "s3":
+        request.getfixturevalue("s3_env")
+        registry = request.getfixturevalue("s3_registry")
+    else:
+        registry = reg.Registry(str(tmp_path / "registry"), "many")
+    registry_of_many(registry, tmp_path)
+    plan = reg.plan_pruning(registry, keep=2)
+    assert plan.keep == {
+        3: "production",
+        5: "in production's recent history (a rollback may return to it)",
+        7: "one of the newest 2",
+        8: "one of the newest 2",
+        10: "incomplete, maybe a push still uploading",
+    }
+    assert sorted(plan.remove) == [1, 2, 4, 6, 9]
+    assert plan.remove[9] == "incomplete (a push that did not finish, 36 h ago)"
+    reg.prune(registry, plan)
+    assert [(v.number, v.complete) for v in registry.versions()] == [
+        (3, True), (5, True), (7, True), (8, True), (10, False)
+    ]  # fmt: skip
+    ours = [name.split("/")[1] for name in registry.folder.names() if name.startswith(registry.model + "/")]
+    leftovers = [number for number in ours if number in ("1", "2", "4", "6", "9")]
+    assert leftovers == []
+    # Production still serves, verified; a rollback still has somewhere to go.
+    assert registry.production()["version"] == 3
+    registry.fetch(3, tmp_path / "serving")
+    assert registry.rollback()["version"] == 5
+
+
+def test_models_prune_is_a_dry_run_unless_applied(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "registry"
+    registry = reg.Registry(str(root), "flowers")
+    registry_of_many(registry, tmp_path)
+    repo = Path(__file__).resolve().parent.parent
+
+    def cli(*args):
+        argv = [sys.executable, "pipeline.py", "models", "prune", *args, "--registry", str(root)]
+        return subprocess.run([*argv, "--model-name", "flowers"], cwd=repo, capture_output=True, text=True)
+
+    dry = cli("--keep", "2")
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove version 1: older than the newest 2" in dry.stdout
+    assert "keep    version 3: production" in dry.stdout
+    assert "dry run: nothing removed" in dry.stdout
+    assert len(registry.versions()) == 10
+    applied = cli("--keep", "2", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert [v.number for v in registry.versions()] == [3, 5, 7, 8, 10]
+    left = sorted(path.name for path in (root / "flowers").iterdir() if not path.name.startswith("."))
+    assert left == ["10", "3", "5", "7", "8", "production.json"]  # no empty folder stays
+    refused = cli("--keep", "0")
+    assert refused.returncode == 2 and "--keep must be 1 or more" in refused.stderr
+
+
+def test_a_local_registry_s_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """Written through temporary files (0600 by default): a model server running as another
+    user, in a container with the folder mounted, must still read the pointer and the model."""
+    registry = reg.Registry(str(tmp_path / "registry"), "shared")
+    registry.promote(registry.push(model_folder(tmp_path / "a", "a"), {}))
+    files = [
+        path
+        for path in (tmp_path / "registry").rglob("*")
+        if path.is_file() and not path.name.startswith(".")
+    ]
+    assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o666 & ~storage._UMASK)}

@@ -364,3 +364,42 @@ def test_checkpoints_in_an_s3_bucket_let_a_new_pod_resume(prepared_dataset, tmp_
 
     with pytest.raises(Exception, match="does not exist"):
         train(scratch_config(output=tmp_path / "pod3", **dict(settings, checkpoint_dir="s3://nope/c")))
+
+
+def finished_and_unfinished_runs(write) -> None:
+    """Three runs' folders on one checkpoint root: `old` finished, `killed` not, `current`
+    finished too (a retry of it must still resume); plus the weights cache beside them."""
+    for run in ("old", "killed", "current"):
+        write(f"{run}/step-000000004/{checkpoints.STATE}", b"{}")
+        write(f"{run}/step-000000004/{checkpoints.WEIGHTS}", b"w" * 100)
+    write(f"old/{checkpoints.FINISHED}", b"{}")
+    write(f"current/{checkpoints.FINISHED}", b"{}")
+    write("weights/efficientnetb0_notop.h5", b"imagenet")
+
+
+def test_the_next_run_removes_finished_runs_checkpoints_on_a_volume(tmp_path):
+    def write(name: str, data: bytes) -> None:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+
+    finished_and_unfinished_runs(write)
+    assert checkpoints.remove_finished_runs(tmp_path, "current") == ["old"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["current", "killed", "weights"]
+    assert (tmp_path / "current" / "step-000000004" / checkpoints.WEIGHTS).exists()
+
+
+def test_the_next_run_removes_finished_runs_checkpoints_in_a_bucket(s3_env):
+    s3_env.client().make_bucket("ckpt")
+    folder = checkpoints.storage.ObjectStoreFolder("s3://ckpt/runs")
+    finished_and_unfinished_runs(folder.put_bytes)
+    assert checkpoints.remove_finished_runs("s3://ckpt/runs", "current") == ["old"]
+    assert sorted({name.split("/")[0] for name in folder.names()}) == ["current", "killed", "weights"]
+
+
+def test_a_finished_run_marks_its_checkpoints_and_the_mark_survives_in_the_mirror(tmp_path, s3_env):
+    s3_env.client().make_bucket("marks")
+    mirror = checkpoints.RemoteMirror("s3://marks/runs/key")
+    checkpoints.mark_finished(mirror)
+    checkpoints.mark_finished(tmp_path)
+    assert mirror.folder.names() == [checkpoints.FINISHED]
+    assert (tmp_path / checkpoints.FINISHED).is_file()
