@@ -64,6 +64,8 @@ VARIANTS = {
     "updates-800": ("--min-updates", "800"),
     "updates-1600": ("--min-updates", "1600"),
     "no-augment": ("--no-augment",),
+    "crop-0.35": ("--crop-min-area", "0.35"),
+    "crop-0.35-updates-800": ("--crop-min-area", "0.35", "--min-updates", "800"),
 }
 
 

@@ -108,6 +108,9 @@ class TrainConfig:
     dropout: float = 0.2  # before the new classification head, as in EfficientNet-B0
     label_smoothing: float = 0.1
     augment: bool = True  # random horizontal flip + random shift (pad 1/8 and crop)
+    # > 0: random resized crops (at least this share of the image's area, aspect 3:4 to 4:3,
+    # resized back) instead of the shift, as photo pipelines use; 0 = off (bench/quality.py).
+    crop_min_area: float = 0.0
     seed: int = 42
     verify_data: bool = True  # check shard hashes and record counts before training
     # Where checkpoints go ("" = <output>/checkpoints): a folder, or an s3:// / minio:// prefix
@@ -179,6 +182,8 @@ class TrainConfig:
             raise TrainError("--early-stopping-patience must be 0 (off) or more")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise TrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.crop_min_area <= 1.0:
+            raise TrainError(f"--crop-min-area must be in [0, 1], got {self.crop_min_area}")
 
     @property
     def pretrained(self) -> bool:
@@ -294,6 +299,17 @@ def training_dataset(
 
     def _augment(image, label):
         image = tf.image.random_flip_left_right(image)
+        if config.crop_min_area > 0:
+            begin, extent, _ = tf.image.sample_distorted_bounding_box(
+                tf.shape(image),
+                bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+                min_object_covered=0.0,
+                aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(config.crop_min_area, 1.0),
+                max_attempts=10,
+            )
+            crop = tf.image.resize(tf.slice(image, begin, extent), [size, size], method="bilinear")
+            return tf.cast(tf.round(tf.clip_by_value(crop, 0.0, 255.0)), tf.uint8), label
         image = tf.image.pad_to_bounding_box(image, pad, pad, size + 2 * pad, size + 2 * pad)
         image = tf.image.random_crop(image, [size, size, 3])
         return image, label
@@ -1226,6 +1242,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--no-augment", dest="augment", action="store_false")
+    parser.add_argument(
+        "--crop-min-area",
+        type=float,
+        default=defaults.crop_min_area,
+        help="random resized crops of at least this share of the image instead of shifts (0 = off)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--no-verify-data",

@@ -166,3 +166,23 @@ def test_the_batch_fit_cache_is_kept_beside_the_checkpoints_in_the_bucket(s3_env
     second = tmp_path / "pod-2" / "batch-fit.json"
     train._pull_fit_cache(remote, second)
     assert second.read_text() == first.read_text()
+
+
+def test_random_resized_crops_give_full_size_images_that_differ_from_the_shift(prepared_dataset, tmp_path):
+    """--crop-min-area: every batch image is a resized crop at the training size (uint8),
+    and a crop covering at least the given share is not the padded shift's black border."""
+    import numpy as np
+
+    from components import records
+    from components.train import TrainError, training_dataset
+
+    dataset = records.load(prepared_dataset)
+    size = dataset.image_size
+    config = scratch_config(data=prepared_dataset, output=tmp_path, batch_size=8, crop_min_area=0.5)
+    images, _ = next(iter(training_dataset(dataset, config, len(dataset.classes))))
+    assert images.dtype.name == "uint8" and tuple(images.shape) == (8, size, size, 3)
+    plain = scratch_config(data=prepared_dataset, output=tmp_path, batch_size=8, augment=False)
+    originals, _ = next(iter(training_dataset(dataset, plain, len(dataset.classes))))
+    assert not np.array_equal(np.sort(images.numpy(), axis=None), np.sort(originals.numpy(), axis=None))
+    with pytest.raises(TrainError, match="--crop-min-area must be in"):
+        scratch_config(data=prepared_dataset, output=tmp_path, crop_min_area=1.5).validate()
