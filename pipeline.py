@@ -58,6 +58,7 @@ def preprocess(
     tfds_data_dir: str,
     dataset: Output[Dataset],
     report: Output[Markdown],
+    metrics: Output[Metrics],
 ):
     """`source_fingerprint` is not read: as an input it puts the data's identity into the
     cache key, so a changed bucket is preprocessed again and an unchanged one is not."""
@@ -89,6 +90,12 @@ def preprocess(
     )
     with open(report.path, "w") as handle:
         handle.write((Path(dataset.path) / step.REPORT).read_text())
+    # The counts as KFP Metrics: the run's page shows them without opening the report.
+    for split, count in manifest["totals"].items():
+        metrics.log_metric(f"{split}_images", count)
+    metrics.log_metric("rejected", len(manifest["rejected"]))
+    metrics.log_metric("duplicates", manifest["duplicates"])
+    metrics.log_metric("classes", len(manifest["classes"]))
 
 
 def train(
@@ -105,7 +112,9 @@ def train(
     backend: str,
     model: Output[Model],
     metrics: Output[Metrics],
+    curves: Output[Markdown],
 ):
+    import base64
     from pathlib import Path
 
     from components import train as step
@@ -145,6 +154,10 @@ def train(
         metrics.log_metric("best_val_accuracy", summary["best_val_accuracy"])
         metrics.log_metric("best_epoch", summary["best_epoch"])
     metrics.log_metric("train_seconds", summary["train_seconds"])
+    picture = base64.b64encode((Path(model.path) / step.CURVES_PNG).read_bytes()).decode()
+    Path(curves.path).write_text(
+        f"# Training curves\n\n![loss and accuracy per epoch](data:image/png;base64,{picture})\n"
+    )
 
 
 def evaluate(

@@ -8,8 +8,10 @@ Writes into `<output>`:
                           precision/recall/F1, confusion matrix, expected calibration error,
                           most-confused class pairs; the production model's metrics on the same
                           images; the blessing decision with every check and its numbers
-    report.md             the same for people, with the confusion matrix and example images
+    report.md             the same for people, with the confusion matrix, the reliability
+                          diagram and example images
     confusion_matrix.png
+    reliability_diagram.png  accuracy against confidence per bin (what the ECE sums up)
 
 With `--registry`, the production model (`components.registry`) is downloaded (every file
 checked against its manifest) and run through its own serving signature on the same encoded
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 EVALUATION = "evaluation.json"
 REPORT = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability_diagram.png"
 
 
 class EvaluateError(ValueError):
@@ -372,7 +375,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         candidate["confused_pairs"],
         config.examples_per_pair,
     )
-    (config.output / REPORT).write_text(report.markdown(evaluation, png, examples))
+    calibrated = candidate["calibration"]
+    reliability = report.reliability_png(calibrated["table"], calibrated["bins"])
+    (config.output / RELIABILITY_PNG).write_bytes(reliability)
+    (config.output / REPORT).write_text(report.markdown(evaluation, png, examples, reliability))
     (config.output / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
 
     k = candidate["top_k"]

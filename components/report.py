@@ -57,6 +57,100 @@ def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
     return buffer.getvalue()
 
 
+def reliability_png(table: list[dict[str, Any]], bins: int, size: int = 320) -> bytes:
+    """Reliability diagram: per confidence bin, the accuracy (bar) against the mean confidence
+    (tick); on the diagonal, confidence matches accuracy. Bars shaded by how many predictions
+    fall in the bin; empty bins are left out."""
+    font = ImageFont.load_default()
+    margin, top = 36, 24
+    plot = size - margin - 8
+    image = Image.new("RGB", (size, size + 20), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 6), "accuracy (bars) vs confidence (ticks), per bin", fill="black", font=font)
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return margin + x * plot, top + (1 - y) * plot
+
+    draw.rectangle((*point(0, 1), *point(1, 0)), outline="black")
+    draw.line((*point(0, 0), *point(1, 1)), fill=(160, 160, 160), width=1)
+    most = max((row["count"] for row in table), default=1)
+    for row in table:
+        shade = int(230 - 150 * row["count"] / most)
+        draw.rectangle(
+            (*point(row["low"], row["accuracy"]), *point(row["high"], 0)), fill=(shade, shade, 255)
+        )
+        x0, y = point(row["low"], row["confidence"])
+        x1, _ = point(row["high"], row["confidence"])
+        draw.line((x0, y, x1, y), fill=(200, 0, 0), width=2)
+    for tick in (0.0, 0.5, 1.0):
+        draw.text((point(tick, 0)[0] - 8, top + plot + 4), f"{tick:.1f}", fill="black", font=font)
+        draw.text((4, point(0, tick)[1] - 5), f"{tick:.1f}", fill="black", font=font)
+    draw.text(
+        (margin + plot // 2 - 30, top + plot + 16), f"confidence ({bins} bins)", fill="black", font=font
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+CURVE_COLOURS = {
+    "loss": (0, 90, 200),
+    "val_loss": (0, 90, 200),
+    "accuracy": (200, 60, 0),
+    "val_accuracy": (200, 60, 0),
+}
+
+
+def curves_png(history: list[dict[str, Any]], width: int = 480, height: int = 240) -> bytes:
+    """Training curves per epoch, two panels: loss and accuracy, train solid and validation
+    dashed, each panel's y axis spanning its own values."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    panel = (width - 24) // 2
+    for index, (title, keys) in enumerate(
+        (("loss", ("loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")))
+    ):
+        box = (36 + index * (panel + 8), 22, panel - 36, height - 52)
+        _curve_panel(draw, box, title, history, keys)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _curve_panel(
+    draw, box: tuple[int, int, int, int], title: str, history: list[dict], keys: tuple[str, str]
+) -> None:
+    font = ImageFont.load_default()
+    left, top, plot_w, plot_h = box
+    epochs = [row["epoch"] for row in history] or [0]
+    values = [row[key] for row in history for key in keys if isinstance(row.get(key), int | float)]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    high = high if high > low else low + 1.0
+    span = max(epochs[-1] - epochs[0], 1)
+    draw.text((left, 6), f"{title} (solid: train, dashed: validation)", fill="black", font=font)
+    draw.rectangle((left, top, left + plot_w, top + plot_h), outline="black")
+    draw.text((left - 28, top - 4), f"{high:.2f}", fill="black", font=font)
+    draw.text((left - 28, top + plot_h - 8), f"{low:.2f}", fill="black", font=font)
+    draw.text((left, top + plot_h + 4), f"epoch {epochs[0]}", fill="black", font=font)
+    draw.text((left + plot_w - 40, top + plot_h + 4), f"epoch {epochs[-1]}", fill="black", font=font)
+    for key in keys:
+        colour = CURVE_COLOURS[key]
+        points = [
+            (
+                left + (row["epoch"] - epochs[0]) / span * plot_w,
+                top + (1 - (row[key] - low) / (high - low)) * plot_h,
+            )
+            for row in history
+            if isinstance(row.get(key), int | float)
+        ]
+        for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+            # Validation dashed: the first half of each segment drawn.
+            end = ((x0 + x1) / 2, (y0 + y1) / 2) if key.startswith("val_") else (x1, y1)
+            draw.line((x0, y0, *end), fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+
+
 def thumbnail_jpeg(encoded: bytes) -> bytes:
     with Image.open(io.BytesIO(encoded)) as image:
         image = image.convert("RGB")
@@ -75,7 +169,10 @@ def _number(value: float | None) -> str:
 
 
 def markdown(
-    evaluation: dict[str, Any], confusion: bytes, examples: dict[tuple[str, str], list[dict]]
+    evaluation: dict[str, Any],
+    confusion: bytes,
+    examples: dict[tuple[str, str], list[dict]],
+    reliability: bytes | None = None,
 ) -> str:
     candidate = evaluation["candidate"]
     production = evaluation.get("production")
@@ -133,6 +230,7 @@ def markdown(
         f"Expected calibration error ({candidate['calibration']['bins']} equal-width confidence bins): "
         f"{candidate['expected_calibration_error']:.4f} (0 = confidence matches accuracy).",
         "",
+        *([f"![reliability diagram]({data_uri(reliability, 'image/png')})", ""] if reliability else []),
         "## Most confused pairs",
         "",
     ]

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from components import backend as backend_lib
-from components import batchfit, checkpoints, pretrained, records, storage
+from components import batchfit, checkpoints, pretrained, records, report, storage
 from components.cli import configure_logging, exit_on_user_error, json_config, local_path
 from components.model import (
     PRECISIONS,
@@ -233,6 +233,7 @@ class TrainConfig:
 
 
 REMOTE_SCHEMES = ("s3://", "minio://", "gs://")
+CURVES_PNG = "training_curves.png"  # loss and accuracy per epoch, beside model.keras
 HEAD_LEARNING_RATE = 1e-3  # phase 1: a new, randomly initialised head
 
 
@@ -1182,6 +1183,7 @@ def _finish(
     }
     (config.output / "train_config.json").write_text(json.dumps(summary, indent=2) + "\n")
     (config.output / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    (config.output / CURVES_PNG).write_bytes(report.curves_png(history))
     log.info(
         "saved %s (best epoch %d, val_accuracy %s)",
         config.output / "model.keras",

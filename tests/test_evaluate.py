@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -96,6 +97,9 @@ def test_evaluates_a_trained_model(trained_model, prepared_dataset, tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Confusion matrix" in report and "data:image/png;base64," in report
     assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+    reliability = (tmp_path / "eval" / "reliability_diagram.png").read_bytes()
+    assert reliability.startswith(b"\x89PNG")
+    assert f"![reliability diagram](data:image/png;base64,{base64.b64encode(reliability).decode()})" in report
     for pair in metrics["confused_pairs"]:
         assert f"**{pair['true']}** taken for **{pair['predicted']}**" in report
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from components.model import build_model, configure_precision
 from components.train import TrainConfig, TrainError, train
@@ -92,6 +93,8 @@ def test_training_writes_model_config_history_and_the_loss_goes_down(trained_mod
     assert all(row["images_per_sec"] > 0 for row in history)
     assert list((trained_model / "tensorboard").rglob("events.out.tfevents.*"))
     assert not (trained_model / "checkpoints").exists()  # not shipped inside the model artifact
+    curves = Image.open(trained_model / "training_curves.png")  # loss and accuracy per epoch
+    assert curves.format == "PNG" and curves.size == (480, 240)
 
 
 class _StopBeforeTraining(Exception):
