@@ -6,6 +6,7 @@ calls one function of `pipeline`, `local_run`, `cluster`, `components.registry` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -24,7 +25,14 @@ from components.docker_local import DockerRunConfig
 from components.preprocess import PreprocessConfig
 from components.storage import StorageError
 from components.train import PRECISIONS, TrainConfig
-from local_run import BUILTIN_EPOCHS, BUILTIN_IMAGE_SIZE, BUILTIN_MODEL_NAME, LocalRun, run_local
+from local_run import (
+    BUILTIN_EPOCHS,
+    BUILTIN_IMAGE_SIZE,
+    BUILTIN_MODEL_NAME,
+    LocalRun,
+    StepProgress,
+    run_local,
+)
 from pipeline import (
     DEFAULT_GPU_IMAGE,
     DEFAULT_IMAGE,
@@ -355,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--precision", default=None, choices=PRECISIONS)
     run_cmd.add_argument("--workdir", type=Path, default=LocalRun.workdir)
     run_cmd.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print kfp.local's and every step's full output here (default: one line per step and "
+        "its key figures; the full output goes to <workdir>/run-local.log)",
+    )
+    run_cmd.add_argument(
         "--registry",
         default=None,
         help="model registry: s3://bucket[/prefix], minio://... or a folder (default: <workdir>/registry)",
@@ -486,16 +500,21 @@ def main(argv: list[str] | None = None) -> int:
             network=args.docker_network,
             bucket=args.bucket or os.environ.get("RETRAIN_BUCKET") or "retrain",
         )
+    settings = LocalRun(data=args.data, workdir=args.workdir, docker=docker, params=local_params(args))
+    progress = None
+    if not args.verbose:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        progress = StepProgress(args.workdir / "run-local.log", sys.stdout)
+        print(f"full logs: {progress.log_path} (--verbose prints them here)", flush=True)
     try:
-        with exit_on_user_error(docker_local.DockerError, StorageError):
-            summary = run_local(
-                settings=LocalRun(
-                    data=args.data, workdir=args.workdir, docker=docker, params=local_params(args)
-                )
-            )
+        with exit_on_user_error(docker_local.DockerError, StorageError), contextlib.ExitStack() as stack:
+            if progress is not None:
+                stack.enter_context(contextlib.redirect_stdout(progress))
+                stack.callback(progress.close)
+            summary = run_local(settings=settings)
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
-        # own error line is in the log above it.
+        # own error line is in the log above it (or, without --verbose, its last lines).
         log.error("error: %s", error)
         return 1
     print(f"test accuracy {summary['test_accuracy']:.4f}")

@@ -9,15 +9,19 @@ data and registry in the S3-compatible store (components/docker_local.py). Write
 
 from __future__ import annotations
 
+import collections
 import inspect
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kfp import local
 
@@ -66,6 +70,97 @@ def pipeline_defaults() -> dict[str, Any]:
         for name, parameter in parameters.items()
         if parameter.default is not inspect.Parameter.empty
     }
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STARTED = re.compile(r"Executing task '([^']+)'")
+FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+# A line of our steps' logging: KFP's executor format inside a task ("[KFP Executor <time>
+# LEVEL]: message"), components/cli.configure_logging's elsewhere ("<time> LEVEL logger: message").
+OUR_LINE = re.compile(
+    r"^\s*(?:\[KFP Executor \S+ \S+ (?P<kfp>[A-Z]+)\]|\d{4}-\d\d-\d\d \S+ (?P<ours>[A-Z]+) [\w.]+)"
+    r": (?P<message>.*)$"
+)
+# The messages worth a person's eye while a step runs: progress with its rate, each epoch,
+# the step's key figure. Every warning and error is shown too.
+SHOWN = re.compile(
+    r"^(found \d+ files|\w+: \d+/\d+ \(\d+%\)|wrote .*rejected \d+ file|epoch \d+/\d+:|test accuracy|"
+    r"production version|BLESSED|NOT BLESSED|verified in a fresh process|\S+ version \d+ is complete|"
+    r"\S+ production:)"
+)
+EPOCH = re.compile(r"^epoch (\d+)/(\d+):")
+
+
+class StepProgress(io.TextIOBase):
+    """What `run-local` prints while kfp.local runs, in place of its ~700 lines: one line as each
+    step starts and ends (status, time), the step's progress and key figures, an ETA during
+    training, and on a failure the step's last lines. Everything kfp.local and the steps print
+    goes to `log_path` whole. Stands in for sys.stdout (kfp.local prints there, and relays each
+    step process's output there)."""
+
+    def __init__(self, log_path: Path, terminal: TextIO):
+        self.log_path = log_path
+        self.log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.terminal = terminal
+        self.partial = ""
+        self.started: dict[str, float] = {}
+        self.step = ""
+        self.recent: collections.deque[str] = collections.deque(maxlen=25)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            self._line(ANSI.sub("", line).rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes first, through flush() above, while the log is open
+            self.log.close()
+
+    def _say(self, text: str) -> None:
+        self.terminal.write(text + "\n")
+        self.terminal.flush()
+
+    def _line(self, line: str) -> None:
+        if started := STARTED.search(line):
+            self.step = started[1]
+            self.started[self.step] = time.monotonic()
+            self.recent.clear()
+            self._say(f"{self.step:<12} started")
+            return
+        if finished := FINISHED.search(line):
+            name, state = finished[1], finished[2]
+            seconds = time.monotonic() - self.started.get(name, time.monotonic())
+            self._say(f"{name:<12} {state.lower()} in {seconds:,.0f} s")
+            if state != "SUCCESS":
+                for kept in self.recent:
+                    self._say(f"{'':12} | {kept}")
+            return
+        if line.strip():
+            self.recent.append(line.strip())
+        ours = OUR_LINE.match(line)
+        if ours:
+            level, message = ours["kfp"] or ours["ours"], ours["message"]
+            if level in ("WARNING", "ERROR") or SHOWN.match(message):
+                self._say(f"{'':12} {message[:160]}{self._eta(message)}")
+
+    def _eta(self, message: str) -> str:
+        epoch = EPOCH.match(message)
+        if not epoch or self.step not in self.started:
+            return ""
+        done, total = int(epoch[1]), int(epoch[2])
+        elapsed = time.monotonic() - self.started[self.step]
+        return f"  [ETA {elapsed / done * (total - done):,.0f} s]" if done < total else ""
 
 
 def run_local(*, settings: LocalRun) -> dict:
@@ -162,7 +257,13 @@ def run_local(*, settings: LocalRun) -> dict:
         retrain = build_pipeline()
     local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.monotonic()
-    task = retrain(source=data, **values)
+    with warnings.catch_warnings():
+        # Once per step: the subprocess runner's notice that the component names a container
+        # image (ours) while it runs in this environment, which is what run-local intends.
+        warnings.filterwarnings(
+            "ignore", message="You may be attemping to run a task", category=RuntimeWarning
+        )
+        task = retrain(source=data, **values)
 
     production = Registry(registry, model_name).production()
     production_version = production["version"] if production else None

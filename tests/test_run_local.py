@@ -189,3 +189,49 @@ def test_run_local_with_one_class_fails_in_preprocess_and_writes_no_summary(tmp_
     assert "only one class (dots)" in output
     assert "preprocess" in output and "FAILURE" in output
     assert not (tmp_path / "work" / "run-summary.json").exists()
+
+
+KFP_STREAM = """\
+\x1b[32m05:41:27.228 - INFO - Executing task \x1b[36m'preprocess'\x1b[0m
+05:41:27.300 - INFO - Streamed logs:
+
+    [KFP Executor 2026-12-01 05:41:28,173 INFO]: found 2003 files in 4 classes under /d (data fingerprint 07)
+    [KFP Executor 2026-12-01 05:41:28,200 INFO]: decoding with 2 worker processes
+    [KFP Executor 2026-12-01 05:41:30,001 WARNING]: rejected dots/broken.jpg: truncated image data (JPEG)
+    [KFP Executor 2026-12-01 05:41:44,809 INFO]: wrote /o: train 16, validation 9, test 9; rejected 1 file(s)
+    {"executor_output": "seven hundred lines of this"}
+05:41:45.000 - INFO - Task \x1b[36m'preprocess'\x1b[0m finished with status \x1b[32mSUCCESS\x1b[0m
+05:41:45.100 - INFO - Executing task 'train'
+    [KFP Executor 2026-12-01 05:42:00,000 INFO]: epoch 1/4: loss 1.2 accuracy 0.5 val_loss 1.1 (90 img/s)
+    Traceback (most recent call last):
+    components.train.TrainError: not enough free space for a checkpoint in /ckpt
+05:42:01.000 - INFO - Task 'train' finished with status \x1b[31mFAILURE\x1b[0m
+"""
+
+
+def test_run_local_prints_one_line_per_step_its_figures_and_a_failure_s_last_lines(tmp_path):
+    """Without --verbose: each step's start and end, its progress and key figures, warnings,
+    an ETA for training, the failed step's last lines; everything, whole, in the log file."""
+    import io
+
+    from local_run import StepProgress
+
+    terminal = io.StringIO()
+    progress = StepProgress(tmp_path / "run-local.log", terminal)
+    for piece in (KFP_STREAM[:100], KFP_STREAM[100:777], KFP_STREAM[777:]):  # lines split across writes
+        progress.write(piece)
+    progress.close()
+    shown = terminal.getvalue().splitlines()
+    assert (tmp_path / "run-local.log").read_text() == KFP_STREAM
+    assert shown[0] == "preprocess   started"
+    assert shown[1].endswith("found 2003 files in 4 classes under /d (data fingerprint 07)")
+    assert shown[2].endswith("rejected dots/broken.jpg: truncated image data (JPEG)")
+    assert shown[3].endswith("wrote /o: train 16, validation 9, test 9; rejected 1 file(s)")
+    assert shown[4].startswith("preprocess   success in ")
+    assert shown[5] == "train        started"
+    assert "epoch 1/4: loss 1.2" in shown[6] and "[ETA " in shown[6]
+    assert shown[7].startswith("train        failure in ")
+    assert shown[-1].endswith(
+        "| components.train.TrainError: not enough free space for a checkpoint in /ckpt"
+    )
+    assert not any("executor_output" in line or "decoding with" in line for line in shown[:7])
