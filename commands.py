@@ -503,9 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = LocalRun(data=args.data, workdir=args.workdir, docker=docker, params=local_params(args))
     progress = None
     if not args.verbose:
-        args.workdir.mkdir(parents=True, exist_ok=True)
         progress = StepProgress(args.workdir / "run-local.log", sys.stdout)
-        print(f"full logs: {progress.log_path} (--verbose prints them here)", flush=True)
     try:
         with exit_on_user_error(docker_local.DockerError, StorageError), contextlib.ExitStack() as stack:
             if progress is not None:

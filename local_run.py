@@ -100,7 +100,7 @@ class StepProgress(io.TextIOBase):
 
     def __init__(self, log_path: Path, terminal: TextIO):
         self.log_path = log_path
-        self.log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.log: TextIO | None = None  # opened at the first output: a run refused before it writes nothing
         self.terminal = terminal
         self.partial = ""
         self.started: dict[str, float] = {}
@@ -111,6 +111,10 @@ class StepProgress(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
+        if self.log is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            self._say(f"full logs: {self.log_path} (--verbose prints them here)")
         self.log.write(text)
         self.partial += text
         *lines, self.partial = self.partial.split("\n")
@@ -119,13 +123,15 @@ class StepProgress(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        self.log.flush()
+        if self.log is not None:
+            self.log.flush()
         self.terminal.flush()
 
     def close(self) -> None:
         if not self.closed:
             super().close()  # flushes first, through flush() above, while the log is open
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
 
     def _say(self, text: str) -> None:
         self.terminal.write(text + "\n")

@@ -223,6 +223,7 @@ def test_run_local_prints_one_line_per_step_its_figures_and_a_failure_s_last_lin
     progress.close()
     shown = terminal.getvalue().splitlines()
     assert (tmp_path / "run-local.log").read_text() == KFP_STREAM
+    assert shown.pop(0) == f"full logs: {tmp_path / 'run-local.log'} (--verbose prints them here)"
     assert shown[0] == "preprocess   started"
     assert shown[1].endswith("found 2003 files in 4 classes under /d (data fingerprint 07)")
     assert shown[2].endswith("rejected dots/broken.jpg: truncated image data (JPEG)")
