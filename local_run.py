@@ -257,6 +257,7 @@ def run_local(*, settings: LocalRun) -> dict:
     pipeline_root = workdir / "pipeline-root"
     if docker:
         runner = local.DockerRunner(**docker_local.runner_args(engine, docker, pipeline_root))
+        docker_local.use_exit_codes()
         retrain = build_pipeline(*docker.images)
     else:
         runner = local.SubprocessRunner(use_venv=False)

@@ -161,3 +161,48 @@ def test_lock_files_pin_every_direct_dependency_at_pyprojects_version():
                 continue  # the images are built for x86_64
             name, version = re.match(r"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==(\S+)", spec.strip()).groups()
             assert locked.get(re.sub(r"[-_.]+", "-", name).lower()) == version, (flavor, name)
+
+
+def test_a_step_container_s_exit_code_is_read_before_it_is_removed(capsys):
+    """Contract test of `run_container` (the docker tier runs it for real): kfp.local's own
+    version lets docker auto-remove the container and takes a container gone before its exit
+    code was read for success; ours asks for the code first and removes the container after."""
+    from kfp.local import docker_task_handler
+
+    events = []
+
+    class Container:
+        def logs(self, stream):
+            events.append("logs")
+            return iter([b"Traceback ...\\n", b"PreprocessError: no objects under s3://empty/flowers\\n"])
+
+        def wait(self):
+            events.append("wait")
+            return {"StatusCode": 1}
+
+        def remove(self, force):
+            events.append("remove")
+
+    class Images:
+        def list(self):
+            return [type("Image", (), {"tags": ["step:cpu"], "attrs": {"RepoDigests": []}})()]
+
+    class Client:
+        images = Images()
+
+        class containers:  # noqa: N801 (docker-py's attribute name)
+            @staticmethod
+            def run(**kwargs):
+                assert "auto_remove" not in kwargs
+                events.append("run")
+                return Container()
+
+    assert docker_local.run_container(Client(), "step:cpu", ["python3"], {}, network_mode="host") == 1
+    assert events == ["run", "logs", "wait", "remove"]
+    assert "no objects under s3://empty/flowers" in capsys.readouterr().out
+    original = docker_task_handler.run_docker_container
+    try:
+        docker_local.use_exit_codes()
+        assert docker_task_handler.run_docker_container is docker_local.run_container
+    finally:
+        docker_task_handler.run_docker_container = original
