@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kfp import local
+from kfp.local import docker_task_handler
 
 from components import blessing, docker_local, pretrained
 from components.docker_local import DockerRunConfig
@@ -169,6 +170,38 @@ class StepProgress(io.TextIOBase):
         return f"  [ETA {elapsed / done * (total - done):,.0f} s]" if done < total else ""
 
 
+def run_container(client, image: str, command: list[str], volumes: dict, **container_run_args) -> int:
+    """kfp.local's `run_docker_container` (2.17.3), except that the container is removed only
+    after its exit code is read. kfp starts it with auto_remove=True and asks for the exit
+    code after streaming its logs; a step that fails within a second is often removed by then,
+    and kfp takes the NotFound for success: the failed step is reported SUCCESS and the next
+    one fails on a missing output, its reason lost (seen in CI with a missing bucket prefix)."""
+    image = docker_task_handler.add_latest_tag_if_not_present(image=image)
+    if not any(image in (found.tags + found.attrs["RepoDigests"]) for found in client.images.list()):
+        print(f"Pulling image {image!r}")
+        client.images.pull(image)
+    container = client.containers.run(
+        image=image,
+        command=command,
+        detach=True,
+        stdout=True,
+        stderr=True,
+        volumes=volumes,
+        **container_run_args,
+    )
+    try:
+        for line in container.logs(stream=True):
+            print(line.decode(), end="")
+        return container.wait()["StatusCode"]
+    finally:
+        container.remove(force=True)
+
+
+def use_exit_codes() -> None:
+    """Make kfp.local's DockerRunner read every step's real exit code (`run_container`)."""
+    docker_task_handler.run_docker_container = run_container
+
+
 def run_local(*, settings: LocalRun) -> dict:
     """Run the whole pipeline through kfp.local and return the run summary.
 
@@ -257,7 +290,7 @@ def run_local(*, settings: LocalRun) -> dict:
     pipeline_root = workdir / "pipeline-root"
     if docker:
         runner = local.DockerRunner(**docker_local.runner_args(engine, docker, pipeline_root))
-        docker_local.use_exit_codes()
+        use_exit_codes()
         retrain = build_pipeline(*docker.images)
     else:
         runner = local.SubprocessRunner(use_venv=False)

@@ -21,8 +21,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kfp.local import docker_task_handler
-
 import docker
 from components.cli import configure_logging, exit_on_user_error
 from components.storage import LocalSource, ObjectStoreFolder, StorageError
@@ -101,38 +99,6 @@ def gpu_available(engine) -> bool:
 def container_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     return {name: env[name] for name in PASSED_ENV if env.get(name)}
-
-
-def run_container(client, image: str, command: list[str], volumes: dict, **container_run_args) -> int:
-    """kfp.local's `run_docker_container` (2.17.3), except that the container is removed only
-    after its exit code is read. kfp starts it with auto_remove=True and asks for the exit
-    code after streaming its logs; a step that fails within a second is often removed by then,
-    and kfp takes the NotFound for success: the failed step is reported SUCCESS and the next
-    one fails on a missing output, its reason lost (seen in CI with a missing bucket prefix)."""
-    image = docker_task_handler.add_latest_tag_if_not_present(image=image)
-    if not any(image in (found.tags + found.attrs["RepoDigests"]) for found in client.images.list()):
-        print(f"Pulling image {image!r}")
-        client.images.pull(image)
-    container = client.containers.run(
-        image=image,
-        command=command,
-        detach=True,
-        stdout=True,
-        stderr=True,
-        volumes=volumes,
-        **container_run_args,
-    )
-    try:
-        for line in container.logs(stream=True):
-            print(line.decode(), end="")
-        return container.wait()["StatusCode"]
-    finally:
-        container.remove(force=True)
-
-
-def use_exit_codes() -> None:
-    """Make kfp.local's DockerRunner read every step's real exit code (`run_container`)."""
-    docker_task_handler.run_docker_container = run_container
 
 
 def runner_args(engine, config: DockerRunConfig, pipeline_root: Path) -> dict:

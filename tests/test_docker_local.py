@@ -164,10 +164,12 @@ def test_lock_files_pin_every_direct_dependency_at_pyprojects_version():
 
 
 def test_a_step_container_s_exit_code_is_read_before_it_is_removed(capsys):
-    """Contract test of `run_container` (the docker tier runs it for real): kfp.local's own
+    """Contract test of `local_run.run_container` (the docker tier runs it for real): kfp.local's own
     version lets docker auto-remove the container and takes a container gone before its exit
     code was read for success; ours asks for the code first and removes the container after."""
     from kfp.local import docker_task_handler
+
+    import local_run
 
     events = []
 
@@ -197,12 +199,12 @@ def test_a_step_container_s_exit_code_is_read_before_it_is_removed(capsys):
                 events.append("run")
                 return Container()
 
-    assert docker_local.run_container(Client(), "step:cpu", ["python3"], {}, network_mode="host") == 1
+    assert local_run.run_container(Client(), "step:cpu", ["python3"], {}, network_mode="host") == 1
     assert events == ["run", "logs", "wait", "remove"]
     assert "no objects under s3://empty/flowers" in capsys.readouterr().out
     original = docker_task_handler.run_docker_container
     try:
-        docker_local.use_exit_codes()
-        assert docker_task_handler.run_docker_container is docker_local.run_container
+        local_run.use_exit_codes()
+        assert docker_task_handler.run_docker_container is local_run.run_container
     finally:
         docker_task_handler.run_docker_container = original
