@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
         model.load()
     # gRPC off: the V1 protocol is REST, and a second port would need its own route in a pod.
-    kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1).start([model])
+    kserve.ModelServer(http_port=model.config.port, enable_grpc=False, workers=1).start([model])
     return 0
 
 

@@ -362,12 +362,9 @@ def test_the_cpu_image_serves_the_production_model_and_follows_a_promotion(built
     version 2 once it is promoted from outside the container."""
     import time
 
-    from components import registry as reg
-    from tests.test_serve import Client, free_port, image, push_version
+    from tests.test_serve import Client, cat_in_production_dog_pushed, free_port, image
 
-    registry = reg.Registry(str(tmp_path / "registry"), "pets")
-    registry.promote(push_version(registry, 0, tmp_path))
-    push_version(registry, 1, tmp_path)
+    registry = cat_in_production_dog_pushed(str(tmp_path / "registry"), "pets", tmp_path)
     for path in [tmp_path, *tmp_path.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the image's user
     server = Client(free_port(), "pets")

@@ -48,6 +48,14 @@ def push_version(registry: reg.Registry, answer: int, root: Path) -> int:
     return registry.push(folder, {"metrics": {"accuracy": 0.5}})
 
 
+def cat_in_production_dog_pushed(uri: str, model: str, root: Path) -> reg.Registry:
+    """A registry whose version 1 (answers "cat") serves and version 2 (answers "dog") waits."""
+    registry = reg.Registry(uri, model)
+    registry.promote(push_version(registry, 0, root))
+    push_version(registry, 1, root)
+    return registry
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -195,9 +203,7 @@ def follows_the_pointer(registry: reg.Registry, server: Server, change_pointer) 
 
 @pytest.mark.slow
 def test_the_server_follows_promotion_and_rollback_without_a_failed_request(tmp_path):
-    registry = reg.Registry(str(tmp_path / "registry"), "pets")
-    registry.promote(push_version(registry, 0, tmp_path))
-    push_version(registry, 1, tmp_path)
+    registry = cat_in_production_dog_pushed(str(tmp_path / "registry"), "pets", tmp_path)
     server = Server(str(tmp_path / "registry"), "pets", tmp_path)
 
     def change_pointer(action: str) -> None:
@@ -228,9 +234,7 @@ def test_the_server_follows_the_pointer_in_an_s3_registry(s3_env, tmp_path):
     import os
 
     s3_env.client().make_bucket("models")
-    registry = reg.Registry("s3://models/serving", "birds")
-    registry.promote(push_version(registry, 0, tmp_path))
-    push_version(registry, 1, tmp_path)
+    registry = cat_in_production_dog_pushed("s3://models/serving", "birds", tmp_path)
     server = Server("s3://models/serving", "birds", tmp_path, env=dict(os.environ))
 
     def change_pointer(action: str) -> None:
@@ -247,9 +251,7 @@ def test_the_server_follows_the_pointer_in_an_s3_registry(s3_env, tmp_path):
 
 @pytest.mark.slow
 def test_a_version_that_fails_its_hashes_is_not_served_and_the_old_one_stays(tmp_path):
-    registry = reg.Registry(str(tmp_path / "registry"), "pets")
-    registry.promote(push_version(registry, 0, tmp_path))
-    push_version(registry, 1, tmp_path)
+    registry = cat_in_production_dog_pushed(str(tmp_path / "registry"), "pets", tmp_path)
     server = Server(str(tmp_path / "registry"), "pets", tmp_path)
     try:
         server.wait_ready()
