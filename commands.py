@@ -45,6 +45,37 @@ from pipeline import (
 log = logging.getLogger("pipeline")
 
 
+def _kfp_local_line(record: logging.LogRecord) -> bool:
+    """kfp.local's own lines: it logs through the root logger ("Skipping conditional task",
+    "Cleaned up workspace")."""
+    return record.name == "root" and record.levelno < logging.WARNING
+
+
+def _not_kfp_local_line(record: logging.LogRecord) -> bool:
+    return not _kfp_local_line(record)
+
+
+@contextlib.contextmanager
+def kfp_logs_to(progress: StepProgress):
+    """Send kfp.local's INFO lines to `progress` (its log file, and the screen when a pattern
+    asks) instead of the screen; our own log lines and every warning stay on stderr."""
+    root = logging.getLogger()
+    screen = list(root.handlers)
+    to_progress = logging.StreamHandler(progress)
+    to_progress.addFilter(_kfp_local_line)
+    if screen:
+        to_progress.setFormatter(screen[0].formatter)
+    for handler in screen:
+        handler.addFilter(_not_kfp_local_line)
+    root.addHandler(to_progress)
+    try:
+        yield
+    finally:
+        root.removeHandler(to_progress)
+        for handler in screen:
+            handler.removeFilter(_not_kfp_local_line)
+
+
 def add_cluster_options(command: argparse.ArgumentParser) -> None:
     """What `compile` binds into the YAML: images and the Kubernetes settings of `Cluster`."""
     defaults = Cluster()
@@ -509,12 +540,16 @@ def main(argv: list[str] | None = None) -> int:
             if progress is not None:
                 stack.enter_context(contextlib.redirect_stdout(progress))
                 stack.callback(progress.close)
+                stack.enter_context(kfp_logs_to(progress))
             summary = run_local(settings=settings)
     except RuntimeError as error:
         # kfp.local raises RuntimeError("Task ... finished with status FAILURE"); the step's
         # own error line is in the log above it (or, without --verbose, its last lines).
         log.error("error: %s", error)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted: the run stopped where it was")
+        return 130
     print(f"test accuracy {summary['test_accuracy']:.4f}")
     print(summary["decision"])
     if summary["blessed"]:

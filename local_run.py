@@ -26,13 +26,12 @@ from typing import Any, TextIO
 from kfp import local
 from kfp.local import docker_task_handler
 
-from components import blessing, docker_local, pretrained
+from components import docker_local, notify, pretrained
 from components.docker_local import DockerRunConfig
-from components.evaluate import EVALUATION
 from components.preprocess import MIN_IMAGE_SIZE
 from components.registry import Registry
 from components.sample_data import SampleDataConfig, generate
-from pipeline import build_pipeline
+from pipeline import PIPELINE_NAME, build_pipeline
 
 log = logging.getLogger("pipeline")
 
@@ -87,7 +86,7 @@ OUR_LINE = re.compile(
 SHOWN = re.compile(
     r"^(found \d+ files|\w+: \d+/\d+ \(\d+%\)|wrote .*rejected \d+ file|epoch \d+/\d+:|test accuracy|"
     r"production version|BLESSED|NOT BLESSED|verified in a fresh process|\S+ version \d+ is complete|"
-    r"\S+ production:)"
+    r"\S+ production:|retraining run |summary posted to|no webhook configured)"
 )
 EPOCH = re.compile(r"^epoch (\d+)/(\d+):")
 
@@ -202,6 +201,28 @@ def use_exit_codes() -> None:
     docker_task_handler.run_docker_container = run_container
 
 
+def report_interrupted(pipeline_root: Path, registry: str, model_name: str) -> None:
+    """The exit handler's summary for a run stopped with Ctrl-C, which takes kfp.local down with
+    its steps: the run is the newest one in `pipeline_root` (kfp.local names its folder)."""
+    runs = sorted(
+        (path for path in pipeline_root.glob(f"{PIPELINE_NAME}-*") if path.is_dir()),
+        key=lambda path: path.stat().st_mtime,
+    )
+    try:
+        notify.notify(
+            notify.NotifyConfig(
+                status="CANCELED",
+                run_name=runs[-1].name if runs else PIPELINE_NAME,
+                registry=registry,
+                model_name=model_name,
+                error="run-local was interrupted",
+                webhook_url=os.environ.get(notify.WEBHOOK_ENV, ""),
+            )
+        )
+    except notify.NotifyError as error:
+        log.error("error: %s", error)
+
+
 def run_local(*, settings: LocalRun) -> dict:
     """Run the whole pipeline through kfp.local and return the run summary.
 
@@ -303,16 +324,25 @@ def run_local(*, settings: LocalRun) -> dict:
         warnings.filterwarnings(
             "ignore", message="You may be attemping to run a task", category=RuntimeWarning
         )
-        task = retrain(source=data, **values)
+        try:
+            task = retrain(source=data, **values)
+        except KeyboardInterrupt:
+            # kfp.local dies with its steps, before the exit handler: report here instead.
+            report_interrupted(pipeline_root, registry, model_name)
+            raise
 
     production = Registry(registry, model_name).production()
     production_version = production["version"] if production else None
-    evaluation = json.loads((Path(task.outputs["evaluation"].path) / EVALUATION).read_text())
+    # The exit handler's summary (components/notify.py), what a webhook received.
+    run = json.loads((Path(task.outputs["summary"].path) / notify.SUMMARY).read_text())
     summary = {
-        "test_accuracy": evaluation["candidate"]["accuracy"],
+        "run": run["run"],
+        "test_accuracy": run["accuracy"],
         "blessed": bool(task.outputs["blessed"]),
-        "decision": blessing.summary_line(evaluation["decision"]),
-        "production_accuracy": ((evaluation.get("production") or {}).get("metrics") or {}).get("accuracy"),
+        "decision": run["decision"],
+        "production_accuracy": run["production_accuracy"],
+        "version_pushed": run["version_pushed"],
+        "notified": run["delivered"],
         "evaluation_report": task.outputs["evaluation_report"].path,
         "registry": registry,
         "model_name": model_name,
@@ -323,7 +353,7 @@ def run_local(*, settings: LocalRun) -> dict:
             if production_version and "://" not in registry
             else None
         ),
-        "classes": evaluation["candidate"]["classes"],
+        "classes": run["classes"],
         "source": data,
         "image_size": image_size,
         "resize": values["resize"],

@@ -168,6 +168,7 @@ def evaluate(
     min_accuracy: float,
     margin: float,
     max_class_drop: float,
+    run_id: str,
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[Markdown],
@@ -191,6 +192,7 @@ def evaluate(
             min_accuracy=min_accuracy,
             margin=margin,
             max_class_drop=max_class_drop,
+            run_id=run_id,
         )
     )
     candidate = result["candidate"]
@@ -252,6 +254,39 @@ def export(
         metrics.log_metric("registry_version", info["registry"]["version"])
 
 
+def notify(
+    status: dsl.PipelineTaskFinalStatus,
+    registry: str,
+    model_name: str,
+    run_id: str,
+    summary: Output[Artifact],
+    report: Output[Markdown],
+) -> bool:
+    """The exit handler: the run's summary, posted to $RETRAIN_WEBHOOK_URL when set. Returns
+    whether the run's model was blessed; `report` is evaluate's report when the run got there."""
+    import os
+    from pathlib import Path
+
+    from components import notify as step
+    from components.cli import configure_logging
+
+    configure_logging()
+    result = step.notify(
+        step.NotifyConfig(
+            status=status.state,
+            run_name=run_id,
+            registry=registry,
+            model_name=model_name,
+            error=status.error_message or "",
+            output=Path(summary.path),
+            webhook_url=os.environ.get(step.WEBHOOK_ENV, ""),
+        )
+    )
+    written = Path(summary.path) / step.REPORT
+    Path(report.path).write_text(written.read_text() if written.is_file() else f"{result['text']}\n")
+    return bool(result["blessed"])
+
+
 @dataclass(frozen=True)
 class Resources:
     cpu_request: str
@@ -279,6 +314,9 @@ class Cluster:
     shm_size: str = "2Gi"
     train_retries: int = 3  # a lost node or an eviction: the retry resumes from checkpoints
     pipeline_root: str = ""  # "" = the namespace's default (multi-user clusters set their own)
+    # The run summary's webhook URL (Slack-compatible), key `url`; optional: without the secret
+    # the exit handler only logs the summary.
+    webhook_secret: str = "retrain-webhook"
 
 
 # Per step: requests sized for an RTX 2070 workstation node (8 cores, 32 GB), limits for
@@ -289,6 +327,7 @@ RESOURCES = {
     "train": Resources("4", "8", "12Gi", "16Gi", 24 * 3600),
     "evaluate": Resources("2", "4", "4Gi", "8Gi", 2 * 3600),
     "export": Resources("2", "4", "6Gi", "8Gi", 2 * 3600),  # tf2onnx holds the graph twice
+    "notify": Resources("100m", "500m", "256Mi", "512Mi", 10 * 60),
 }
 
 
@@ -351,6 +390,10 @@ def build_pipeline(
             on_cluster(task, step, cluster)
             if step == "train":
                 on_rtx2070(task, cluster)
+            if step == "notify":
+                kubernetes.use_secret_as_env(
+                    task, cluster.webhook_secret, {"url": "RETRAIN_WEBHOOK_URL"}, optional=True
+                )
         return task
 
     def component(func, base_image):
@@ -363,10 +406,13 @@ def build_pipeline(
     train_op = component(train, gpu_image)
     evaluate_op = component(evaluate, image)
     export_op = component(export, image)
+    notify_op = component(notify, image)
 
+    # From the exit handler, the one task outside it: KFP takes pipeline outputs only from the
+    # top level, and the steps inside report through their run records (components/notify.py).
     class Outputs(NamedTuple):
         blessed: bool
-        evaluation: Artifact  # evaluation.json: metrics, production comparison, decision
+        summary: Artifact  # summary.json: status, failed step, decision, accuracies, version
         evaluation_report: Markdown
 
     # Every default is the step config's own (tests/test_pipeline.py holds them equal);
@@ -389,41 +435,48 @@ def build_pipeline(
                 registry: str = EvaluateConfig.registry, model_name: str = DEFAULT_MODEL_NAME,
                 min_accuracy: float = BlessingConfig.min_accuracy, margin: float = BlessingConfig.margin,
                 max_class_drop: float = BlessingConfig.max_class_drop, export_formats: str = "") -> Outputs:
-        # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest. Cached by the
-        #    data's fingerprint, taken fresh (never cached) from the listing each run.
-        listed = place(fingerprint_op(source=source, tfds_data_dir=tfds_data_dir), "fingerprint")
-        listed.set_caching_options(False)
-        prepared = place(preprocess_op(source=source, source_fingerprint=listed.output,
-                                       image_size=image_size, resize=resize, tfds_data_dir=tfds_data_dir),
-                         "preprocess")
-        # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights), on the RTX 2070
-        trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
-                           batch_size=batch_size, learning_rate=learning_rate, weights=weights,
-                           weights_cache=weights_cache, min_updates=min_updates, precision=precision,
-                           checkpoint_dir=checkpoint_dir,
-                           gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend)
-        place(trained, "train")
-        # 3. evaluate: held-out test split, candidate and production side by side -> blessed?
-        evaluated = place(evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
-                                      registry=registry, model_name=model_name, min_accuracy=min_accuracy,
-                                      margin=margin, max_class_drop=max_class_drop), "evaluate")
-        evaluated.set_retry(num_retries=1, backoff_duration="60s")  # a registry read that timed out
-        # Evaluate and export read and write the registry: never replayed from KFP's cache (a
-        # cached evaluate would repeat last week's blessing after a rollback).
-        evaluated.set_caching_options(False)
-        # 4. export: only a blessed model is exported, verified, pushed and made production
-        # (evaluate's single return value, `Output`: kfp.local 2.17.3 resolves a condition on a
-        # task output only under that name, and silently skips the branch for any other.)
-        with dsl.If(evaluated.outputs["Output"] == True, name="blessed"):  # noqa: E712 (KFP condition)
-            # No retry: a push that half-failed leaves an incomplete version, and a retry would
-            # push a second copy; the next scheduled run is the retry.
-            exported = place(export_op(model=trained.outputs["model"], dataset=prepared.outputs["dataset"],
-                                       evaluation=evaluated.outputs["evaluation"], formats=export_formats,
-                                       registry=registry, model_name=model_name,
-                                       run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "export")
-            exported.set_caching_options(False)
-        return Outputs(blessed=evaluated.outputs["Output"], evaluation=evaluated.outputs["evaluation"],
-                       evaluation_report=evaluated.outputs["report"])
+        # 0. notify, the exit handler: runs last whatever happened, posts the run's summary
+        notified = place(notify_op(registry=registry, model_name=model_name,
+                                   run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "notify")
+        notified.set_caching_options(False)
+        with dsl.ExitHandler(notified, name="retrain"):
+            # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest. Cached by the
+            #    data's fingerprint, taken fresh (never cached) from the listing each run.
+            listed = place(fingerprint_op(source=source, tfds_data_dir=tfds_data_dir), "fingerprint")
+            listed.set_caching_options(False)
+            prepared = place(preprocess_op(source=source, source_fingerprint=listed.output,
+                                           image_size=image_size, resize=resize, tfds_data_dir=tfds_data_dir),
+                             "preprocess")
+            # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights), on the RTX 2070
+            trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
+                               batch_size=batch_size, learning_rate=learning_rate, weights=weights,
+                               weights_cache=weights_cache, min_updates=min_updates, precision=precision,
+                               checkpoint_dir=checkpoint_dir,
+                               gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend)
+            place(trained, "train")
+            # 3. evaluate: held-out test split, candidate and production side by side -> blessed?
+            evaluated = place(evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
+                                          registry=registry, model_name=model_name, min_accuracy=min_accuracy,
+                                          margin=margin, max_class_drop=max_class_drop,
+                                          run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "evaluate")
+            evaluated.set_retry(num_retries=1, backoff_duration="60s")  # a registry read that timed out
+            # Evaluate and export read and write the registry: never replayed from KFP's cache (a
+            # cached evaluate would repeat last week's blessing after a rollback).
+            evaluated.set_caching_options(False)
+            # 4. export: only a blessed model is exported, verified, pushed and made production
+            # (evaluate's single return value, `Output`: kfp.local 2.17.3 resolves a condition on a
+            # task output only under that name, and silently skips the branch for any other.)
+            with dsl.If(evaluated.outputs["Output"] == True, name="blessed"):  # noqa: E712 (KFP condition)
+                # No retry: a push that half-failed leaves an incomplete version, and a retry would
+                # push a second copy; the next scheduled run is the retry.
+                exported = place(export_op(model=trained.outputs["model"],
+                                           dataset=prepared.outputs["dataset"],
+                                           evaluation=evaluated.outputs["evaluation"], formats=export_formats,
+                                           registry=registry, model_name=model_name,
+                                           run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "export")
+                exported.set_caching_options(False)
+        return Outputs(blessed=notified.outputs["Output"], summary=notified.outputs["summary"],
+                       evaluation_report=notified.outputs["report"])
     # fmt: on
 
     return retrain

@@ -37,6 +37,7 @@ PASSED_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "GOOGLE_APPLICATION_CREDENTIALS",
+    "RETRAIN_WEBHOOK_URL",  # the exit handler's webhook (components/notify.py)
 )
 IMAGE_UID = 1000  # USER in docker/Dockerfile
 

@@ -63,6 +63,7 @@ class EvaluateConfig:
     calibration_bins: int = 15  # the usual choice in the calibration literature (Guo et al. 2017)
     confused_pairs: int = 5
     examples_per_pair: int = 3
+    run_id: str = ""  # the pipeline run: its decision is recorded in the registry for the exit handler
 
     def blessing(self) -> blessing.BlessingConfig:
         return blessing.BlessingConfig(
@@ -309,6 +310,7 @@ def pair_examples(
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    registry.record_step(config.registry, config.model_name, config.run_id, "evaluate", "started")
     try:
         dataset = records.load(config.data, verify=False)
         model, summary = load_trained(config.model)
@@ -399,6 +401,16 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             production_result["metrics"]["accuracy"],
         )
     log.info("%s", blessing.summary_line(decision))
+    if config.registry and config.run_id:
+        try:
+            registry.Registry(config.registry, config.model_name).record_run(
+                config.run_id, REPORT, (config.output / REPORT).read_bytes()
+            )
+        except registry.RegistryError as error:
+            log.warning("could not record the report for run %s: %s", config.run_id, error)
+    registry.record_step(
+        config.registry, config.model_name, config.run_id, "evaluate", "succeeded", evaluation=evaluation
+    )
     return evaluation
 
 
@@ -436,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.max_class_drop,
         help="largest allowed fall of one class's recall against production",
+    )
+    parser.add_argument(
+        "--run-id",
+        default="",
+        help="the pipeline run: the decision and report are recorded under <registry>/<model>/runs/<run-id>/",
     )
     return parser
 

@@ -396,6 +396,7 @@ def _check_blessed(evaluation: dict[str, Any] | None) -> None:
 
 
 def export(config: ExportConfig) -> dict[str, Any]:
+    model_registry.record_step(config.registry, config.model_name, config.run_id, "export", "started")
     unknown = sorted(set(config.formats) - set(FORMATS))
     if unknown:
         raise ExportError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
@@ -557,6 +558,16 @@ def export(config: ExportConfig) -> dict[str, Any]:
             "version": version,
             "promoted": promoted,
         }
+        model_registry.record_step(
+            config.registry,
+            config.model_name,
+            config.run_id,
+            "export",
+            "succeeded",
+            version=version,
+            promoted=promoted,
+            formats=list(config.formats),
+        )
     return info
 
 

@@ -13,6 +13,8 @@ Layout under the registry URI (an `s3://` / `minio://` bucket prefix or a local 
     <model>/<version>/MANIFEST.json    written last: every file with its size and sha256, and
                                        the version's metrics; a version without it is incomplete
     <model>/production.json            {"version": N, "history": [...]}: what serves
+    <model>/runs/<run>/<step>.json     what a pipeline run's steps recorded (evaluate's decision,
+                                       export's version) for its exit handler, `components.notify`
 
 Versions are integers counted up from 1 and immutable: a push first reserves its number with
 `RESERVATION.json`, created only if absent (`If-None-Match: *` on an object store, an exclusive
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 RESERVATION = "RESERVATION.json"  # created first, only if absent: the version number is taken
 POINTER = "production.json"
+RUNS = "runs"  # <model>/runs/<run>/: a pipeline run's records, never a version (not digits)
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -144,6 +147,22 @@ class Registry:
                 number = int(first)
                 listed[number] = listed.get(number, False) or rest == MANIFEST
         return listed
+
+    def _run_key(self, run_id: str, name: str) -> str:
+        # A run name is the pipeline's, not ours to refuse: anything outside a plain key
+        # becomes "_", so an odd name still has its records.
+        cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", run_id).lstrip(".")[:200]
+        if not cleaned:
+            raise RegistryError(f"run name {run_id!r} leaves nothing to name its records by")
+        return self._key(RUNS, cleaned, name)
+
+    def record_run(self, run_id: str, name: str, data: bytes) -> None:
+        """Write `<model>/runs/<run_id>/<name>`, replacing what a retried step wrote."""
+        self._storage(self.folder.put_bytes, self._run_key(run_id, name), data)
+
+    def run_record(self, run_id: str, name: str) -> bytes | None:
+        """What a step of run `run_id` recorded as `name`, or None."""
+        return self._storage(self.folder.get_bytes, self._run_key(run_id, name))
 
     def versions(self) -> list[Version]:
         return [
@@ -395,6 +414,20 @@ def prune(registry: Registry, plan: Pruning) -> None:
         for name in [*first, *middle, *last]:
             registry._storage(registry.folder.remove, name)
         log.info("%s version %d removed (%s)", registry.model, number, plan.remove[number])
+
+
+def record_step(uri: str, model: str, run_id: str, step: str, state: str, **fields: Any) -> None:
+    """Record that pipeline run `run_id`'s `step` has `state` ("started", "succeeded"), with
+    `fields`, as `<model>/runs/<run_id>/<step>.json`: the exit handler reads these to say how
+    far the run got. Without a registry or a run name nothing is recorded, and a record that
+    cannot be written is a warning: the step's own work does not depend on it."""
+    if not uri or not run_id:
+        return
+    record = json.dumps({"step": step, "state": state, "time": time.time(), **fields}, indent=2) + "\n"
+    try:
+        Registry(uri, model).record_run(run_id, f"{step}.json", record.encode())
+    except RegistryError as error:
+        log.warning("could not record %s %s for run %s: %s", step, state, run_id, error)
 
 
 def list_versions(registry: Registry) -> list[dict[str, Any]]:

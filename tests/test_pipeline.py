@@ -41,31 +41,75 @@ def spec(tmp_path_factory) -> dict:
     return load_spec(path.read_text())
 
 
+GROUPS = ("exit-handler-", "condition-")
+
+
+def _dag(spec, group: str) -> dict:
+    """The tasks of the sub-DAG whose task name starts with `group`, and that task."""
+    for dag in [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]:
+        for name, body in dag["tasks"].items():
+            if name.startswith(group):
+                return body, spec["components"][body["componentRef"]["name"]]["dag"]["tasks"]
+    raise AssertionError(f"no {group}* group")
+
+
 def _tasks(spec) -> dict:
-    """Every task by name, the export inside its condition's sub-DAG included."""
-    root = spec["root"]["dag"]["tasks"]
-    tasks = {name: body for name, body in root.items() if not name.startswith("condition-")}
-    for name, body in root.items():
-        if name.startswith("condition-"):
-            tasks |= spec["components"][body["componentRef"]["name"]]["dag"]["tasks"]
-    return tasks
+    """Every step's task by name, inside the exit handler's and the condition's sub-DAGs too."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for group in GROUPS:
+        tasks |= _dag(spec, group)[1]
+    return {name: body for name, body in tasks.items() if not name.startswith(GROUPS)}
 
 
 def test_tasks_in_order(spec):
     tasks = _tasks(spec)
-    assert sorted(tasks) == sorted(TASKS)
+    assert sorted(tasks) == sorted([*TASKS, "notify"])
     assert tasks["fingerprint"].get("dependentTasks", []) == []
     assert tasks["preprocess"]["dependentTasks"] == ["fingerprint"]
     assert tasks["train"]["dependentTasks"] == ["preprocess"]
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["preprocess", "train"]
-    condition = spec["root"]["dag"]["tasks"]["condition-1"]
+    condition, _ = _dag(spec, "condition-")
     assert condition["dependentTasks"] == ["evaluate", "preprocess", "train"]
+
+
+def test_every_step_runs_inside_the_exit_handler_and_notify_runs_last_whatever_happened(spec):
+    root = spec["root"]["dag"]["tasks"]
+    assert sorted(root) == ["exit-handler-1", "notify"]
+    _, inside = _dag(spec, "exit-handler-")
+    assert sorted(inside) == ["condition-2", "evaluate", "fingerprint", "preprocess", "train"]
+    notify = root["notify"]
+    assert notify["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    assert notify["dependentTasks"] == ["exit-handler-1"]
+    parameters = notify["inputs"]["parameters"]
+    assert parameters["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert parameters["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
+    assert parameters["registry"] == {"componentInputParameter": "registry"}
+    assert notify["cachingOptions"] == {}  # a cached summary would report last week's run
+    # The run's steps record under the same run name, in the same registry, for notify to read.
+    evaluate = inside["evaluate"]["inputs"]["parameters"]
+    assert evaluate["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
+    assert evaluate["registry"] == {"componentInputParameter": "pipelinechannel--registry"}
+
+
+def test_the_webhook_url_comes_from_an_optional_secret_and_only_to_notify(spec):
+    kubernetes = _kubernetes(spec)
+    webhook = [s for s in kubernetes["notify"]["secretAsEnv"] if s["secretName"] == "retrain-webhook"]
+    assert webhook == [
+        {
+            "keyToEnv": [{"envVar": "RETRAIN_WEBHOOK_URL", "secretKey": "url"}],
+            "optional": True,  # no secret: the summary is only logged, the run goes on
+            "secretName": "retrain-webhook",
+            "secretNameParameter": {"runtimeValue": {"constant": "retrain-webhook"}},
+        }
+    ]
+    for task in TASKS:
+        assert all(s["secretName"] != "retrain-webhook" for s in kubernetes[task]["secretAsEnv"]), task
 
 
 def test_export_runs_only_when_evaluate_blesses_the_model(spec):
     root = spec["root"]["dag"]["tasks"]
-    assert "export" not in root  # never unconditionally
-    condition = root["condition-1"]
+    assert "export" not in root and "export" not in _dag(spec, "exit-handler-")[1]  # never unconditionally
+    condition, _ = _dag(spec, "condition-")
     assert condition["taskInfo"]["name"] == "blessed"
     assert (
         condition["triggerPolicy"]["condition"]
@@ -86,7 +130,7 @@ def _artifact_source(spec, task: str, name: str) -> tuple[str, str]:
         return source["producerTask"], source["outputArtifactKey"]
     # Inside the condition: a channel from the parent DAG, named pipelinechannel--<task>-<key>.
     channel = source["componentInputArtifact"]
-    parent = spec["root"]["dag"]["tasks"]["condition-1"]["inputs"]["artifacts"][channel]["taskOutputArtifact"]
+    parent = _dag(spec, "condition-")[0]["inputs"]["artifacts"][channel]["taskOutputArtifact"]
     return parent["producerTask"], parent["outputArtifactKey"]
 
 
@@ -116,16 +160,16 @@ def test_artifacts_flow_between_steps(spec):
     assert export_outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
 
 
-def test_pipeline_outputs_the_decision_and_the_report(spec):
+def test_pipeline_outputs_the_decision_and_the_report_from_the_exit_handler(spec):
     outputs = spec["root"]["dag"]["outputs"]
     assert outputs["parameters"]["blessed"]["valueFromParameter"] == {
         "outputParameterKey": "Output",
-        "producerSubtask": "evaluate",
+        "producerSubtask": "notify",
     }
-    assert outputs["artifacts"]["evaluation_report"]["artifactSelectors"][0] == {
-        "outputArtifactKey": "report",
-        "producerSubtask": "evaluate",
-    }
+    for name, key in (("evaluation_report", "report"), ("summary", "summary")):
+        assert outputs["artifacts"][name]["artifactSelectors"] == [
+            {"outputArtifactKey": key, "producerSubtask": "notify"}
+        ]
 
 
 def test_export_records_the_pipeline_run_in_the_registry(spec):
@@ -144,6 +188,7 @@ def test_only_train_runs_in_the_gpu_image(spec):
         "train": "registry.example/retrain-gpu:1",
         "evaluate": "registry.example/retrain:1",
         "export": "registry.example/retrain:1",
+        "notify": "registry.example/retrain:1",
     }
     for body in executors.values():
         # install_kfp_package=False: the image brings kfp, nothing is pip-installed at start.

@@ -3,47 +3,55 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_image_folder
+from tests.webhook_receiver import WebhookReceiver
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run_local(source: Path, workdir: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "pipeline.py",
-            "run-local",
-            "--data",
-            str(source),
-            "--image-size",
-            "64",
-            "--resize",
-            "pad",
-            "--batch-size",
-            "16",
-            "--weights",
-            "none",
-            "--min-updates",
-            "0",
-            "--workdir",
-            str(workdir),
-            "--model-name",
-            "patterns",
-            *flags,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def _run_local(source: Path, workdir: Path, *flags: str, webhook: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(_command(source, workdir, *flags), cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=_env(webhook))  # fmt: skip
+
+
+def _env(webhook: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "RETRAIN_WEBHOOK_URL"}
+    return env | ({"RETRAIN_WEBHOOK_URL": webhook} if webhook else {})
+
+
+def _command(source: Path, workdir: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "pipeline.py",
+        "run-local",
+        "--data",
+        str(source),
+        "--image-size",
+        "64",
+        "--resize",
+        "pad",
+        "--batch-size",
+        "16",
+        "--weights",
+        "none",
+        "--min-updates",
+        "0",
+        "--workdir",
+        str(workdir),
+        "--model-name",
+        "patterns",
+        *flags,
+    ]
 
 
 @pytest.mark.slow
@@ -60,8 +68,12 @@ def test_two_runs_a_good_model_then_a_worse_one_that_must_not_replace_it(tmp_pat
     # built-in dataset's broken files are in and rejected.
     source = generate(SampleDataConfig(output=tmp_path / "images", images_per_class=100, seed=1))
     workdir = tmp_path / "work"
-    first = _run_local(source, workdir, "--epochs", "20")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    with WebhookReceiver() as hook:
+        first = _run_local(source, workdir, "--epochs", "20", webhook=hook.url)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        second = _run_local(source, workdir, "--epochs", "1", webhook=hook.url)
+    # The exit handler posted each run's summary (components/notify.py).
+    blessed_run, unblessed_run = hook.received
     summary = json.loads((workdir / "run-summary.json").read_text())
     assert summary["blessed"], summary["decision"]
     assert "first run" in summary["decision"]
@@ -76,9 +88,18 @@ def test_two_runs_a_good_model_then_a_worse_one_that_must_not_replace_it(tmp_pat
     assert (exported / "model_card.md").read_text().count(summary["source"]) == 1
     assert (exported / "evaluation" / "report.md").is_file()
 
-    second = _run_local(source, workdir, "--epochs", "1")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary2 = json.loads((workdir / "run-summary.json").read_text())
+    assert blessed_run["status"] == unblessed_run["status"] == "SUCCEEDED"
+    assert (blessed_run["blessed"], blessed_run["version_pushed"], blessed_run["promoted"]) == (True, 1, True)
+    assert blessed_run["accuracy"] == summary["test_accuracy"] and blessed_run["production_accuracy"] is None
+    assert blessed_run["text"].endswith("\nversion 1 in production")
+    assert (unblessed_run["blessed"], unblessed_run["version_pushed"]) == (False, None)
+    assert unblessed_run["run"] == summary2["run"] != blessed_run["run"]
+    assert unblessed_run["production_accuracy"] == summary["test_accuracy"]
+    assert unblessed_run["production_version_compared"] == 1
+    assert unblessed_run["decision"] == summary2["decision"]
+    assert unblessed_run["text"].endswith("\nnot exported: production unchanged")
     assert not summary2["blessed"]
     assert summary2["production_accuracy"] == summary["test_accuracy"]  # same images, same model
     assert f"vs production {summary['test_accuracy']:.4f}: worse than the margin" in summary2["decision"]
@@ -165,30 +186,92 @@ def test_run_local_with_one_class_fails_in_preprocess_and_writes_no_summary(tmp_
     (source / "dots").mkdir(parents=True)
     for path in (tmp_path / "images" / "dots").iterdir():
         (source / "dots" / path.name).write_bytes(path.read_bytes())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "pipeline.py",
-            "run-local",
-            "--data",
-            str(source),
-            "--image-size",
-            "32",
-            "--weights",
-            "none",
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    with WebhookReceiver() as hook:
+        result = subprocess.run(
+            [sys.executable, "pipeline.py", "run-local", "--data", str(source), "--image-size", "32",
+             "--weights", "none", "--workdir", str(tmp_path / "work")],
+            cwd=REPO, capture_output=True, text=True, timeout=600, env=_env(hook.url),
+        )  # fmt: skip
     assert result.returncode == 1
     output = result.stdout + result.stderr
     assert "only one class (dots)" in output
     assert "preprocess" in output and "FAILURE" in output
     assert not (tmp_path / "work" / "run-summary.json").exists()
+    # The exit handler ran all the same, and says the run failed before evaluate.
+    (posted,) = hook.received
+    assert posted["status"] == "FAILED" and posted["failed_step"] == "fingerprint, preprocess or train"
+    assert posted["blessed"] is None and posted["version_pushed"] is None
+
+
+def _step_processes(step: str) -> list[int]:
+    """Pids of the kfp.local processes running `step` (python -m kfp.dsl.executor_main ...)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                continue  # ended, not yet reaped
+        except (OSError, IndexError):
+            continue
+        if (
+            b"--function_to_execute" in argv
+            and argv[argv.index(b"--function_to_execute") + 1] == step.encode()
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def _run_until_training(source: Path, workdir: Path, webhook: str) -> subprocess.Popen:
+    """run-local started in its own session (as a terminal's foreground job), returned once the
+    train step has finished its first epoch."""
+    process = subprocess.Popen(
+        _command(source, workdir, "--epochs", "200", "--image-size", "32"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(webhook),
+        start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "epoch 1/" in line:
+            return process
+    process.wait()
+    raise AssertionError("run-local ended before training:\n" + "".join(seen[-40:]))
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_training_or_interrupted_still_reports_its_failure(tmp_path):
+    """The exit handler's promise: the train step's process killed mid-training (a node lost,
+    the OOM killer) fails the run, and the summary says so; Ctrl-C, which takes kfp.local down
+    with its steps before its exit handler, is reported by run-local itself."""
+    source = make_image_folder(tmp_path / "images", images_per_class=8)
+    workdir = tmp_path / "work"
+    with WebhookReceiver() as hook:
+        process = _run_until_training(source, workdir, hook.url)
+        training = _step_processes("train")  # kfp.local's shell wrapper and the python under it
+        assert training
+        for pid in training:
+            os.kill(pid, signal.SIGKILL)
+        after_kill = process.communicate(timeout=300)[0]
+        assert process.returncode == 1, after_kill[-3000:]
+        assert "train        failure in " in after_kill
+        process = _run_until_training(source, workdir, hook.url)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        rest = process.communicate(timeout=300)[0]
+        assert process.returncode == 130, rest[-3000:]
+    killed, interrupted = hook.received
+    assert killed["status"] == "FAILED" and killed["failed_step"] == "fingerprint, preprocess or train"
+    assert killed["run"].startswith("efficientnet-retrain-") and killed["blessed"] is None
+    assert killed["text"].splitlines()[:2] == [
+        f"retraining run {killed['run']} (patterns): FAILED",
+        "failed in fingerprint, preprocess or train: Task exit-handler-1 failed.",
+    ]
+    assert interrupted["status"] == "CANCELED" and interrupted["run"] != killed["run"]
+    assert interrupted["run"] in os.listdir(workdir / "pipeline-root")
+    assert interrupted["error"] == "run-local was interrupted"
+    deadline = time.monotonic() + 60  # Ctrl-C reached the step too: it ends, unwinding TF
+    while _step_processes("train") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _step_processes("train")  # nothing left training
 
 
 KFP_STREAM = """\
