@@ -105,6 +105,11 @@ def add_cluster_options(command: argparse.ArgumentParser) -> None:
         "--pipeline-root", default="", help="where KFP puts artifacts (default: the namespace's own)"
     )
     command.add_argument("--train-retries", type=int, default=defaults.train_retries)
+    command.add_argument(
+        "--webhook-secret",
+        default=defaults.webhook_secret,
+        help="optional Kubernetes secret whose key `url` is the webhook each run's summary is posted to",
+    )
 
 
 def add_connection_options(command: argparse.ArgumentParser) -> None:
@@ -147,6 +152,7 @@ def cluster_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         s3_endpoint=args.s3_endpoint,
         pipeline_root=args.pipeline_root,
         train_retries=args.train_retries,
+        webhook_secret=args.webhook_secret,
     )
 
 

@@ -57,6 +57,15 @@ def s3_env(s3, monkeypatch):
 
 
 @pytest.fixture
+def webhook():
+    """A local HTTP receiver standing in for a Slack incoming webhook (tests/webhook_receiver.py)."""
+    from tests.webhook_receiver import WebhookReceiver
+
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """4 classes x 8 valid images, 32 px, no broken files."""
     return make_image_folder(tmp_path / "images")

@@ -10,8 +10,11 @@ delete the local copies, so the next step can only get them from the bucket. The
 environment is the compiled `env` plus the secret's keys as `secretAsEnv` maps them.
 
 It runs the steps as local processes (no containers, no Kubernetes), honours `dsl.If`
-conditions of the form the pipeline compiles to, and ignores resources, node selectors and
-retries (they need a cluster). Needs write access to /minio (CI runs as root).
+conditions of the form the pipeline compiles to and `dsl.ExitHandler` (the exit task runs after
+its group whatever happened, with the group's final status in the backend's JSON form; a
+failure is raised after it), mounts an optional secret only when it exists, and ignores
+resources, node selectors and retries (they need a cluster). Needs write access to /minio (CI
+runs as root).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Harness:
     skipped: list[str] = field(default_factory=list)
     parameters: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, name) -> value
     artifacts: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, name) -> artifact JSON
+    failed: dict[str, str] = field(default_factory=dict)  # task or group -> why
 
     def __post_init__(self):
         documents = list(yaml.safe_load_all(self.spec_path.read_text()))
@@ -81,6 +85,15 @@ class Harness:
         if "taskOutputParameter" in spec:
             source = spec["taskOutputParameter"]
             return self.parameters[(source["producerTask"], source["outputParameterKey"])]
+        if "taskFinalStatus" in spec:
+            producer = spec["taskFinalStatus"]["producerTask"]
+            failure = self.failed.get(producer)
+            return {
+                "state": "FAILED" if failure else "SUCCEEDED",
+                "pipelineJobResourceName": self.job_name,
+                "pipelineTaskName": producer,
+                "error": {"code": 1, "message": failure} if failure else {},
+            }
         constant = spec["runtimeValue"]["constant"]
         return (
             constant.replace("{{$.pipeline_job_name}}", self.job_name)
@@ -95,22 +108,35 @@ class Harness:
         return self.artifacts[(source["producerTask"], source["outputArtifactKey"])]
 
     def _run_dag(self, dag: dict, scope: dict) -> None:
+        first_failure = None
         for name in self._order(dag["tasks"]):
             task = dag["tasks"][name]
-            component = self.spec["components"][task["componentRef"]["name"]]
-            inputs = task.get("inputs", {})
-            parameters = {
-                k: self._resolve_parameter(v, scope) for k, v in inputs.get("parameters", {}).items()
-            }
-            artifacts = {k: self._resolve_artifact(v, scope) for k, v in inputs.get("artifacts", {}).items()}
-            if "dag" in component:
-                condition = task.get("triggerPolicy", {}).get("condition", "")
-                if condition and not self._condition(condition, parameters):
-                    self.skipped.append(task["taskInfo"]["name"])
-                    continue
-                self._run_dag(component["dag"], {"parameters": parameters, "artifacts": artifacts})
-            else:
-                self._run_task(name, component, parameters, artifacts)
+            upstream_failed = any(dependency in self.failed for dependency in task.get("dependentTasks", []))
+            exit_task = task.get("triggerPolicy", {}).get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED"
+            if upstream_failed and not exit_task:
+                self.failed[name] = "an upstream task failed"
+                continue
+            try:
+                self._run_one(name, task, scope)
+            except RuntimeError as error:
+                self.failed[name] = str(error).splitlines()[0]
+                first_failure = first_failure or error
+        if first_failure is not None:
+            raise first_failure
+
+    def _run_one(self, name: str, task: dict, scope: dict) -> None:
+        component = self.spec["components"][task["componentRef"]["name"]]
+        inputs = task.get("inputs", {})
+        parameters = {k: self._resolve_parameter(v, scope) for k, v in inputs.get("parameters", {}).items()}
+        artifacts = {k: self._resolve_artifact(v, scope) for k, v in inputs.get("artifacts", {}).items()}
+        if "dag" in component:
+            condition = task.get("triggerPolicy", {}).get("condition", "")
+            if condition and not self._condition(condition, parameters):
+                self.skipped.append(task["taskInfo"]["name"])
+                return
+            self._run_dag(component["dag"], {"parameters": parameters, "artifacts": artifacts})
+        else:
+            self._run_task(name, component, parameters, artifacts)
 
     @staticmethod
     def _condition(condition: str, parameters: dict) -> bool:
@@ -177,6 +203,8 @@ class Harness:
         env = {**os.environ, **self.env}
         env.update({item["name"]: item["value"] for item in executor.get("env", [])})
         for secret in platform.get("secretAsEnv", []):
+            if secret["secretName"] not in self.secrets and secret.get("optional"):
+                continue
             for mapping in secret["keyToEnv"]:
                 env[mapping["envVar"]] = self.secrets[secret["secretName"]][mapping["secretKey"]]
         command = [

@@ -239,7 +239,9 @@ def test_each_step_runs_in_its_container_and_matches_the_run_without_docker(buil
     assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
 
 
-def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_in_s3(built, s3_env, tmp_path):
+def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_in_s3(
+    built, s3_env, tmp_path, webhook
+):
     from components.registry import Registry
 
     s3 = s3_env  # its endpoint and credentials are in this process's environment too
@@ -248,6 +250,7 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
     client.make_bucket("retrain")
     workdir = tmp_path / "run"
     env = {**os.environ, **s3.env(), "RETRAIN_BUCKET": "retrain", "PYTHONPATH": str(REPO)}
+    env["RETRAIN_WEBHOOK_URL"] = webhook.url  # reached from the notify container (host network)
     env.pop("MINIO_ENDPOINT", None)
     result = subprocess.run(
         [
@@ -321,11 +324,17 @@ def test_whole_pipeline_through_kfp_local_docker_runner_with_data_and_registry_i
         assert production and production["version"] == summary["production_version"] == 1
     else:
         assert production is None and summary["production_version"] is None
+    (posted,) = webhook.received  # the exit handler's container posted the run's summary
+    assert (posted["status"], posted["blessed"], posted["run"]) == (
+        "SUCCEEDED",
+        summary["blessed"],
+        summary["run"],
+    )
 
 
-def test_a_step_failing_in_its_container_fails_the_run_with_its_reason(built, s3_env, tmp_path):
+def test_a_step_failing_in_its_container_fails_the_run_with_its_reason(built, s3_env, tmp_path, webhook):
     s3_env.client().make_bucket("empty")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RETRAIN_WEBHOOK_URL": webhook.url}
     result = subprocess.run(
         [
             sys.executable,
@@ -354,6 +363,8 @@ def test_a_step_failing_in_its_container_fails_the_run_with_its_reason(built, s3
     assert result.returncode == 1
     assert "no objects under s3://empty/flowers" in result.stdout + result.stderr
     assert not (tmp_path / "run" / "run-summary.json").exists()
+    (posted,) = webhook.received
+    assert (posted["status"], posted["failed_step"]) == ("FAILED", "fingerprint, preprocess or train")
 
 
 def test_the_cpu_image_serves_the_production_model_and_follows_a_promotion(built, tmp_path):

@@ -30,7 +30,9 @@ pytestmark = [
 ]
 
 
-def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s3, tmp_path, monkeypatch):
+def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(
+    s3, tmp_path, monkeypatch, webhook
+):
     from components.registry import Registry
     from components.sample_data import SampleDataConfig, generate
 
@@ -49,7 +51,10 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s
         bucket=bucket,
         root_prefix="v2/artifacts",
         client=client,
-        secrets={"mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key}},
+        secrets={
+            "mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key},
+            "retrain-webhook": {"url": webhook.url},  # what `kubectl create secret` would hold
+        },
         workdir=tmp_path / "launcher",
         env=launcher_harness.python_path_env(REPO),
     )
@@ -66,7 +71,10 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s
         }
     )
 
-    assert harness.ran == ["fingerprint", "preprocess", "train", "evaluate", "export"]
+    assert harness.ran == ["fingerprint", "preprocess", "train", "evaluate", "export", "notify"]
+    (posted,) = webhook.received  # the exit handler, with the URL from the webhook secret
+    assert (posted["run"], posted["status"], posted["blessed"]) == (harness.job_name, "SUCCEEDED", True)
+    assert (posted["version_pushed"], posted["promoted"]) == (1, True)
     assert harness.parameters[("evaluate", "Output")] is True
     assert len(harness.parameters[("fingerprint", "Output")]) == 64  # sha256 of the listing
 
@@ -82,6 +90,7 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s
         "evaluate/report",
         "export/servable/saved_model/saved_model.pb",
         "export/servable/model_card.md",
+        "notify/summary/summary.json",
     ):
         assert f"{root}/{key}" in stored, key
     assert not (launcher_harness.LOCAL_MOUNT / bucket).exists()  # every input came from the bucket
@@ -95,3 +104,27 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(s
     registry = Registry("minio://models", "patterns")
     assert registry.production()["version"] == 1
     assert registry.manifest(1)["run_id"] == harness.job_name  # the {{$.pipeline_job_name}} placeholder
+
+
+def test_a_run_that_fails_still_runs_its_exit_handler_which_without_the_secret_only_logs(s3, tmp_path):
+    client = s3.client()
+    bucket = f"mlpipeline-{uuid.uuid4().hex[:12]}"
+    client.make_bucket(bucket)
+    spec = pipeline.compile_pipeline(tmp_path / "pipeline.yaml", cluster=pipeline.Cluster(s3_endpoint=s3.url))
+    harness = launcher_harness.Harness(
+        spec_path=spec,
+        bucket=bucket,
+        root_prefix="v2/artifacts",
+        client=client,
+        secrets={"mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key}},
+        workdir=tmp_path / "launcher",
+        env=launcher_harness.python_path_env(REPO),
+    )
+    with pytest.raises(RuntimeError, match="step fingerprint failed"):
+        harness.run({"source": f"minio://{bucket}/no-such-dataset", "registry": f"minio://{bucket}/models"})
+    assert harness.ran == ["notify"]  # the optional secret is absent: the step starts all the same
+    key = f"v2/artifacts/{harness.job_name}/notify/summary/summary.json"
+    summary = json.loads(client.get_object(bucket, key).read())
+    assert (summary["status"], summary["failed_step"]) == ("FAILED", "fingerprint, preprocess or train")
+    assert summary["delivered"] is False
+    assert "notify" not in harness.failed

@@ -71,10 +71,10 @@ def test_two_runs_a_good_model_then_a_worse_one_that_must_not_replace_it(tmp_pat
     with WebhookReceiver() as hook:
         first = _run_local(source, workdir, "--epochs", "20", webhook=hook.url)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        summary = json.loads((workdir / "run-summary.json").read_text())
         second = _run_local(source, workdir, "--epochs", "1", webhook=hook.url)
     # The exit handler posted each run's summary (components/notify.py).
     blessed_run, unblessed_run = hook.received
-    summary = json.loads((workdir / "run-summary.json").read_text())
     assert summary["blessed"], summary["decision"]
     assert "first run" in summary["decision"]
     assert "exported and pushed: patterns version 1 is in production" in first.stdout
