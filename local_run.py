@@ -9,6 +9,7 @@ data and registry in the S3-compatible store (components/docker_local.py). Write
 
 from __future__ import annotations
 
+import builtins
 import collections
 import inspect
 import io
@@ -324,12 +325,17 @@ def run_local(*, settings: LocalRun) -> dict:
         warnings.filterwarnings(
             "ignore", message="You may be attemping to run a task", category=RuntimeWarning
         )
+        printer = builtins.print
         try:
             task = retrain(source=data, **values)
         except KeyboardInterrupt:
             # kfp.local dies with its steps, before the exit handler: report here instead.
             report_interrupted(pipeline_root, registry, model_name)
             raise
+        finally:
+            # kfp.local 2.17.3 indents a step's output by swapping builtins.print, which tasks
+            # running at once (the preprocess slices) leave swapped: every later line indented.
+            builtins.print = printer
 
     production = Registry(registry, model_name).production()
     production_version = production["version"] if production else None

@@ -42,41 +42,65 @@ DEFAULT_GPU_IMAGE = "efficientnet-retrain:gpu"
 DEFAULT_MODEL_NAME = EvaluateConfig.model_name
 
 
-def fingerprint(source: str, tfds_data_dir: str) -> str:
+def fingerprint(source: str, tfds_data_dir: str, partitions: int) -> list[dict]:
+    """The data's slices, each with the fingerprint of its files' listing: the loop's items."""
     from components import preprocess as step
     from components.cli import configure_logging
 
     configure_logging()
-    return step.source_fingerprint(source, tfds_data_dir)
+    digests = step.slice_fingerprints(source, partitions, tfds_data_dir)
+    return [{"partition": index, "fingerprint": digest} for index, digest in enumerate(digests)]
 
 
-def preprocess(
+def preprocess_slice(
     source: str,
-    source_fingerprint: str,
+    slice_fingerprint: str,
+    partition: int,
+    partitions: int,
     image_size: int,
     resize: str,
     tfds_data_dir: str,
-    dataset: Output[Dataset],
-    report: Output[Markdown],
-    metrics: Output[Metrics],
+    part: Output[Artifact],
 ):
-    """`source_fingerprint` is not read: as an input it puts the data's identity into the
-    cache key, so a changed bucket is preprocessed again and an unchanged one is not."""
+    """One slice's files read, checked and resized. `slice_fingerprint` is not read: as an
+    input it puts the slice's identity into the cache key, so a slice whose files changed is
+    read again and the others are not."""
     from pathlib import Path
 
     from components import preprocess as step
     from components.cli import configure_logging
 
     configure_logging()
-    manifest = step.preprocess(
+    step.preprocess_partition(
         step.PreprocessConfig(
             source=source,
-            output=Path(dataset.path),
+            output=Path(part.path),
             image_size=image_size,
             resize=resize,
             tfds_data_dir=tfds_data_dir,
+            partition=partition,
+            partitions=partitions,
         )
     )
+
+
+def preprocess(
+    parts: Input[list[Artifact]],
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+):
+    """The slices merged into one dataset: splits, shards, manifest and report."""
+    from pathlib import Path
+
+    from components import preprocess as step
+    from components.cli import configure_logging
+
+    configure_logging()
+    manifest = step.merge(
+        step.MergeConfig(parts=tuple(Path(part.path) for part in parts), output=Path(dataset.path))
+    )
+    image_size = manifest["image_size"]
     dataset.metadata.update(
         {
             "classes": manifest["classes"],
@@ -323,7 +347,8 @@ class Cluster:
 # peaks. train: TF + the input pipeline's decode threads + a 10k-record shuffle buffer.
 RESOURCES = {
     "fingerprint": Resources("250m", "1", "512Mi", "1Gi", 15 * 60),
-    "preprocess": Resources("2", "4", "4Gi", "8Gi", 6 * 3600),
+    "preprocess-slice": Resources("2", "4", "4Gi", "8Gi", 6 * 3600),  # decodes: the CPU-bound part
+    "preprocess": Resources("1", "2", "4Gi", "8Gi", 6 * 3600),  # merges: splits and copies records
     "train": Resources("4", "8", "12Gi", "16Gi", 24 * 3600),
     "evaluate": Resources("2", "4", "4Gi", "8Gi", 2 * 3600),
     "export": Resources("2", "4", "6Gi", "8Gi", 2 * 3600),  # tf2onnx holds the graph twice
@@ -402,6 +427,7 @@ def build_pipeline(
         return dsl.component(func, base_image=base_image, install_kfp_package=False)
 
     fingerprint_op = component(fingerprint, image)
+    preprocess_slice_op = component(preprocess_slice, image)
     preprocess_op = component(preprocess, image)
     train_op = component(train, gpu_image)
     evaluate_op = component(evaluate, image)
@@ -434,19 +460,25 @@ def build_pipeline(
                 backend: str = TrainConfig.backend,
                 registry: str = EvaluateConfig.registry, model_name: str = DEFAULT_MODEL_NAME,
                 min_accuracy: float = BlessingConfig.min_accuracy, margin: float = BlessingConfig.margin,
-                max_class_drop: float = BlessingConfig.max_class_drop, export_formats: str = "") -> Outputs:
+                max_class_drop: float = BlessingConfig.max_class_drop, export_formats: str = "",
+                partitions: int = PreprocessConfig.partitions) -> Outputs:
         # 0. notify, the exit handler: runs last whatever happened, posts the run's summary
         notified = place(notify_op(registry=registry, model_name=model_name,
                                    run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "notify")
         notified.set_caching_options(False)
         with dsl.ExitHandler(notified, name="retrain"):
-            # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest. Cached by the
-            #    data's fingerprint, taken fresh (never cached) from the listing each run.
-            listed = place(fingerprint_op(source=source, tfds_data_dir=tfds_data_dir), "fingerprint")
+            # 1. preprocess: images -> checked, resized, sharded TFRecords + manifest, read in
+            #    `partitions` slices at once; each slice is cached by its files' fingerprint, taken
+            #    fresh (never cached) from the listing each run; the merge decides the splits.
+            listed = place(fingerprint_op(source=source, tfds_data_dir=tfds_data_dir, partitions=partitions),
+                           "fingerprint")
             listed.set_caching_options(False)
-            prepared = place(preprocess_op(source=source, source_fingerprint=listed.output,
-                                           image_size=image_size, resize=resize, tfds_data_dir=tfds_data_dir),
-                             "preprocess")
+            with dsl.ParallelFor(listed.output, name="slices") as item:
+                sliced = place(preprocess_slice_op(source=source, slice_fingerprint=item.fingerprint,
+                                                   partition=item.partition, partitions=partitions,
+                                                   image_size=image_size, resize=resize,
+                                                   tfds_data_dir=tfds_data_dir), "preprocess-slice")
+            prepared = place(preprocess_op(parts=dsl.Collected(sliced.outputs["part"])), "preprocess")
             # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights), on the RTX 2070
             trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                                batch_size=batch_size, learning_rate=learning_rate, weights=weights,

@@ -4,6 +4,8 @@
     python -m components.preprocess --source s3://bucket/flowers --output /tmp/prepared
     python -m components.preprocess --source s3://bucket/flowers --fingerprint-only
     python -m components.preprocess --source tfds:beans --tfds-data-dir /mnt/tfds --output /tmp/prepared
+    python -m components.preprocess --source s3://bucket/flowers --partitions 4 --partition 0 --output /tmp/p0
+    python -m components.preprocess --merge /tmp/p0 /tmp/p1 /tmp/p2 /tmp/p3 --output /tmp/prepared
 
 The source is a local folder, an S3-compatible prefix or a GCS prefix (`components.storage`),
 laid out as `<class>/<file>`, or a TensorFlow Datasets dataset. Every file is read once, by a
@@ -17,11 +19,17 @@ by a hash of their resized pixels (`assign_splits`): a re-run gives byte-identic
 adding an image moves at most one other into each split, and exact duplicates always land in
 the same split. The output folder appears only when complete: everything is written to a
 staging folder that is renamed at the end, the `_COMPLETE` marker written last.
+
+Fan-out: with `--partitions N`, a run reads only the files of its slice (`--partition`, by a
+hash of each key, so a new file moves no other) and writes their verdicts and resized records
+as a partial output; `--merge` then decides the splits over all of them and writes the shards,
+manifest and report: the same records, labels, splits and shards as one run over every file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -88,6 +96,10 @@ class PreprocessConfig:
     max_decode_mb: int = 0
     # Where a tfds: source is prepared (a volume or gs:// path); "" = TFDS's default folder.
     tfds_data_dir: str = ""
+    # Fan-out: this task reads only slice `partition` of `partitions` (by a hash of each file's
+    # key) and writes a partial output; `merge` makes the dataset of all partials.
+    partition: int = 0
+    partitions: int = 1
 
     def validate(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -119,6 +131,13 @@ class PreprocessConfig:
             raise PreprocessError("--file-timeout must be 0 (no limit) or more seconds")
         if self.min_side < 1:
             raise PreprocessError("--min-side must be at least 1")
+        if self.partitions < 1 or not 0 <= self.partition < self.partitions:
+            raise PreprocessError(
+                f"--partition must be in 0..{self.partitions - 1} and --partitions at least 1, "
+                f"got {self.partition} of {self.partitions}"
+            )
+        if self.partitions > 1 and str(self.source).startswith(storage.TFDS_PREFIX):
+            raise PreprocessError("a tfds: source is read by one task: give --partitions 1")
 
 
 def class_of(key: str) -> str:
@@ -154,6 +173,43 @@ def source_fingerprint(source: str, tfds_data_dir: str = "") -> str:
         return list_source(opened).fingerprint
     finally:
         opened.close()
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The slice a file belongs to: fixed by its key alone, so a new file moves no other."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % partitions
+
+
+def slice_fingerprints(source: str, partitions: int, tfds_data_dir: str = "") -> list[str]:
+    """One fingerprint per slice, from the listing of that slice's files alone: what keys each
+    slice's cached preprocess, so that a new file re-runs its own slice only."""
+    if partitions < 1:
+        raise PreprocessError(f"partitions must be at least 1, got {partitions}")
+    if partitions == 1:
+        return [source_fingerprint(source, tfds_data_dir)]
+    if source.startswith(storage.TFDS_PREFIX):
+        raise PreprocessError("a tfds: source is read by one task: set partitions to 1")
+    try:
+        opened = storage.open_source(source)
+    except storage.StorageError as error:
+        raise PreprocessError(str(error)) from None
+    try:
+        listing = list_source(opened)
+    finally:
+        opened.close()
+    return _slice_digests(listing, partitions)
+
+
+def _slice_digests(listing: SourceListing, partitions: int) -> list[str]:
+    # The class list is in each: a slice's labels are indices into it, so a class added
+    # anywhere changes what every slice writes; a file added to a class changes its own slice.
+    classes = "\0".join(listing.classes).encode("utf-8", "surrogateescape")
+    digests = [hashlib.sha256(f"{i}/{partitions}|".encode() + classes + b"|") for i in range(partitions)]
+    for item in listing.objects:
+        line = f"{item.key}\t{item.size}\t{item.etag}\n".encode("utf-8", "surrogateescape")
+        digests[partition_of(item.key, partitions)].update(line)
+    return [digest.hexdigest() for digest in digests]
 
 
 # Control characters and Unicode line breaks: a file name holding one would write raw lines
@@ -484,7 +540,17 @@ SPILL_BUCKETS = 16  # records are spilled by digest prefix: memory holds 1/16 of
 
 
 def preprocess(config: PreprocessConfig) -> dict[str, Any]:
-    """Run the step; returns the manifest (also written to `<output>/manifest.json`)."""
+    """Run the step; returns the manifest (also written to `<output>/manifest.json`), or with
+    `partitions` > 1 this slice's partial output (`<output>/partial.json`), for `merge`."""
+    return _run(config, partial=config.partitions > 1)
+
+
+def preprocess_partition(config: PreprocessConfig) -> dict[str, Any]:
+    """The pipeline's fan-out task: always a partial output, for `merge`, one partition or many."""
+    return _run(config, partial=True)
+
+
+def _run(config: PreprocessConfig, partial: bool) -> dict[str, Any]:
     config.validate()
     try:
         source = storage.open_source(
@@ -510,20 +576,36 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
             source.uri,
             listing.fingerprint[:16],
         )
-        staging = _staging_folder(config.output)
-        try:
-            manifest = _build(config, source, listing, staging)
-            if config.output.exists():
-                config.output.rmdir()  # an empty folder made for us (as KFP does)
-            staging.rename(config.output)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with _staged(config.output) as staging:
+            if partial:
+                return _write_partial(config, source, listing, staging)
+            decoded = _decode(config, source, listing.objects, listing.classes, staging / ".spill")
+            manifest = _finish(config, source.uri, listing, [decoded], staging)
+            shutil.rmtree(decoded.spill_dir)
     finally:
         source.close()
+    _log_written(config.output, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _staged(output: Path) -> Iterator[Path]:
+    """A staging folder renamed to `output` when the block ends well, removed when it does not."""
+    staging = _staging_folder(output)
+    try:
+        yield staging
+        if output.exists():
+            output.rmdir()  # an empty folder made for us (as KFP does)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _log_written(output: Path, manifest: dict[str, Any]) -> None:
     log.info(
         "wrote %s: %s; rejected %d file(s)",
-        config.output,
+        output,
         ", ".join(f"{split} {n}" for split, n in manifest["totals"].items()),
         len(manifest["rejected"]),
     )
@@ -537,6 +619,116 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
             shown,
             f", ... ({len(per_class) - 20} more classes)" if len(per_class) > 20 else "",
         )
+
+
+PARTIAL = "partial.json"  # a partition's verdicts and spill layout; written last
+# Settings a partition may differ in from the others without changing what it writes.
+PER_TASK_SETTINGS = ("output", "partition", "workers")
+
+
+def _write_partial(
+    config: PreprocessConfig, source: storage.Source, listing: SourceListing, staging: Path
+) -> dict[str, Any]:
+    mine = [item for item in listing.objects if partition_of(item.key, config.partitions) == config.partition]
+    log.info(
+        "partition %d of %d: %d of the %d files",
+        config.partition + 1,
+        config.partitions,
+        len(mine),
+        len(listing.objects),
+    )
+    decoded = _decode(config, source, mine, listing.classes, staging / "spill")
+    partial = {
+        "format_version": records.FORMAT_VERSION,
+        "source": source.uri,
+        "partition": config.partition,
+        "partitions": config.partitions,
+        "slice_fingerprint": _slice_digests(listing, config.partitions)[config.partition],
+        "fingerprint": listing.fingerprint,
+        "classes": listing.classes,
+        "config": json_config(config),
+        **decoded.to_json(),
+    }
+    (staging / PARTIAL).write_text(json.dumps(partial) + "\n")
+    log.info(
+        "wrote partition %d of %d to %s: %d image(s), rejected %d file(s)",
+        config.partition + 1,
+        config.partitions,
+        config.output,
+        len(decoded.processed),
+        len(decoded.rejected),
+    )
+    return partial
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    parts: tuple[Path, ...]  # the partitions' outputs, in any order
+    output: Path
+
+
+def merge(config: MergeConfig) -> dict[str, Any]:
+    """The dataset of every partition's partial output: the same manifest, splits and shards,
+    byte for byte, as one task reading all the files (the config in the manifest aside)."""
+    partials = []
+    for path in config.parts:
+        try:
+            partials.append((path, json.loads((path / PARTIAL).read_text())))
+        except (OSError, ValueError) as error:
+            raise PreprocessError(f"{path} is not a complete partition output ({PARTIAL}: {error})") from None
+    first = partials[0][1]
+    count = first["partitions"]
+    found = sorted(partial["partition"] for _, partial in partials)
+    if found != list(range(count)):
+        raise PreprocessError(f"merge needs each of the {count} partitions once, got partitions {found}")
+    shared = {k: v for k, v in first["config"].items() if k not in PER_TASK_SETTINGS}
+    for path, partial in partials:
+        theirs = {k: v for k, v in partial["config"].items() if k not in PER_TASK_SETTINGS}
+        if partial["format_version"] != records.FORMAT_VERSION or theirs != shared:
+            differ = sorted(k for k in shared if theirs.get(k) != shared[k]) or ["format_version"]
+            raise PreprocessError(
+                f"partition output {path} was made with other settings: {', '.join(differ)}"
+            )
+    settings = PreprocessConfig(**{**shared, "output": config.output, "partition": 0, "partitions": 1})
+    if count == 1:  # one task read every file: its listing is the dataset's
+        listing = SourceListing(classes=first["classes"], objects=[], fingerprint=first["fingerprint"])
+        return _merged(config, settings, first["source"], listing, partials)
+    # Listed again: the manifest's fingerprint is the whole listing's, and each partition must
+    # have read its slice as the source is now (a cached partition from an older run included).
+    try:
+        source = storage.open_source(str(settings.source))
+    except storage.StorageError as error:
+        raise PreprocessError(str(error)) from None
+    try:
+        listing = list_source(source)
+        source_uri = source.uri
+    finally:
+        source.close()
+    expected = _slice_digests(listing, count)
+    for path, partial in partials:
+        if (
+            partial["classes"] != listing.classes
+            or partial["slice_fingerprint"] != expected[partial["partition"]]
+        ):
+            raise PreprocessError(
+                f"the files of partition {partial['partition'] + 1} of {count} ({path}) changed in "
+                f"{source_uri} after it read them; run the pipeline again"
+            )
+    return _merged(config, settings, source_uri, listing, partials)
+
+
+def _merged(
+    config: MergeConfig,
+    settings: PreprocessConfig,
+    source_uri: str,
+    listing: SourceListing,
+    partials: list[tuple[Path, dict[str, Any]]],
+) -> dict[str, Any]:
+    parts = [Decoded.from_json(path / "spill", partial) for path, partial in partials]
+    log.info("merging %d partition(s): %d images", len(parts), sum(len(part.processed) for part in parts))
+    with _staged(config.output) as staging:
+        manifest = _finish(settings, source_uri, listing, parts, staging)
+    _log_written(config.output, manifest)
     return manifest
 
 
@@ -552,59 +744,102 @@ def max_file_bytes(config: PreprocessConfig) -> int:
     return config.max_pixels * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
 
 
-def _build(
-    config: PreprocessConfig, source: storage.Source, listing: SourceListing, staging: Path
-) -> dict[str, Any]:
-    label_of = {name: index for index, name in enumerate(listing.classes)}
-    spill_dir = staging / ".spill"
+@dataclass
+class Decoded:
+    """What reading one set of files gave, before any split is decided: the records spilled to
+    `spill_dir` by digest prefix (in `spilled_keys` order), and each file's verdict."""
+
+    spill_dir: Path
+    processed: list[Processed]
+    short_sides: list[int]
+    rejected: list[dict[str, str]]
+    spilled_keys: list[list[str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "processed": [[p.key, p.label, p.digest] for p in self.processed],
+            "short_sides": self.short_sides,
+            "rejected": self.rejected,
+            "spilled_keys": self.spilled_keys,
+        }
+
+    @classmethod
+    def from_json(cls, spill_dir: Path, data: dict[str, Any]) -> Decoded:
+        return cls(
+            spill_dir=spill_dir,
+            processed=[Processed(key=k, label=label, digest=d) for k, label, d in data["processed"]],
+            short_sides=list(data["short_sides"]),
+            rejected=list(data["rejected"]),
+            spilled_keys=[list(keys) for keys in data["spilled_keys"]],
+        )
+
+
+def _decode(
+    config: PreprocessConfig,
+    source: storage.Source,
+    objects: list[storage.SourceObject],
+    classes: list[str],
+    spill_dir: Path,
+) -> Decoded:
+    """Phase one: every file of `objects` read, judged, resized and spilled."""
+    label_of = {name: index for index, name in enumerate(classes)}
     spill_dir.mkdir()
     # No TensorFlow in this process unless it decodes too (one worker): with worker processes
     # its import here would only delay them (bench/RESULTS.md).
     spills = [
         records.TFRecordFile(spill_dir / f"{b:02d}.tfrecord", hashed=False) for b in range(SPILL_BUCKETS)
     ]
-    spilled_keys: list[list[str]] = [[] for _ in range(SPILL_BUCKETS)]  # write order per bucket
-    processed: list[Processed] = []
-    short_sides: list[int] = []
-    rejected: list[dict[str, str]] = []
-    progress = _Progress(len(listing.objects), "preprocess")
+    decoded = Decoded(spill_dir, [], [], [], [[] for _ in range(SPILL_BUCKETS)])
+    progress = _Progress(len(objects), "preprocess")
     try:
 
         def reject(key: str, reason: str) -> None:
             progress.step()
             log.warning("rejected %s: %s", printable(key), printable(reason))
-            rejected.append({"path": printable(key), "reason": printable(reason)})
+            decoded.rejected.append({"path": printable(key), "reason": printable(reason)})
 
         cap = max_file_bytes(config)
-        for item in listing.objects:
+        for item in objects:
             if item.size > cap:
                 reject(
                     item.key,
                     f"too large: {item.size:,} bytes, more than an accepted image of at most "
                     f"--max-pixels {config.max_pixels:,} can be ({cap:,}); not read",
                 )
-        keys = [item.key for item in listing.objects if item.size <= cap]
-        for key, record, detail, size in _process_all(source.worker_uri, keys, config, listing.classes):
+        keys = [item.key for item in objects if item.size <= cap]
+        for key, record, detail, size in _process_all(source.worker_uri, keys, config, classes):
             if record is None:
                 reject(key, detail)
                 continue
             progress.step()
-            class_name = class_of(key)
-            item = Processed(key=key, label=label_of[class_name], digest=detail)
-            processed.append(item)
-            short_sides.append(min(size))
+            decoded.processed.append(Processed(key=key, label=label_of[class_of(key)], digest=detail))
+            decoded.short_sides.append(min(size))
             bucket = int(detail[0], 16)
             spills[bucket].write(record)
-            spilled_keys[bucket].append(key)
+            decoded.spilled_keys[bucket].append(key)
     finally:
         for writer in spills:
             writer.close()
+    return decoded
 
-    valid = Counter(listing.classes[p.label] for p in processed)
+
+def _finish(
+    config: PreprocessConfig,
+    source_uri: str,
+    listing: SourceListing,
+    parts: list[Decoded],
+    staging: Path,
+) -> dict[str, Any]:
+    """Phase two, over every part's files: the class floor, the splits, the shards in
+    content-hash order, the manifest and report. The same files give the same bytes whatever
+    the parts: splits and shard order depend on the files' contents alone."""
+    processed = [item for part in parts for item in part.processed]
+    short_sides = [side for part in parts for side in part.short_sides]
+    rejected = [entry for part in parts for entry in part.rejected]
+    classes = listing.classes
+    valid = Counter(classes[p.label] for p in processed)
     too_few = {
-        name: valid.get(name, 0)
-        for name in listing.classes
-        if valid.get(name, 0) < config.min_images_per_class
+        name: valid.get(name, 0) for name in classes if valid.get(name, 0) < config.min_images_per_class
     }
     if too_few:
         details = "; ".join(
@@ -628,19 +863,19 @@ def _build(
     }
     digest_of = {p.key: p.digest for p in processed}
     for bucket in range(SPILL_BUCKETS):
-        path = spill_dir / f"{bucket:02d}.tfrecord"
-        batch = list(zip(spilled_keys[bucket], records.read_tfrecord_file(path), strict=True))
+        batch = []
+        for part in parts:
+            path = part.spill_dir / f"{bucket:02d}.tfrecord"
+            batch += zip(part.spilled_keys[bucket], records.read_tfrecord_file(path), strict=True)
         # Shards in content-hash order: classes interleaved, so a reader's shuffle buffer
         # never sees a run of one class.
         for key, raw in sorted(batch, key=lambda item: (digest_of[item[0]], item[0])):
             writers[splits[key]].write(raw)
-        path.unlink()
-    spill_dir.rmdir()
     shards = {split: writer.close() for split, writer in writers.items()}
 
-    counts = {split: {name: 0 for name in listing.classes} for split in records.SPLITS}
+    counts = {split: {name: 0 for name in classes} for split in records.SPLITS}
     for item in processed:
-        counts[splits[item.key]][listing.classes[item.label]] += 1
+        counts[splits[item.key]][classes[item.label]] += 1
     duplicates = len(processed) - len({p.digest for p in processed})
     conflicts = _label_conflicts(processed)
     if conflicts:
@@ -654,19 +889,18 @@ def _build(
     total_train = sum(train_counts.values())
     # Inverse-frequency weights, mean 1 over training images: the usual Keras `class_weight`.
     class_weights = {
-        name: round(total_train / (len(listing.classes) * n), 6) if n else 0.0
-        for name, n in train_counts.items()
+        name: round(total_train / (len(classes) * n), 6) if n else 0.0 for name, n in train_counts.items()
     }
     rejected.sort(key=lambda r: r["path"])
     manifest = {
         "format_version": records.FORMAT_VERSION,
-        "source": source.uri,
+        "source": source_uri,
         "fingerprint": listing.fingerprint,
         "image_size": config.image_size,
         "resize": config.resize,
         "encoding": config.encoding,
         "decoding": {"exif_orientation": "applied", "alpha_background": "white", "animation": "first frame"},
-        "classes": listing.classes,
+        "classes": classes,
         "counts": counts,
         "totals": {split: sum(counts[split].values()) for split in records.SPLITS},
         "shards": shards,
@@ -792,7 +1026,6 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PreprocessConfig(source=Path(), output=Path())
     parser.add_argument(
         "--source",
-        required=True,
         help="folder of class sub-folders, s3://, minio:// or gs://bucket/prefix, or tfds:NAME[:VERSION]",
     )
     parser.add_argument("--output", type=local_path, help="new folder for shards + manifest.json")
@@ -852,6 +1085,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder or gs:// path holding prepared TFDS data (for tfds: sources)",
     )
     parser.add_argument(
+        "--partitions",
+        type=int,
+        default=defaults.partitions,
+        help="fan-out: the files are cut into this many slices by a hash of their keys",
+    )
+    parser.add_argument(
+        "--partition",
+        type=int,
+        default=defaults.partition,
+        help="the slice (0-based) this run reads; it writes a partial output for --merge",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=local_path,
+        metavar="PART",
+        help="make the dataset at --output from every partition's partial output (no --source)",
+    )
+    parser.add_argument(
         "--allow-damaged",
         action="store_true",
         help="keep JPEGs that decode only with corrupt-data warnings (refused by default)",
@@ -865,6 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     settings = vars(args)
     if settings.pop("fingerprint_only"):
+        if args.source is None:
+            parser.error("the following arguments are required: --source")
         with exit_on_user_error(PreprocessError, storage.StorageError):
             source = storage.open_source(args.source, tfds_data_dir=args.tfds_data_dir or None)
             try:
@@ -874,8 +1128,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.output is None:
         parser.error("the following arguments are required: --output")
+    parts = settings.pop("merge")
     with exit_on_user_error(PreprocessError):
-        preprocess(PreprocessConfig(**settings))
+        if parts:
+            merge(MergeConfig(parts=tuple(parts), output=args.output))
+        elif args.source is None:
+            parser.error("the following arguments are required: --source (or --merge)")
+        else:
+            preprocess(PreprocessConfig(**settings))
     return 0
 
 

@@ -10,11 +10,13 @@ delete the local copies, so the next step can only get them from the bucket. The
 environment is the compiled `env` plus the secret's keys as `secretAsEnv` maps them.
 
 It runs the steps as local processes (no containers, no Kubernetes), honours `dsl.If`
-conditions of the form the pipeline compiles to and `dsl.ExitHandler` (the exit task runs after
-its group whatever happened, with the group's final status in the backend's JSON form; a
-failure is raised after it), mounts an optional secret only when it exists, and ignores
-resources, node selectors and retries (they need a cluster). Needs write access to /minio (CI
-runs as root).
+conditions of the form the pipeline compiles to, `dsl.ParallelFor` over a task's output list
+(one iteration after another, each task named `<task>-<i>`, the item's fields picked as the
+YAML's `parseJson(...)["field"]` says) with `dsl.Collected` outputs, and `dsl.ExitHandler`
+(the exit task runs after its group whatever happened, with the group's final status in the
+backend's JSON form; a failure is raised after it), mounts an optional secret only when it
+exists, and ignores resources, node selectors and retries (they need a cluster). Needs write
+access to /minio (CI runs as root).
 """
 
 from __future__ import annotations
@@ -81,10 +83,19 @@ class Harness:
 
     def _resolve_parameter(self, spec: dict, scope: dict) -> Any:
         if "componentInputParameter" in spec:
-            return scope["parameters"][spec["componentInputParameter"]]
+            value = scope["parameters"][spec["componentInputParameter"]]
+            selector = spec.get("parameterExpressionSelector")
+            if selector:
+                match = re.fullmatch(r'parseJson\(string_value\)\["(\w+)"\]', selector)
+                if not match:
+                    raise NotImplementedError(f"parameter selector {selector!r}")
+                value = (json.loads(value) if isinstance(value, str) else value)[match.group(1)]
+            return value
         if "taskOutputParameter" in spec:
             source = spec["taskOutputParameter"]
-            return self.parameters[(source["producerTask"], source["outputParameterKey"])]
+            return self.parameters[
+                (source["producerTask"] + scope.get("suffix", ""), source["outputParameterKey"])
+            ]
         if "taskFinalStatus" in spec:
             producer = spec["taskFinalStatus"]["producerTask"]
             failure = self.failed.get(producer)
@@ -105,7 +116,7 @@ class Harness:
         if "componentInputArtifact" in spec:
             return scope["artifacts"][spec["componentInputArtifact"]]
         source = spec["taskOutputArtifact"]
-        return self.artifacts[(source["producerTask"], source["outputArtifactKey"])]
+        return self.artifacts[(source["producerTask"] + scope.get("suffix", ""), source["outputArtifactKey"])]
 
     def _run_dag(self, dag: dict, scope: dict) -> None:
         first_failure = None
@@ -119,6 +130,7 @@ class Harness:
             try:
                 self._run_one(name, task, scope)
             except RuntimeError as error:
+                name += scope.get("suffix", "")
                 self.failed[name] = str(error).splitlines()[0]
                 first_failure = first_failure or error
         if first_failure is not None:
@@ -134,9 +146,28 @@ class Harness:
             if condition and not self._condition(condition, parameters):
                 self.skipped.append(task["taskInfo"]["name"])
                 return
-            self._run_dag(component["dag"], {"parameters": parameters, "artifacts": artifacts})
+            if "parameterIterator" in task:
+                self._run_loop(name, task["parameterIterator"], component["dag"], parameters, artifacts)
+                return
+            suffix = scope.get("suffix", "")
+            self._run_dag(
+                component["dag"], {"parameters": parameters, "artifacts": artifacts, "suffix": suffix}
+            )
         else:
-            self._run_task(name, component, parameters, artifacts)
+            self._run_task(name + scope.get("suffix", ""), component, parameters, artifacts)
+
+    def _run_loop(self, name: str, iterator: dict, dag: dict, parameters: dict, artifacts: dict) -> None:
+        """Each item through the loop's DAG, then each DAG output collected over the iterations."""
+        items = parameters[iterator["items"]["inputParameter"]]
+        for index, item in enumerate(items):
+            scope = {"parameters": {**parameters, iterator["itemInput"]: item}, "artifacts": artifacts}
+            self._run_dag(dag, {**scope, "suffix": f"-{index}"})
+        for key, output in dag.get("outputs", {}).get("artifacts", {}).items():
+            (selector,) = output["artifactSelectors"]
+            self.artifacts[(name, key)] = [
+                self.artifacts[(selector["producerSubtask"] + f"-{index}", selector["outputArtifactKey"])]
+                for index in range(len(items))
+            ]
 
     @staticmethod
     def _condition(condition: str, parameters: dict) -> bool:
@@ -188,7 +219,9 @@ class Harness:
         executor_input = {
             "inputs": {
                 "parameterValues": parameters,
-                "artifacts": {k: {"artifacts": [v]} for k, v in artifacts.items()},
+                "artifacts": {
+                    k: {"artifacts": v if isinstance(v, list) else [v]} for k, v in artifacts.items()
+                },
             },
             "outputs": {
                 "artifacts": {k: {"artifacts": [v]} for k, v in output_artifacts.items()},
@@ -199,7 +232,8 @@ class Harness:
             },
         }
         for artifact in artifacts.values():
-            self._download(artifact["uri"])
+            for each in artifact if isinstance(artifact, list) else [artifact]:
+                self._download(each["uri"])
         env = {**os.environ, **self.env}
         env.update({item["name"]: item["value"] for item in executor.get("env", [])})
         for secret in platform.get("secretAsEnv", []):

@@ -68,19 +68,25 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(
             "weights": "none",
             "registry": "minio://models",
             "model_name": "patterns",
+            "partitions": 2,
         }
     )
 
-    assert harness.ran == ["fingerprint", "preprocess", "train", "evaluate", "export", "notify"]
+    slices = ["preprocess-slice-0", "preprocess-slice-1"]  # partitions=2: the loop ran twice
+    assert harness.ran == ["fingerprint", *slices, "preprocess", "train", "evaluate", "export", "notify"]
     (posted,) = webhook.received  # the exit handler, with the URL from the webhook secret
     assert (posted["run"], posted["status"], posted["blessed"]) == (harness.job_name, "SUCCEEDED", True)
     assert (posted["version_pushed"], posted["promoted"]) == (1, True)
     assert harness.parameters[("evaluate", "Output")] is True
-    assert len(harness.parameters[("fingerprint", "Output")]) == 64  # sha256 of the listing
+    slices = harness.parameters[("fingerprint", "Output")]  # each slice with its listing's sha256
+    assert [item["partition"] for item in slices] == [0, 1]
+    assert all(len(item["fingerprint"]) == 64 for item in slices)
 
     root = f"v2/artifacts/{harness.job_name}"
     stored = {item.object_name for item in client.list_objects(bucket, prefix=root, recursive=True)}
     for key in (
+        "preprocess-slice-0/part/partial.json",
+        "preprocess-slice-1/part/partial.json",
         "preprocess/dataset/manifest.json",
         "preprocess/dataset/_COMPLETE",
         "preprocess/report",

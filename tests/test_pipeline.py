@@ -20,7 +20,7 @@ from components.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["preprocess", "train", "evaluate", "export"]
-TASKS = ["fingerprint", *STEPS]
+TASKS = ["fingerprint", "preprocess-slice", *STEPS]
 
 
 def load_spec(text: str) -> dict:
@@ -41,7 +41,7 @@ def spec(tmp_path_factory) -> dict:
     return load_spec(path.read_text())
 
 
-GROUPS = ("exit-handler-", "condition-")
+GROUPS = ("exit-handler-", "for-loop-", "condition-")
 
 
 def _dag(spec, group: str) -> dict:
@@ -65,7 +65,10 @@ def test_tasks_in_order(spec):
     tasks = _tasks(spec)
     assert sorted(tasks) == sorted([*TASKS, "notify"])
     assert tasks["fingerprint"].get("dependentTasks", []) == []
-    assert tasks["preprocess"]["dependentTasks"] == ["fingerprint"]
+    loop, _ = _dag(spec, "for-loop-")
+    assert loop["dependentTasks"] == ["fingerprint"]
+    assert loop["taskInfo"]["name"] == "slices"
+    assert tasks["preprocess"]["dependentTasks"] == ["for-loop-2"]
     assert tasks["train"]["dependentTasks"] == ["preprocess"]
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["preprocess", "train"]
     condition, _ = _dag(spec, "condition-")
@@ -76,7 +79,7 @@ def test_every_step_runs_inside_the_exit_handler_and_notify_runs_last_whatever_h
     root = spec["root"]["dag"]["tasks"]
     assert sorted(root) == ["exit-handler-1", "notify"]
     _, inside = _dag(spec, "exit-handler-")
-    assert sorted(inside) == ["condition-2", "evaluate", "fingerprint", "preprocess", "train"]
+    assert sorted(inside) == ["condition-3", "evaluate", "fingerprint", "for-loop-2", "preprocess", "train"]
     notify = root["notify"]
     assert notify["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
     assert notify["dependentTasks"] == ["exit-handler-1"]
@@ -189,6 +192,7 @@ def test_only_train_runs_in_the_gpu_image(spec):
         "evaluate": "registry.example/retrain:1",
         "export": "registry.example/retrain:1",
         "notify": "registry.example/retrain:1",
+        "preprocess-slice": "registry.example/retrain:1",
     }
     for body in executors.values():
         # install_kfp_package=False: the image brings kfp, nothing is pip-installed at start.
@@ -215,6 +219,7 @@ OWNERS = {
     "image_size": (PreprocessConfig, "image_size"),
     "resize": (PreprocessConfig, "resize"),
     "tfds_data_dir": (PreprocessConfig, "tfds_data_dir"),
+    "partitions": (PreprocessConfig, "partitions"),
     "epochs": (TrainConfig, "epochs"),
     "batch_size": (TrainConfig, "batch_size"),
     "weights": (TrainConfig, "weights"),
@@ -424,14 +429,34 @@ def test_credentials_come_only_from_the_secret(spec):
         ]
 
 
-def test_preprocess_is_cached_by_the_data_fingerprint_taken_fresh_each_run(spec):
+def test_preprocess_reads_slices_in_parallel_each_cached_by_its_files_fingerprint_taken_fresh_each_run(spec):
     tasks = _tasks(spec)
     assert tasks["fingerprint"]["cachingOptions"] == {}  # caching off: the listing runs every time
-    assert tasks["preprocess"]["cachingOptions"] == {"enableCache": True}
-    assert tasks["preprocess"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"] == {
+    partitions = tasks["fingerprint"]["inputs"]["parameters"]["partitions"]
+    assert partitions == {"componentInputParameter": "pipelinechannel--partitions"}
+    loop, _ = _dag(spec, "for-loop-")
+    iterator = loop["parameterIterator"]
+    items = iterator["items"]["inputParameter"]
+    assert loop["inputs"]["parameters"][items]["taskOutputParameter"] == {
         "outputParameterKey": "Output",
         "producerTask": "fingerprint",
     }
+    sliced = tasks["preprocess-slice"]
+    assert sliced["cachingOptions"] == {"enableCache": True}
+    for name, field in (("slice_fingerprint", "fingerprint"), ("partition", "partition")):
+        assert sliced["inputs"]["parameters"][name] == {
+            "componentInputParameter": iterator["itemInput"],
+            "parameterExpressionSelector": f'parseJson(string_value)["{field}"]',
+        }
+    # The merge takes every slice's output at once (dsl.Collected), and is cached too.
+    assert tasks["preprocess"]["cachingOptions"] == {"enableCache": True}
+    parts = tasks["preprocess"]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]
+    assert parts == {
+        "outputArtifactKey": "pipelinechannel--preprocess-slice-part",
+        "producerTask": "for-loop-2",
+    }
+    merge_inputs = spec["components"]["comp-preprocess"]["inputDefinitions"]["artifacts"]["parts"]
+    assert merge_inputs["isArtifactList"] is True
 
 
 def test_evaluate_and_export_are_never_replayed_from_the_cache(spec):
