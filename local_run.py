@@ -245,6 +245,8 @@ def run_local(*, settings: LocalRun) -> dict:
         raise SystemExit(f"error: --image-size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
     if epochs < 1:
         raise SystemExit(f"error: --epochs must be at least 1, got {epochs}")
+    if values["partitions"] < 1:
+        raise SystemExit(f"error: --param partitions must be at least 1, got {values['partitions']}")
     if values["min_updates"] < 0:
         raise SystemExit(f"error: --min-updates must be 0 (off) or more, got {values['min_updates']}")
     local_folder = not builtin and "://" not in data and not data.startswith("tfds:")

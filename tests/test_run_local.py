@@ -168,6 +168,7 @@ def test_run_local_with_a_missing_folder_fails_clearly(tmp_path):
     [
         (["--image-size", "0"], "error: --image-size must be at least 32 px, got 0"),
         (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+        (["--param", "partitions=0"], "error: --param partitions must be at least 1, got 0"),
     ],
 )
 def test_run_local_refuses_bad_settings_before_starting(tmp_path, flags, message):
