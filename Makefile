@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run run-docker test test-fast test-jax test-launcher test-docker lint compile lock wheels images \
+.PHONY: help setup run run-docker test test-fast test-e2e test-jax test-launcher test-docker lint compile lock wheels images \
 	local-up local-down clean
 
 help: ## list the targets
@@ -22,10 +22,13 @@ setup: $(STAMP) ## create .venv and install the pinned dependencies
 run: $(STAMP) ## run the whole pipeline locally on the built-in dataset (kfp.local, CPU)
 	$(BIN)/python pipeline.py run-local --weights none $(ARGS)
 
-test: $(STAMP) ## lint, then every test but the jax, launcher and docker tiers: real training and kfp.local runs included
+test: $(STAMP) ## lint, then every test but the e2e, jax, launcher and docker tiers: real training and a kfp.local run included
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "not jax and not launcher and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not e2e and not jax and not launcher and not docker" $(PYTEST_ARGS)
+
+test-e2e: $(STAMP) ## the whole pipeline through kfp.local: two runs against one registry, a run killed mid-train (CI runs it)
+	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
 
 test-jax: $(STAMP) ## the GPU image's backend (Keras on JAX) trained on the CPU: resume, out of memory, export (CI runs it)
 	$(BIN)/python -m pytest -m jax $(PYTEST_ARGS)
@@ -39,7 +42,7 @@ test-docker: $(STAMP) ## build the images on a local base and run every step and
 test-fast: $(STAMP) ## lint, then the tests not marked slow (seconds, no training)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "not slow and not jax and not launcher and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not e2e and not jax and not launcher and not docker" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff: the lint rules and the one format (`ruff format .` applies it)
 	$(BIN)/ruff check .

@@ -70,7 +70,7 @@ LAZY = {"tensorflow", "keras", "jax", "jaxlib", "tensorflow_datasets", "onnx", "
 # only for `serve`, so that every other command stays instant.
 LAZY_MODULES = {"components.serve"}
 # KFP ships only a step adapter's own source into the pod: everything it uses is imported inside.
-KFP_ADAPTERS = {"fingerprint", "preprocess", "train", "evaluate", "export"}
+KFP_ADAPTERS = {"fingerprint", "preprocess_slice", "preprocess", "train", "evaluate", "export", "notify"}
 
 
 def imports_inside_functions(path: Path) -> list[str]:

@@ -55,6 +55,7 @@ def _command(source: Path, workdir: Path, *flags: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_two_runs_a_good_model_then_a_worse_one_that_must_not_replace_it(tmp_path):
     """The scheduled-retraining guarantee, end to end through kfp.local: run 1 is blessed,
     exported, pushed and made production; run 2 (one epoch) is scored against it on the same
@@ -224,13 +225,20 @@ def _step_processes(step: str) -> list[int]:
     return found
 
 
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C's default action back, as in a terminal. A process
+    started in the background by a script (CI) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_until_training(source: Path, workdir: Path, webhook: str) -> subprocess.Popen:
     """run-local started in its own session (as a terminal's foreground job), returned once the
     train step has finished its first epoch."""
     process = subprocess.Popen(
         _command(source, workdir, "--epochs", "200", "--image-size", "32"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(webhook),
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_interruptible,
     )  # fmt: skip
     seen = []
     for line in process.stdout:
@@ -242,6 +250,7 @@ def _run_until_training(source: Path, workdir: Path, webhook: str) -> subprocess
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_killed_in_training_or_interrupted_still_reports_its_failure(tmp_path):
     """The exit handler's promise: the train step's process killed mid-training (a node lost,
     the OOM killer) fails the run, and the summary says so; Ctrl-C, which takes kfp.local down
