@@ -212,7 +212,7 @@ def report_interrupted(pipeline_root: Path, registry: str, model_name: str) -> N
     try:
         notify.notify(
             notify.NotifyConfig(
-                status="CANCELED",
+                status=notify.CANCELED,
                 run_name=runs[-1].name if runs else PIPELINE_NAME,
                 registry=registry,
                 model_name=model_name,

@@ -47,6 +47,7 @@ WEBHOOK_ENV = "RETRAIN_WEBHOOK_URL"
 SUMMARY = "summary.json"
 REPORT = "report.md"  # evaluate's report, copied beside the summary when the run recorded one
 SUCCEEDED = "SUCCEEDED"
+CANCELED = "CANCELED"  # KFP's spelling, and run-local's for a Ctrl-C
 RETRIED_STATUS = (429, 500, 502, 503, 504)
 # The steps that record into the run (`registry.record_step`). Fingerprint, preprocess and
 # train record nothing: KFP caches them across runs by their inputs, and a run name among those
@@ -163,7 +164,8 @@ def text(summary: dict[str, Any]) -> str:
     lines = [head]
     if summary["failed_step"]:
         error = f": {summary['error']}" if summary["error"] else ""
-        lines.append(f"failed in {summary['failed_step']}{error}")
+        ended = "stopped" if summary["status"] == CANCELED else "failed"
+        lines.append(f"{ended} in {summary['failed_step']}{error}")
     if summary["accuracy"] is not None:
         production = summary["production_accuracy"]
         versus = (

@@ -280,6 +280,7 @@ def test_a_run_killed_in_training_or_interrupted_still_reports_its_failure(tmp_p
     assert interrupted["status"] == "CANCELED" and interrupted["run"] != killed["run"]
     assert interrupted["run"] in os.listdir(workdir / "pipeline-root")
     assert interrupted["error"] == "run-local was interrupted"
+    assert interrupted["text"].splitlines()[1].startswith("stopped in ")
     deadline = time.monotonic() + 60  # Ctrl-C reached the step too: it ends, unwinding TF
     while _step_processes("train") and time.monotonic() < deadline:
         time.sleep(1)
