@@ -380,7 +380,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     calibrated = candidate["calibration"]
     reliability = report.reliability_png(calibrated["table"], calibrated["bins"])
     (config.output / RELIABILITY_PNG).write_bytes(reliability)
-    (config.output / REPORT).write_text(report.markdown(evaluation, png, examples, reliability))
+    markdown = report.markdown(evaluation, png, examples, reliability)
+    (config.output / REPORT).write_text(markdown)
     (config.output / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
 
     k = candidate["top_k"]
@@ -401,13 +402,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             production_result["metrics"]["accuracy"],
         )
     log.info("%s", blessing.summary_line(decision))
-    if config.registry and config.run_id:
-        try:
-            registry.Registry(config.registry, config.model_name).record_run(
-                config.run_id, REPORT, (config.output / REPORT).read_bytes()
-            )
-        except registry.RegistryError as error:
-            log.warning("could not record the report for run %s: %s", config.run_id, error)
+    registry.record(config.registry, config.model_name, config.run_id, REPORT, markdown.encode())
     registry.record_step(
         config.registry, config.model_name, config.run_id, "evaluate", "succeeded", evaluation=evaluation
     )

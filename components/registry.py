@@ -416,18 +416,23 @@ def prune(registry: Registry, plan: Pruning) -> None:
         log.info("%s version %d removed (%s)", registry.model, number, plan.remove[number])
 
 
-def record_step(uri: str, model: str, run_id: str, step: str, state: str, **fields: Any) -> None:
-    """Record that pipeline run `run_id`'s `step` has `state` ("started", "succeeded"), with
-    `fields`, as `<model>/runs/<run_id>/<step>.json`: the exit handler reads these to say how
-    far the run got. Without a registry or a run name nothing is recorded, and a record that
-    cannot be written is a warning: the step's own work does not depend on it."""
+def record(uri: str, model: str, run_id: str, name: str, data: bytes) -> None:
+    """Write `<model>/runs/<run_id>/<name>` for the exit handler. Without a registry or a run
+    name nothing is recorded, and a record that cannot be written is a warning: the step's own
+    work does not depend on it."""
     if not uri or not run_id:
         return
-    record = json.dumps({"step": step, "state": state, "time": time.time(), **fields}, indent=2) + "\n"
     try:
-        Registry(uri, model).record_run(run_id, f"{step}.json", record.encode())
+        Registry(uri, model).record_run(run_id, name, data)
     except RegistryError as error:
-        log.warning("could not record %s %s for run %s: %s", step, state, run_id, error)
+        log.warning("could not record %s for run %s: %s", name, run_id, error)
+
+
+def record_step(uri: str, model: str, run_id: str, step: str, state: str, **fields: Any) -> None:
+    """Record that pipeline run `run_id`'s `step` has `state` ("started", "succeeded"), with
+    `fields`, as `<step>.json`: the exit handler reads these to say how far the run got."""
+    entry = json.dumps({"step": step, "state": state, "time": time.time(), **fields}, indent=2) + "\n"
+    record(uri, model, run_id, f"{step}.json", entry.encode())
 
 
 def list_versions(registry: Registry) -> list[dict[str, Any]]:
