@@ -165,12 +165,17 @@ def source_fingerprint(source: str, tfds_data_dir: str = "") -> str:
     """
     if source.startswith(storage.TFDS_PREFIX):
         return hashlib.sha256(f"{source}|{tfds_data_dir}".encode()).hexdigest()
+    return listed(source)[0].fingerprint
+
+
+def listed(source: str, tfds_data_dir: str = "") -> tuple[SourceListing, str]:
+    """`source` opened, listed and closed: its listing and its URI as the storage layer names it."""
     try:
-        opened = storage.open_source(source)
+        opened = storage.open_source(source, tfds_data_dir=tfds_data_dir or None)
     except storage.StorageError as error:
         raise PreprocessError(str(error)) from None
     try:
-        return list_source(opened).fingerprint
+        return list_source(opened), opened.uri
     finally:
         opened.close()
 
@@ -190,15 +195,7 @@ def slice_fingerprints(source: str, partitions: int, tfds_data_dir: str = "") ->
         return [source_fingerprint(source, tfds_data_dir)]
     if source.startswith(storage.TFDS_PREFIX):
         raise PreprocessError("a tfds: source is read by one task: set partitions to 1")
-    try:
-        opened = storage.open_source(source)
-    except storage.StorageError as error:
-        raise PreprocessError(str(error)) from None
-    try:
-        listing = list_source(opened)
-    finally:
-        opened.close()
-    return _slice_digests(listing, partitions)
+    return _slice_digests(listed(source)[0], partitions)
 
 
 def _slice_digests(listing: SourceListing, partitions: int) -> list[str]:
@@ -695,15 +692,7 @@ def merge(config: MergeConfig) -> dict[str, Any]:
         return _merged(config, settings, first["source"], listing, partials)
     # Listed again: the manifest's fingerprint is the whole listing's, and each partition must
     # have read its slice as the source is now (a cached partition from an older run included).
-    try:
-        source = storage.open_source(str(settings.source))
-    except storage.StorageError as error:
-        raise PreprocessError(str(error)) from None
-    try:
-        listing = list_source(source)
-        source_uri = source.uri
-    finally:
-        source.close()
+    listing, source_uri = listed(str(settings.source))
     expected = _slice_digests(listing, count)
     for path, partial in partials:
         if (
@@ -1120,11 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.source is None:
             parser.error("the following arguments are required: --source")
         with exit_on_user_error(PreprocessError, storage.StorageError):
-            source = storage.open_source(args.source, tfds_data_dir=args.tfds_data_dir or None)
-            try:
-                print(list_source(source).fingerprint)
-            finally:
-                source.close()
+            print(listed(args.source, args.tfds_data_dir)[0].fingerprint)
         return 0
     if args.output is None:
         parser.error("the following arguments are required: --output")
