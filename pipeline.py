@@ -29,6 +29,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, M
 
 from components.blessing import BlessingConfig
 from components.evaluate import EvaluateConfig
+from components.notify import WEBHOOK_ENV
 from components.preprocess import PreprocessConfig
 from components.train import TrainConfig
 
@@ -417,7 +418,7 @@ def build_pipeline(
                 on_rtx2070(task, cluster)
             if step == "notify":
                 kubernetes.use_secret_as_env(
-                    task, cluster.webhook_secret, {"url": "RETRAIN_WEBHOOK_URL"}, optional=True
+                    task, cluster.webhook_secret, {"url": WEBHOOK_ENV}, optional=True
                 )
         return task
 

@@ -30,34 +30,41 @@ pytestmark = [
 ]
 
 
+def _harness(s3, tmp_path: Path, webhook_secret: dict[str, str] | None = None) -> launcher_harness.Harness:
+    """The compiled pipeline for this S3 endpoint, a fresh pipeline-root bucket, and the secrets
+    as `kubectl create secret` would hold them (the webhook's only when given)."""
+    client = s3.client()
+    bucket = f"mlpipeline-{uuid.uuid4().hex[:12]}"
+    client.make_bucket(bucket)
+    secrets = {"mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key}}
+    if webhook_secret is not None:
+        secrets["retrain-webhook"] = webhook_secret
+    spec = pipeline.compile_pipeline(tmp_path / "pipeline.yaml", cluster=pipeline.Cluster(s3_endpoint=s3.url))
+    return launcher_harness.Harness(
+        spec_path=spec,
+        bucket=bucket,
+        root_prefix="v2/artifacts",
+        client=client,
+        secrets=secrets,
+        workdir=tmp_path / "launcher",
+        env=launcher_harness.python_path_env(REPO),
+    )
+
+
 def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(
     s3, tmp_path, monkeypatch, webhook
 ):
     from components.registry import Registry
     from components.sample_data import SampleDataConfig, generate
 
-    client = s3.client()
-    bucket = f"mlpipeline-{uuid.uuid4().hex[:12]}"
-    for name in (bucket, "datasets", "models"):
+    harness = _harness(s3, tmp_path, webhook_secret={"url": webhook.url})
+    client, bucket = harness.client, harness.bucket
+    for name in ("datasets", "models"):
         client.make_bucket(name)
     # The data of the blessed first run of tests/test_run_local.py: 100 images per class,
     # 64 px, 20 epochs (test accuracy 0.67 to 0.82 there against a bar of 0.33), so every step runs.
     source = generate(SampleDataConfig(output=tmp_path / "images", images_per_class=100, seed=1))
     s3.upload_folder(source, "datasets", "patterns")
-
-    spec = pipeline.compile_pipeline(tmp_path / "pipeline.yaml", cluster=pipeline.Cluster(s3_endpoint=s3.url))
-    harness = launcher_harness.Harness(
-        spec_path=spec,
-        bucket=bucket,
-        root_prefix="v2/artifacts",
-        client=client,
-        secrets={
-            "mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key},
-            "retrain-webhook": {"url": webhook.url},  # what `kubectl create secret` would hold
-        },
-        workdir=tmp_path / "launcher",
-        env=launcher_harness.python_path_env(REPO),
-    )
     harness.run(
         {
             "source": "minio://datasets/patterns",
@@ -113,19 +120,8 @@ def test_compiled_pipeline_runs_with_every_artifact_passing_through_the_bucket(
 
 
 def test_a_run_that_fails_still_runs_its_exit_handler_which_without_the_secret_only_logs(s3, tmp_path):
-    client = s3.client()
-    bucket = f"mlpipeline-{uuid.uuid4().hex[:12]}"
-    client.make_bucket(bucket)
-    spec = pipeline.compile_pipeline(tmp_path / "pipeline.yaml", cluster=pipeline.Cluster(s3_endpoint=s3.url))
-    harness = launcher_harness.Harness(
-        spec_path=spec,
-        bucket=bucket,
-        root_prefix="v2/artifacts",
-        client=client,
-        secrets={"mlpipeline-minio-artifact": {"accesskey": s3.access_key, "secretkey": s3.secret_key}},
-        workdir=tmp_path / "launcher",
-        env=launcher_harness.python_path_env(REPO),
-    )
+    harness = _harness(s3, tmp_path)
+    client, bucket = harness.client, harness.bucket
     with pytest.raises(RuntimeError, match="step fingerprint failed"):
         harness.run({"source": f"minio://{bucket}/no-such-dataset", "registry": f"minio://{bucket}/models"})
     assert harness.ran == ["notify"]  # the optional secret is absent: the step starts all the same
