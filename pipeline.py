@@ -135,6 +135,7 @@ def train(
     checkpoint_dir: str,
     gpu_memory_limit_mib: int,
     backend: str,
+    gpus: int,
     model: Output[Model],
     metrics: Output[Metrics],
     curves: Output[Markdown],
@@ -160,6 +161,7 @@ def train(
             checkpoint_dir=checkpoint_dir,
             gpu_memory_limit_mib=gpu_memory_limit_mib,
             backend=backend,
+            gpus=gpus,
         )
     )
     model.metadata.update(
@@ -171,6 +173,8 @@ def train(
             "step_batch": summary["step_batch"],
             "accumulation": summary["accumulation"],
             "gpu": summary["gpu"],
+            "gpus": summary["gpus"],
+            "device_batch": summary["device_batch"],
             "backend": summary["backend"],
             "gpu_memory_limit_mib": summary["gpu_memory_limit_mib"],
         }
@@ -382,9 +386,10 @@ def on_cluster(task, step: str, cluster: Cluster):
     return task
 
 
-def on_rtx2070(task, cluster: Cluster):
-    """The train step, and only it: one GPU on the RTX 2070 node, shared memory, retries."""
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+def on_rtx2070(task, cluster: Cluster, gpus=1):
+    """The train step, and only it: `gpus` GPUs (a number or the pipeline parameter) of one RTX
+    2070 node, shared memory, retries."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
     kubernetes.add_node_selector(task, cluster.gpu_label_key, cluster.gpu_label_value)
     # The NVIDIA GPU operator taints GPU nodes so that only pods asking for a GPU land there.
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
@@ -411,11 +416,11 @@ def build_pipeline(
     address to every local step.
     """
 
-    def place(task, step: str):
+    def place(task, step: str, gpus=1):
         if cluster is not None:
             on_cluster(task, step, cluster)
             if step == "train":
-                on_rtx2070(task, cluster)
+                on_rtx2070(task, cluster, gpus)
             if step == "notify":
                 kubernetes.use_secret_as_env(
                     task, cluster.webhook_secret, {"url": WEBHOOK_ENV}, optional=True
@@ -462,7 +467,7 @@ def build_pipeline(
                 registry: str = EvaluateConfig.registry, model_name: str = DEFAULT_MODEL_NAME,
                 min_accuracy: float = BlessingConfig.min_accuracy, margin: float = BlessingConfig.margin,
                 max_class_drop: float = BlessingConfig.max_class_drop, export_formats: str = "",
-                partitions: int = PreprocessConfig.partitions) -> Outputs:
+                partitions: int = PreprocessConfig.partitions, gpus: int = TrainConfig.gpus) -> Outputs:
         # 0. notify, the exit handler: runs last whatever happened, posts the run's summary
         notified = place(notify_op(registry=registry, model_name=model_name,
                                    run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "notify")
@@ -480,13 +485,14 @@ def build_pipeline(
                                                    image_size=image_size, resize=resize,
                                                    tfds_data_dir=tfds_data_dir), "preprocess-slice")
             prepared = place(preprocess_op(parts=dsl.Collected(sliced.outputs["part"])), "preprocess")
-            # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights), on the RTX 2070
+            # 2. train: EfficientNet-B0 on the shards (learning_rate 0 = pick by weights), on `gpus`
+            #    GPUs of an RTX 2070 node, data-parallel
             trained = train_op(dataset=prepared.outputs["dataset"], epochs=epochs,
                                batch_size=batch_size, learning_rate=learning_rate, weights=weights,
                                weights_cache=weights_cache, min_updates=min_updates, precision=precision,
                                checkpoint_dir=checkpoint_dir,
-                               gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend)
-            place(trained, "train")
+                               gpu_memory_limit_mib=gpu_memory_limit_mib, backend=backend, gpus=gpus)
+            place(trained, "train", gpus)
             # 3. evaluate: held-out test split, candidate and production side by side -> blessed?
             evaluated = place(evaluate_op(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
                                           registry=registry, model_name=model_name, min_accuracy=min_accuracy,

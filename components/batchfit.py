@@ -52,23 +52,37 @@ class BatchFitError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchPlan:
-    step_batch: int  # images per forward/backward pass
+    step_batch: int  # images per forward/backward pass, over all devices
     accumulation: int  # passes per optimizer update
     requested: int
+    devices: int = 1  # GPUs training data-parallel; each takes step_batch / devices
 
     @property
     def effective_batch(self) -> int:
         return self.step_batch * self.accumulation
 
+    @property
+    def device_batch(self) -> int:
+        return self.step_batch // self.devices
 
-def plan(requested: int, largest: int) -> BatchPlan:
-    """The fewest accumulation steps that reach `requested` with per-step batches <= `largest`,
-    the per-step batch then spread evenly (requested 256, largest 96: 3 x 86, not 96+96+64)."""
-    if requested < 1 or largest < 1:
-        raise ValueError(f"batches must be positive, got requested={requested}, largest={largest}")
-    accumulation = math.ceil(requested / largest)
+
+def plan(requested: int, largest: int, devices: int = 1) -> BatchPlan:
+    """The fewest accumulation steps that reach `requested` with per-device batches <= `largest`
+    on each of `devices` GPUs, the per-device batch then spread evenly (requested 256, largest
+    96, one GPU: 3 x 86, not 96+96+64). The effective batch is the per-device batch x devices x
+    accumulation: `requested`, or the next multiple of `devices` above it."""
+    if requested < 1 or largest < 1 or devices < 1:
+        raise ValueError(
+            f"batches and devices must be positive, got requested={requested}, largest={largest}, "
+            f"devices={devices}"
+        )
+    per_device = math.ceil(requested / devices)
+    accumulation = math.ceil(per_device / largest)
     return BatchPlan(
-        step_batch=math.ceil(requested / accumulation), accumulation=accumulation, requested=requested
+        step_batch=math.ceil(per_device / accumulation) * devices,
+        accumulation=accumulation,
+        requested=requested,
+        devices=devices,
     )
 
 
@@ -111,14 +125,17 @@ def search(fits: Callable[[int], bool], requested: int, granularity: int = 8) ->
 class Gpu:
     name: str
     total_mib: int
+    count: int = 1  # GPUs this process may use (the first one's name and memory stand for all)
 
 
 def detect_gpu() -> Gpu | None:
-    """The first NVIDIA GPU, from nvidia-smi: no framework touches the GPU (TensorFlow would
-    reserve nearly all its memory on first use and starve the probes)."""
+    """The NVIDIA GPUs this process may use, from nvidia-smi: no framework touches the GPU
+    (TensorFlow would reserve nearly all its memory on first use and starve the probes).
+    nvidia-smi lists every card of the machine, so CUDA_VISIBLE_DEVICES (indices or UUIDs) is
+    applied here as CUDA applies it; a Kubernetes pod sees only the cards it was given."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -126,11 +143,34 @@ def detect_gpu() -> Gpu | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    first = out.strip().splitlines()[0] if out.strip() else ""
-    if "," not in first:
+    return parse_gpus(out, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def parse_gpus(listing: str, visible: str | None) -> Gpu | None:
+    """nvidia-smi's `index, uuid, name, memory.total` rows, narrowed to `visible` (the value of
+    CUDA_VISIBLE_DEVICES; None: all), as one Gpu: the first visible card, and how many there are."""
+    cards = []
+    for row in listing.strip().splitlines():
+        parts = [part.strip() for part in row.split(",")]
+        if len(parts) < 4:
+            continue
+        index, uuid, total = parts[0], parts[1], parts[-1]
+        cards.append((index, uuid, ",".join(parts[2:-1]), total))
+    if visible is not None:
+        # CUDA stops at the first entry it cannot match; so does this.
+        wanted = []
+        for entry in (entry.strip() for entry in visible.split(",")):
+            match = [card for card in cards if entry and (card[0] == entry or card[1].startswith(entry))]
+            if not match or match[0] in wanted:
+                break
+            wanted.append(match[0])
+        cards = wanted
+    if not cards:
         return None
-    name, total = (part.strip() for part in first.rsplit(",", 1))
-    return Gpu(name=name, total_mib=int(float(total)))
+    try:
+        return Gpu(name=cards[0][2], total_mib=int(float(cards[0][3])), count=len(cards))
+    except ValueError:
+        return None
 
 
 def apply_memory_limit(limit_mib: int, gpu: Gpu | None) -> int | None:
@@ -165,14 +205,14 @@ def apply_memory_limit(limit_mib: int, gpu: Gpu | None) -> int | None:
 
 def peak_memory_mib() -> float | None:
     """Peak GPU memory the framework has used since the last call (then reset), or None
-    without a GPU."""
+    without a GPU. Under JAX, the highest of the GPUs this process trains on: each has the cap."""
     try:
         if os.environ.get("KERAS_BACKEND", "tensorflow") == "jax":
             import jax
 
-            stats = jax.devices()[0].memory_stats() or {}
-            peak = stats.get("peak_bytes_in_use")
-            return None if peak is None else peak / 2**20
+            peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()]
+            peaks = [peak for peak in peaks if peak is not None]
+            return max(peaks) / 2**20 if peaks else None
         import tensorflow as tf
 
         if not tf.config.list_logical_devices("GPU"):
@@ -225,9 +265,12 @@ def probe(spec: ProbeSpec, batch: int, timeout: float = 900, speeds: dict[int, f
         "--batch",
         str(batch),
     ]
+    # One card: a per-GPU batch is what is probed, and JAX would preallocate every visible one.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible.split(",")[0] if visible is not None else "0"}
     started = time.monotonic()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise BatchFitError(f"probing batch {batch} took over {timeout:.0f} s") from None
     seconds = time.monotonic() - started

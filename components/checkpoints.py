@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class TrainingState:
     accumulation: int = 1
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     backend: str = ""  # the Keras backend that wrote it ("" before it was recorded)
+    gpus: int = 1  # devices the step batch was spread over (data-parallel); 1 before it was recorded
 
 
 def _is_accumulator(variable) -> bool:
@@ -220,11 +222,14 @@ def restore(folder: Path, model, saved_accumulation: int = 1, accumulation: int 
         )
 
 
-def load_latest(directory: Path, build, accumulation: int | None = None) -> tuple[Any, TrainingState | None]:
+def load_latest(
+    directory: Path, build, accumulation: int | Callable[[TrainingState], int] | None = None
+) -> tuple[Any, TrainingState | None]:
     """(model, state) from the newest usable checkpoint, falling back to older ones.
 
     `build(state)` makes the compiled model with its optimizer built (`state` None: a fresh
-    start), accumulating `accumulation` steps per update (default: the checkpoint's own).
+    start), accumulating `accumulation` steps per update (a number, or a function of the
+    checkpoint's state; default: the checkpoint's own).
     Without any checkpoint: (build(None), None). If checkpoints exist and none can be read,
     CheckpointError."""
     folders = complete(directory)
@@ -233,7 +238,8 @@ def load_latest(directory: Path, build, accumulation: int | None = None) -> tupl
         try:
             state = _read_state(folder)
             model = build(state)
-            restore(folder, model, state.accumulation, accumulation or state.accumulation)
+            wanted = accumulation(state) if callable(accumulation) else accumulation
+            restore(folder, model, state.accumulation, wanted or state.accumulation)
         except (CheckpointError, OSError, ValueError) as error:
             problems.append(f"{folder.name}: {error}")
             log.warning("checkpoint %s is not usable, trying the previous one: %s", folder.name, error)

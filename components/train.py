@@ -21,7 +21,10 @@ on a CPU on TensorFlow. The model file is the same either way.
 
 On a GPU the per-step batch is fitted to the memory budget (`components.batchfit`) and the
 requested batch reached by gradient accumulation; running out of memory mid-run halves the
-per-step batch and goes on from the last checkpoint. Checkpoints (`components.checkpoints`)
+per-step batch and goes on from the last checkpoint. `--gpus N` trains data-parallel on N GPUs
+of the node (Keras' distribution API on JAX): each GPU takes a fitted per-GPU batch, and the
+effective batch, per-GPU batch x GPUs x accumulation, stays the requested one, so the
+learning rate and its schedule mean the same for any N. Checkpoints (`components.checkpoints`)
 every `--checkpoint-every` steps and at each epoch end make a killed run resumable: run the
 same command again.
 """
@@ -36,12 +39,13 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +123,12 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps; a kill loses at most this many
     early_stopping_patience: int = 0  # epochs without a better val_accuracy; 0 = train them all
     # MiB of GPU memory the framework may use (0 = the card's memory less backend.HEADROOM_MIB):
-    # 7680 reproduces an RTX 2070's budget on any larger card.
+    # 7680 reproduces an RTX 2070's budget on any larger card. With several GPUs, on each.
     gpu_memory_limit_mib: int = 0
+    # GPUs of this node to train on, data-parallel (Keras' DataParallel on JAX): each step's
+    # batch is split evenly across them and their gradients averaged. The effective batch
+    # (batch_size) and so the learning rate and schedule do not change with it.
+    gpus: int = 1
     # Keras backend: auto = jax when a GPU is used (and JAX with its CUDA plugin is installed),
     # tensorflow on a CPU (components/backend.py says why); jax or tensorflow to force one.
     backend: str = "auto"
@@ -172,6 +180,8 @@ class TrainConfig:
             )
         if self.batch_fit not in ("auto", "off"):
             raise TrainError(f"--batch-fit must be auto or off, got {self.batch_fit!r}")
+        if self.gpus < 1:
+            raise TrainError(f"--gpus must be at least 1, got {self.gpus}")
         if self.gpu_memory_limit_mib < 0:
             raise TrainError("--gpu-memory-limit must be 0 (the card less a headroom) or more MiB")
         if self.steps_per_execution < 0:
@@ -556,10 +566,12 @@ def run_checkpoint_dir(config: TrainConfig, dataset: records.PreparedDataset) ->
         else config.output / "checkpoints"
     )
     settings = json_config(config)
-    # Not the backend, the steps per call or the memory cap: a run may resume under the other
-    # backend (the arrays are the same; TrainingState.backend records which wrote them) or on a
-    # node with less memory (the checkpoint's batch, stepped down if it no longer fits).
+    # Not the backend, the steps per call, the memory cap or the GPU count: a run may resume
+    # under the other backend (the arrays are the same; TrainingState.backend records which
+    # wrote them), on a node with less memory (the checkpoint's batch, stepped down if it no
+    # longer fits) or on fewer or more GPUs (resume_plan).
     for name in (
+        "gpus",
         "data",
         "output",
         "checkpoint_dir",
@@ -713,6 +725,7 @@ class _Run:
     batch_plan: batchfit.BatchPlan | None  # None when resuming: the checkpoint has one
     steps_per_execution: int
     fixed_shapes: bool  # JAX compiles every new shape with XLA: full batches, padded validation
+    devices: int  # GPUs (JAX devices) each step's batch is split across
 
     @property
     def classes(self) -> list[str]:
@@ -761,21 +774,22 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, ru
     """Out of memory mid-training: halve the per-step batch (raising accumulation to keep the
     effective batch), remember it, and go on from the newest checkpoint. Returns the new model
     and updates `state` in place (the checkpoint callback holds it)."""
-    smaller = state.step_batch // 2
+    per_device = state.step_batch // run.devices
+    smaller = per_device // 2
     smaller -= smaller % 8 if smaller >= 8 else 0
     if smaller < 1:
-        raise TrainError(f"out of memory even at a per-step batch of 1: {error}") from None
-    new_plan = batchfit.plan(run.config.batch_size, smaller)
+        raise TrainError(f"out of memory even at a per-GPU batch of 1: {error}") from None
+    new_plan = batchfit.plan(run.config.batch_size, smaller, run.devices)
     log.warning(
-        "out of memory at a per-step batch of %d (%s): going on from the last checkpoint with "
+        "out of memory at a per-GPU batch of %d (%s): going on from the last checkpoint with "
         "%d x %d accumulation steps",
-        state.step_batch,
+        per_device,
         str(error).splitlines()[0][:200],
         new_plan.step_batch,
         new_plan.accumulation,
     )
     if run.gpu is not None:
-        batchfit.record_out_of_memory(run.cache_file, run.gpu, run.probe_spec, state.step_batch)
+        batchfit.record_out_of_memory(run.cache_file, run.gpu, run.probe_spec, per_device)
         if remote := _fit_cache_remote(run.config):
             _push_fit_cache(run.cache_file, remote)
     del model
@@ -826,6 +840,7 @@ def _prepare_run(config: TrainConfig) -> _Run:
         config.backend,
         f"; GPU {gpu.name}" if gpu else "; no GPU",
     )
+    gpu = _use_gpus(config, backend, gpu)
     memory_limit = batchfit.apply_memory_limit(config.gpu_memory_limit_mib, gpu)
     try:
         dataset = records.load(config.data, verify=config.verify_data)
@@ -884,17 +899,22 @@ def _prepare_run(config: TrainConfig) -> _Run:
         batch_plan = None  # resuming: the checkpoint says which batch and accumulation
     elif config.batch_fit == "auto" and on_gpu:
         try:
-            largest = batchfit.largest_batch(config.batch_size, probe_spec, gpu, cache_file)
+            # Per GPU: each takes its share of the step's batch, and the probes run on one.
+            largest = batchfit.largest_batch(
+                math.ceil(config.batch_size / config.gpus), probe_spec, gpu, cache_file
+            )
         except batchfit.BatchFitError as error:
             raise TrainError(str(error)) from None
         if fit_cache_remote:
             _push_fit_cache(cache_file, fit_cache_remote)
-        batch_plan = batchfit.plan(config.batch_size, largest)
+        batch_plan = batchfit.plan(config.batch_size, largest, config.gpus)
     else:
-        batch_plan = batchfit.plan(config.batch_size, config.batch_size)
+        batch_plan = batchfit.plan(config.batch_size, config.batch_size, config.gpus)
 
     # After the probes: under JAX, seeding starts the framework on the GPU.
     keras.utils.set_random_seed(config.seed)
+    if config.gpus > 1:
+        data_parallel(config.gpus)
     return _Run(
         config=config,
         backend=backend,
@@ -912,20 +932,94 @@ def _prepare_run(config: TrainConfig) -> _Run:
         batch_plan=batch_plan,
         steps_per_execution=config.steps_per_execution or (4 if backend == "jax" else 1),
         fixed_shapes=backend == "jax",
+        devices=config.gpus,
     )
+
+
+def _use_gpus(config: TrainConfig, backend: str, gpu: batchfit.Gpu | None) -> batchfit.Gpu | None:
+    """Check `--gpus` against the backend and the GPUs this process sees, and narrow
+    CUDA_VISIBLE_DEVICES to the first `gpus` of them before JAX starts: JAX would otherwise
+    take its memory share on every visible card. Returns `gpu` with the count that trains."""
+    if config.gpus > 1 and backend != "jax":
+        raise TrainError(
+            f"--gpus {config.gpus} trains data-parallel with Keras' distribution API, which this "
+            f"project runs on JAX; the backend here is {backend}"
+            + ("" if gpu else " (no GPU found: nvidia-smi lists none)")
+            + ". Use --backend auto on a GPU node, or --gpus 1"
+        )
+    if gpu is None:
+        return None  # a CPU: data_parallel checks JAX's CPU devices (how the tests run N > 1)
+    if gpu.count < config.gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise TrainError(
+            f"--gpus {config.gpus}: this process sees {gpu.count} GPU(s) ({gpu.name}"
+            + (f"; CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "")
+            + f"); give the pod {config.gpus} (the pipeline's gpus parameter) or lower --gpus"
+        )
+    if gpu.count > config.gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        entries = visible.split(",") if visible is not None else [str(index) for index in range(gpu.count)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(entries[: config.gpus])
+        log.info(
+            "training on %d of the %d GPUs visible (CUDA_VISIBLE_DEVICES=%s)",
+            config.gpus,
+            gpu.count,
+            os.environ["CUDA_VISIBLE_DEVICES"],
+        )
+    return replace(gpu, count=config.gpus)
+
+
+def data_parallel(gpus: int) -> list:
+    """Train on the first `gpus` JAX devices with Keras' DataParallel: the weights replicated on
+    each, every step's batch split along its first axis, the gradients averaged across devices
+    inside the compiled step. Set before the model is built (variables made earlier would stay
+    on one device). Returns the devices."""
+    import jax
+    import keras
+
+    devices = jax.devices()
+    if len(devices) < gpus:
+        platform = devices[0].platform if devices else "none"
+        raise TrainError(
+            f"--gpus {gpus}: JAX sees {len(devices)} {platform} device(s)"
+            + (
+                " (no GPU: on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N "
+                "devices, which is how the tests check this path)"
+                if platform == "cpu"
+                else ""
+            )
+        )
+    chosen = devices[:gpus]
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
+    log.info("data-parallel on %d devices: %s", gpus, ", ".join(str(device) for device in chosen))
+    return chosen
+
+
+def resume_plan(config: TrainConfig, saved: checkpoints.TrainingState, devices: int) -> batchfit.BatchPlan:
+    """The batch plan a checkpoint goes on with on `devices` GPUs: its own when it was trained on
+    as many; otherwise its per-GPU batch (what fitted on one card) on each of them, with the
+    accumulation chosen again to keep the requested effective batch (2 GPUs x 16 -> 1 x 16 x 2)."""
+    saved_devices = max(saved.gpus, 1)
+    if saved_devices == devices:
+        return batchfit.BatchPlan(saved.step_batch, saved.accumulation, config.batch_size, devices)
+    return batchfit.plan(config.batch_size, max(saved.step_batch // saved_devices, 1), devices)
 
 
 def _load_or_build(run: _Run) -> tuple[Any, checkpoints.TrainingState]:
     """The newest usable checkpoint of this run, or a fresh model at the planned batch."""
     plan = run.batch_plan
+
+    def build(saved):
+        if saved is None:
+            return run.build(plan.step_batch, plan.accumulation)
+        going_on = resume_plan(run.config, saved, run.devices)
+        return run.build(going_on.step_batch, going_on.accumulation, saved.epoch)
+
     try:
         model, state = checkpoints.load_latest(
             run.checkpoint_dir,
-            lambda saved: (
-                run.build(saved.step_batch, saved.accumulation, saved.epoch)
-                if saved
-                else run.build(plan.step_batch, plan.accumulation)
-            ),
+            build,
+            accumulation=lambda saved: resume_plan(run.config, saved, run.devices).accumulation,
         )
     except checkpoints.CheckpointError as error:
         raise TrainError(f"{error}; delete {run.checkpoint_dir} to start over") from None
@@ -936,11 +1030,27 @@ def _load_or_build(run: _Run) -> tuple[Any, checkpoints.TrainingState]:
             state.backend,
             run.backend,
         )
+    if state is not None and max(state.gpus, 1) != run.devices:
+        going_on = resume_plan(run.config, state, run.devices)
+        log.warning(
+            "the checkpoint was trained on %d GPU(s) at %d a GPU x %d accumulation step(s); going "
+            "on on %d at %d a GPU x %d: the same effective batch, so the schedule goes on from "
+            "the same update",
+            max(state.gpus, 1),
+            state.step_batch // max(state.gpus, 1),
+            state.accumulation,
+            run.devices,
+            going_on.device_batch,
+            going_on.accumulation,
+        )
+        state.step_batch, state.accumulation = going_on.step_batch, going_on.accumulation
     state = state or checkpoints.TrainingState(step_batch=plan.step_batch, accumulation=plan.accumulation)
-    state.backend = run.backend
+    state.backend, state.gpus = run.backend, run.devices
     log.info(
-        "per-step batch %d x %d accumulation step(s) = effective batch %d (requested %d)",
+        "per-step batch %d%s x %d accumulation step(s) = effective batch %d (requested %d); "
+        "the learning rate and its schedule are per update of the effective batch",
         state.step_batch,
+        f" ({state.step_batch // run.devices} a GPU x {run.devices} GPUs)" if run.devices > 1 else "",
         state.accumulation,
         state.step_batch * state.accumulation,
         run.config.batch_size,
@@ -1170,6 +1280,8 @@ def _finish(
         "step_batch": state.step_batch,
         "accumulation": state.accumulation,
         "effective_batch": state.step_batch * state.accumulation,
+        "gpus": run.devices,
+        "device_batch": state.step_batch // run.devices,
         "gpu": run.gpu.name if run.gpu else None,
         "gpu_memory_limit_mib": run.memory_limit,
         "steps_per_execution": run.steps_per_execution,
@@ -1269,6 +1381,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.checkpoint_every,
         help="steps between checkpoints: a kill loses at most this many",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=defaults.gpus,
+        help="GPUs of this node to train on, data-parallel (JAX backend); the effective batch "
+        "stays --batch-size, split across them",
     )
     parser.add_argument(
         "--gpu-memory-limit",

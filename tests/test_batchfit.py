@@ -147,7 +147,7 @@ def test_running_out_of_memory_mid_training_steps_down_and_finishes(
             checkpoint_every=1,
         )
     )
-    assert "out of memory at a per-step batch of 16" in caplog.text
+    assert "out of memory at a per-GPU batch of 16" in caplog.text
     assert (summary["step_batch"], summary["accumulation"], summary["effective_batch"]) == (8, 2, 16)
     assert summary["epochs_trained"] == 3
     history = json.loads((tmp_path / "model" / "history.json").read_text())

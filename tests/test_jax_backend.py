@@ -187,7 +187,7 @@ def test_running_out_of_memory_under_jax_steps_down_with_accumulation_and_finish
         prepared_dataset, output, checkpoint_root, 3, "--backend", "jax", module="tests.jax_oom_once"
     )
     text = finish(command, tmp_path / "oom.log", jax_env())
-    assert f"out of memory at a per-step batch of {BATCH} (RESOURCE_EXHAUSTED" in text
+    assert f"out of memory at a per-GPU batch of {BATCH} (RESOURCE_EXHAUSTED" in text
     summary = json.loads((output / "train_config.json").read_text())
     assert (summary["step_batch"], summary["accumulation"], summary["effective_batch"]) == (16, 2, 32)
     assert summary["epochs_trained"] == EPOCHS and summary["backend"] == "jax"
@@ -195,6 +195,51 @@ def test_running_out_of_memory_under_jax_steps_down_with_accumulation_and_finish
     calls = json.loads(text.split("FIT CALLS", 1)[1].strip().splitlines()[0])
     # epoch 1 at 32 per step; epoch 2 runs out before its first step, then every epoch at 16.
     assert calls == [per_epoch] * 2 + [-(-records.load(prepared_dataset).count("train") // 16)] * (EPOCHS - 1)
+
+
+def test_data_parallel_training_on_two_devices_resumes_on_one(prepared_dataset, checkpoint_root, tmp_path):
+    """--gpus 2 on two JAX devices (CPU ones, forced: there is no GPU here; the same Keras
+    DataParallel path a GPU node takes), stopped mid-run and finished on one device."""
+    two_devices = dict(jax_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    output = tmp_path / "model"
+    command = train_command(prepared_dataset, output, checkpoint_root, 4, "--backend", "jax")
+    first = stop_after_first_checkpoint(
+        [*command, "--gpus", "2"], checkpoint_root, tmp_path / "two.log", two_devices
+    )
+    assert "data-parallel on 2 devices: cpu:0, cpu:1" in first
+    assert f"per-step batch {BATCH} ({BATCH // 2} a GPU x 2 GPUs) x 1 accumulation step(s)" in first
+    stopped = json.loads((checkpoints.complete(run_dir(first))[-1] / checkpoints.STATE).read_text())
+    assert (stopped["gpus"], stopped["step_batch"], stopped["accumulation"]) == (2, BATCH, 1)
+
+    second = finish([*command, "--gpus", "1"], tmp_path / "one.log", jax_env())
+    assert f"resuming from step-{stopped['global_step']:09d}" in second
+    assert (
+        f"the checkpoint was trained on 2 GPU(s) at {BATCH // 2} a GPU x 1 accumulation step(s); "
+        f"going on on 1 at {BATCH // 2} a GPU x 2"
+    ) in second
+    summary = json.loads((output / "train_config.json").read_text())
+    assert (summary["gpus"], summary["step_batch"], summary["accumulation"]) == (1, BATCH // 2, 2)
+    assert summary["effective_batch"] == BATCH and summary["epochs_trained"] == EPOCHS
+    history = json.loads((output / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+    last_three = np.mean([row["loss"] for row in history[-3:]])
+    assert last_three < 0.7 * history[0]["loss"], [row["loss"] for row in history]
+    # None lost, none twice: the steps after the stop are at half the batch, twice as many.
+    train_images = records.load(prepared_dataset).count("train")
+    left = (EPOCHS - stopped["epoch"]) * train_images - stopped["images_in_epoch"]
+    final = json.loads((checkpoints.complete(run_dir(first))[-1] / checkpoints.STATE).read_text())
+    assert final["global_step"] == stopped["global_step"] + left // (BATCH // 2)
+    assert final["gpus"] == 1
+
+
+def test_gpus_beyond_the_devices_jax_sees_is_refused_in_one_line(prepared_dataset, tmp_path):
+    command = train_command(prepared_dataset, tmp_path / "model", tmp_path / "ck", 5, "--backend", "jax")
+    done = subprocess.run(
+        [*command, "--gpus", "2"], cwd=ROOT, env=jax_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: --gpus 2: JAX sees 1 cpu device(s) (no GPU: on a CPU, XLA_FLAGS=" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_batch_fit_probe_trains_our_model_under_jax(monkeypatch):

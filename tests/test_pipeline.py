@@ -229,6 +229,7 @@ OWNERS = {
     "checkpoint_dir": (TrainConfig, "checkpoint_dir"),
     "gpu_memory_limit_mib": (TrainConfig, "gpu_memory_limit_mib"),
     "backend": (TrainConfig, "backend"),
+    "gpus": (TrainConfig, "gpus"),
     "registry": (EvaluateConfig, "registry"),
     "model_name": (EvaluateConfig, "model_name"),
     "min_accuracy": (BlessingConfig, "min_accuracy"),
@@ -375,7 +376,14 @@ def _containers(spec) -> dict:
 def test_only_train_asks_for_a_gpu_on_the_rtx2070_node(spec):
     containers, kubernetes = _containers(spec), _kubernetes(spec)
     assert containers["train"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert containers["train"]["resources"]["accelerator"]["resourceCount"] == "1"
+    # As many GPUs as the `gpus` run parameter (default 1) says, resolved when the run starts.
+    assert containers["train"]["resources"]["accelerator"]["resourceCount"] == (
+        "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    )
+    train_inputs = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train_inputs["pipelinechannel--gpus"] == {"componentInputParameter": "pipelinechannel--gpus"}
+    assert train_inputs["gpus"] == {"componentInputParameter": "pipelinechannel--gpus"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["gpus"]["defaultValue"] == 1
     train = kubernetes["train"]
     assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-2070"}
     assert train["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
