@@ -572,6 +572,7 @@ class DoctorConfig:
     bucket: str = ""  # e.g. "models" (the registry's) or "mlpipeline"; "" skips the bucket check
     s3_endpoint: str = ""  # as reachable from here, e.g. http://localhost:9000 after a port-forward
     kube_context: str = ""
+    gpus: int = 1  # the run's `gpus`: a labelled node must have this many allocatable
 
 
 def doctor(conn: Connection, config: DoctorConfig, environ: dict[str, str] | None = None) -> list[Check]:
@@ -680,14 +681,26 @@ def _kubernetes_checks(core, namespace: str, config: DoctorConfig) -> list[Check
             node.metadata.name: int((node.status.allocatable or {}).get("nvidia.com/gpu", "0"))
             for node in nodes
         }
-        usable = [name for name, count in gpus.items() if count > 0]
+        usable = [name for name, count in gpus.items() if count >= config.gpus]
+        too_small = {name: count for name, count in gpus.items() if 0 < count < config.gpus}
         if usable:
             checks.append(
                 Check(
                     "gpu-node",
                     True,
                     f"{', '.join(usable)}: {config.gpu_label_key}="
-                    f"{config.gpu_label_value}, allocatable nvidia.com/gpu",
+                    f"{config.gpu_label_value}, allocatable nvidia.com/gpu"
+                    + (f" >= {config.gpus}" if config.gpus > 1 else ""),
+                )
+            )
+        elif too_small:
+            checks.append(
+                Check(
+                    "gpu-node",
+                    False,
+                    ", ".join(f"{name} has {count}" for name, count in too_small.items())
+                    + f" allocatable nvidia.com/gpu, fewer than gpus={config.gpus}: such a run's "
+                    "train pod would stay Pending; run with fewer gpus or give the node more cards",
                 )
             )
         elif gpus:

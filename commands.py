@@ -296,6 +296,7 @@ def run_doctor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             bucket=args.bucket,
             s3_endpoint=args.s3_endpoint_here or args.s3_endpoint,
             kube_context=args.kube_context,
+            gpus=args.gpus,
         ),
     )
     for check in checks:
@@ -351,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the object store as reachable from this machine (default: --s3-endpoint)",
     )
     doctor_cmd.add_argument("--kube-context", default="", help="kubeconfig context (default: current)")
+    doctor_cmd.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="the runs' gpus parameter: a labelled node must have this many allocatable GPUs",
+    )
     run_cmd = commands.add_parser("run-local", help="run the pipeline here through kfp.local")
     run_cmd.add_argument(
         "--data",

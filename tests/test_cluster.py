@@ -449,6 +449,28 @@ def test_contract_doctor_names_each_problem_and_its_fix(kfp_api, k8s_api, s3, tm
     assert result.stdout.splitlines()[-1] == "1 of 5 checks passed; fix: kfp-api, secret, gpu-node, bucket"
 
 
+def test_contract_doctor_wants_as_many_gpus_on_one_node_as_the_runs_ask_for(kfp_api, k8s_api, tmp_path):
+    k8s_api.cluster.namespaces.add("team-a")
+    for name, cards in (("rtx-a", "1"), ("rtx-b", "1")):  # two GPUs, but not on one node
+        k8s_api.cluster.nodes.append(
+            {
+                "name": name,
+                "allocatable": {"nvidia.com/gpu": cards},
+                "labels": {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-2070"},
+            }
+        )
+    kubeconfig = str(k8s_api.kubeconfig(tmp_path / "kubeconfig"))
+    args = ("doctor", "--host", kfp_api.url, "--namespace", "team-a")
+    two = cli(*args, "--gpus", "2", KUBECONFIG=kubeconfig)
+    out = {line.split()[1]: line for line in two.stdout.splitlines()[:-1]}
+    assert out["gpu-node"].startswith("FAIL"), two.stdout
+    assert "rtx-a has 1, rtx-b has 1 allocatable nvidia.com/gpu, fewer than gpus=2" in out["gpu-node"]
+    k8s_api.cluster.nodes[1]["allocatable"]["nvidia.com/gpu"] = "2"
+    again = cli(*args, "--gpus", "2", KUBECONFIG=kubeconfig)
+    out = {line.split()[1]: line for line in again.stdout.splitlines()[:-1]}
+    assert out["gpu-node"].startswith("ok") and "rtx-b:" in out["gpu-node"] and ">= 2" in out["gpu-node"]
+
+
 def test_contract_doctor_without_a_labelled_node_or_namespace(kfp_api, k8s_api, tmp_path):
     k8s_api.cluster.nodes.append({"name": "cpu-node", "allocatable": {}, "labels": {}})
     result = cli(
