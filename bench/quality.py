@@ -66,6 +66,8 @@ VARIANTS = {
     "no-augment": ("--no-augment",),
     "crop-0.35": ("--crop-min-area", "0.35"),
     "crop-0.35-updates-800": ("--crop-min-area", "0.35", "--min-updates", "800"),
+    "bn-0.99": ("--bn-momentum", "0.99"),  # Keras' own; the product's from scratch is 0.9
+    "bn-0.8": ("--bn-momentum", "0.8"),
 }
 
 

@@ -85,10 +85,25 @@ def set_phase(model, phase: int, unfreeze_blocks: int) -> None:
 REMAT_MODES = ("none", "activations", "larger_than", "full")
 
 
+# BatchNorm momentum from scratch. Keras' 0.99 leaves the moving statistics ~100 steps behind
+# the weights, and a few hundred images give only a few hundred steps: validation accuracy then
+# falls far below training accuracy. 0.9 tracks within ~10 steps; 0.99 and 0.8 were measured
+# against it on small data (bench/quality.py, bench/RESULTS.md).
+SCRATCH_BN_MOMENTUM = 0.9
+
+
 def build_model(
-    num_classes: int, image_size: int, weights: str = "none", dropout: float = 0.2, remat: str = "none"
+    num_classes: int,
+    image_size: int,
+    weights: str = "none",
+    dropout: float = 0.2,
+    remat: str = "none",
+    bn_momentum: float = SCRATCH_BN_MOMENTUM,
 ):
     """EfficientNet-B0 backbone + a new softmax head. Input: float RGB in 0..255.
+
+    From scratch (`weights` "none") BatchNorm layers get `bn_momentum`; with pretrained weights
+    they are frozen.
 
     `remat` (Keras `RematScope` mode, applied to the backbone's layers) trades recomputation in
     the backward pass for activation memory."""
@@ -106,10 +121,7 @@ def build_model(
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             if weights == "none":
-                # From scratch on a few hundred images, the default momentum 0.99 leaves the
-                # moving statistics ~100 steps behind the weights and validation accuracy far
-                # below training accuracy; 0.9 tracks within ~10 steps.
-                layer.momentum = 0.9
+                layer.momentum = bn_momentum
             else:
                 # Pretrained statistics are better than any a small dataset can estimate:
                 # frozen BatchNorm runs in inference mode (the Keras fine-tuning recipe).

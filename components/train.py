@@ -54,6 +54,7 @@ from components import batchfit, checkpoints, pretrained, records, report, stora
 from components.cli import configure_logging, exit_on_user_error, json_config, local_path
 from components.model import (
     PRECISIONS,
+    SCRATCH_BN_MOMENTUM,
     Recipe,
     build_model,
     compile_for_training,
@@ -110,6 +111,7 @@ class TrainConfig:
     unfreeze_blocks: int = 5
     precision: str = "auto"  # auto: mixed_float16 on a GPU, float32 on CPU
     dropout: float = 0.2  # before the new classification head, as in EfficientNet-B0
+    bn_momentum: float = SCRATCH_BN_MOMENTUM  # BatchNorm's, from scratch (model.py says why)
     label_smoothing: float = 0.1
     augment: bool = True  # random horizontal flip + random shift (pad 1/8 and crop)
     # > 0: random resized crops (at least this share of the image's area, aspect 3:4 to 4:3,
@@ -192,6 +194,8 @@ class TrainConfig:
             raise TrainError("--early-stopping-patience must be 0 (off) or more")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise TrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.bn_momentum < 1.0:
+            raise TrainError(f"--bn-momentum must be in (0, 1), got {self.bn_momentum}")
         if not 0.0 <= self.crop_min_area <= 1.0:
             raise TrainError(f"--crop-min-area must be in [0, 1], got {self.crop_min_area}")
 
@@ -766,7 +770,13 @@ class _Run:
         return model
 
     def build(self, step_batch: int, accumulation: int, epoch: int = 0):
-        model = build_model(len(self.classes), self.dataset.image_size, self.weights, self.config.dropout)
+        model = build_model(
+            len(self.classes),
+            self.dataset.image_size,
+            self.weights,
+            self.config.dropout,
+            bn_momentum=self.config.bn_momentum,
+        )
         return self.prepare(model, step_batch, accumulation, epoch)
 
 
@@ -1355,6 +1365,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=defaults.bn_momentum,
+        help="BatchNorm momentum when training from scratch (Keras' own is 0.99)",
+    )
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--no-augment", dest="augment", action="store_false")
     parser.add_argument(

@@ -63,7 +63,14 @@ class Harness:
 
     def run(self, params: dict[str, Any]) -> None:
         declared = self.spec["root"]["inputDefinitions"]["parameters"]
-        values = {name: d.get("defaultValue") for name, d in declared.items()}
+        # The YAML holds every number as a double (1.0); the backend's JSON (Go's protojson)
+        # writes a whole one as 1, which the component's json.loads reads back as an int.
+        values = {
+            name: int(d["defaultValue"])
+            if d.get("parameterType") == "NUMBER_INTEGER" and "defaultValue" in d
+            else d.get("defaultValue")
+            for name, d in declared.items()
+        }
         values.update(params)
         self._run_dag(self.spec["root"]["dag"], {"parameters": values, "artifacts": {}})
 

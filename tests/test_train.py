@@ -42,6 +42,8 @@ def test_from_scratch_speeds_up_batchnorm_and_pretrained_freezes_it(tmp_path):
         layer for layer in scratch.layers[1].layers if isinstance(layer, keras.layers.BatchNormalization)
     ]
     assert batchnorms and all(layer.momentum == 0.9 and layer.trainable for layer in batchnorms)
+    slower = build_model(2, TINY_SIZE, "none", bn_momentum=0.99)
+    assert {layer.momentum for layer in slower.layers[1].layers if hasattr(layer, "moving_mean")} == {0.99}
 
     weights = tmp_path / "backbone.weights.h5"
     scratch.layers[1].save_weights(str(weights))
@@ -63,6 +65,8 @@ def test_from_scratch_speeds_up_batchnorm_and_pretrained_freezes_it(tmp_path):
         ({"precision": "fp8"}, "--precision must be one of"),
         ({"weights": "/no/such/file.h5"}, "/no/such/file.h5 does not exist"),
         ({"learning_rate": -1.0}, "--learning-rate must be positive"),
+        ({"bn_momentum": 1.0}, r"--bn-momentum must be in \(0, 1\), got 1.0"),
+        ({"gpus": 0}, "--gpus must be at least 1, got 0"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, change, message):
