@@ -366,19 +366,25 @@ print("SERVED", json.dumps(results))
 """
 
 
-def _sample_gpu_memory(samples: list[int], stop: threading.Event) -> None:
-    """The largest GPU memory any process holds, by nvidia-smi (the pool plus what lies outside)."""
+def poll_nvidia_smi(query: str, stop: threading.Event):
+    """nvidia-smi's CSV rows for `query` (e.g. `--query-gpu=index,memory.used`), once a second
+    until `stop` is set or nvidia-smi cannot be run."""
     while not stop.wait(1.0):
         try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-compute-apps=used_memory", "--format=csv,noheader,nounits"],
+            yield subprocess.run(
+                ["nvidia-smi", query, "--format=csv,noheader,nounits"],
                 capture_output=True,
                 text=True,
                 timeout=10,
-            ).stdout
+            ).stdout.splitlines()
         except (OSError, subprocess.SubprocessError):
             return
-        values = [int(v) for v in out.split() if v.isdigit()]
+
+
+def _sample_gpu_memory(samples: list[int], stop: threading.Event) -> None:
+    """The largest GPU memory any process holds, by nvidia-smi (the pool plus what lies outside)."""
+    for rows in poll_nvidia_smi("--query-compute-apps=used_memory", stop):
+        values = [int(row) for row in rows if row.strip().isdigit()]
         if values:
             samples.append(max(values))
 

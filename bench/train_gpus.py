@@ -23,44 +23,22 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_train import ROOT, Bench  # noqa: E402 (bench/ is a folder of scripts, not a package)
+from gpu_train import ROOT, Bench, poll_nvidia_smi  # noqa: E402 (bench/ is a folder of scripts, not a package)
 
-
-def gpus_present() -> list[str]:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+from components.batchfit import detect_gpu  # noqa: E402
 
 
 def sample_memory(peaks: dict[int, int], stop: threading.Event) -> None:
     """Each GPU's memory in use at its highest, by nvidia-smi (the pool and what lies outside)."""
-    while not stop.wait(1.0):
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            return
-        for line in out.splitlines():
-            index, _, used = line.partition(",")
+    for rows in poll_nvidia_smi("--query-gpu=index,memory.used", stop):
+        for row in rows:
+            index, _, used = row.partition(",")
             if index.strip().isdigit() and used.strip().isdigit():
                 peaks[int(index)] = max(peaks.get(int(index), 0), int(used))
 
@@ -123,11 +101,12 @@ def main() -> int:
     parser.add_argument("--cap-mib", type=int, default=7680, help="the RTX 2070 stand-in, on each GPU")
     parser.add_argument("--cpu-devices", type=int, default=0, help="a dry run on N JAX CPU devices")
     args = parser.parse_args()
-    names = gpus_present()
-    if not args.cpu_devices and len(names) < 2:
+    gpu = detect_gpu()  # the GPUs this process may use (CUDA_VISIBLE_DEVICES applied)
+    if not args.cpu_devices and (gpu is None or gpu.count < 2):
         print(
-            f"this benchmark needs 2 GPUs; this machine has {len(names)} ({', '.join(names) or 'none'}). "
-            "--cpu-devices 2 checks the script on a CPU, without figures.",
+            f"this benchmark needs 2 GPUs; this machine has {gpu.count if gpu else 0}"
+            f"{f' ({gpu.name})' if gpu else ''}. --cpu-devices 2 checks the script on a CPU, "
+            "without figures.",
             file=sys.stderr,
         )
         return 2
@@ -143,7 +122,7 @@ def main() -> int:
         bench.data()
     report = {
         "machine": {
-            "gpus": names,
+            "gpus": f"{gpu.count} x {gpu.name}" if gpu else None,
             "cpu_devices": args.cpu_devices,
             "cpus": os.cpu_count(),
             "host": platform.node(),
