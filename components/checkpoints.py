@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,14 +221,17 @@ def restore(folder: Path, model, saved_accumulation: int = 1, accumulation: int 
         )
 
 
-def load_latest(
-    directory: Path, build, accumulation: int | Callable[[TrainingState], int] | None = None
-) -> tuple[Any, TrainingState | None]:
+def accumulation_of(optimizer) -> int:
+    """The steps `optimizer` accumulates per update (a LossScaleOptimizer's: its inner one's)."""
+    return getattr(optimizer, "inner_optimizer", optimizer).gradient_accumulation_steps or 1
+
+
+def load_latest(directory: Path, build) -> tuple[Any, TrainingState | None]:
     """(model, state) from the newest usable checkpoint, falling back to older ones.
 
     `build(state)` makes the compiled model with its optimizer built (`state` None: a fresh
-    start), accumulating `accumulation` steps per update (a number, or a function of the
-    checkpoint's state; default: the checkpoint's own).
+    start), at whatever accumulation the caller now wants (another per-step batch after running
+    out of memory, another GPU count); the optimizer's step counters are rescaled to it.
     Without any checkpoint: (build(None), None). If checkpoints exist and none can be read,
     CheckpointError."""
     folders = complete(directory)
@@ -238,8 +240,7 @@ def load_latest(
         try:
             state = _read_state(folder)
             model = build(state)
-            wanted = accumulation(state) if callable(accumulation) else accumulation
-            restore(folder, model, state.accumulation, wanted or state.accumulation)
+            restore(folder, model, state.accumulation, accumulation_of(model.optimizer))
         except (CheckpointError, OSError, ValueError) as error:
             problems.append(f"{folder.name}: {error}")
             log.warning("checkpoint %s is not usable, trying the previous one: %s", folder.name, error)

@@ -809,7 +809,6 @@ def _step_down(error: BaseException, model, state: checkpoints.TrainingState, ru
         model, saved = checkpoints.load_latest(
             run.checkpoint_dir,
             lambda saved: run.build(new_plan.step_batch, new_plan.accumulation, saved.epoch if saved else 0),
-            accumulation=new_plan.accumulation,
         )
     except checkpoints.CheckpointError as failure:
         raise TrainError(f"{failure}; delete {run.checkpoint_dir} to start over") from None
@@ -1026,11 +1025,7 @@ def _load_or_build(run: _Run) -> tuple[Any, checkpoints.TrainingState]:
         return run.build(going_on.step_batch, going_on.accumulation, saved.epoch)
 
     try:
-        model, state = checkpoints.load_latest(
-            run.checkpoint_dir,
-            build,
-            accumulation=lambda saved: resume_plan(run.config, saved, run.devices).accumulation,
-        )
+        model, state = checkpoints.load_latest(run.checkpoint_dir, build)
     except checkpoints.CheckpointError as error:
         raise TrainError(f"{error}; delete {run.checkpoint_dir} to start over") from None
     if state is not None and state.backend and state.backend != run.backend:
